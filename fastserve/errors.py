@@ -1,0 +1,126 @@
+"""One error hierarchy for FastServe.
+
+Every error a user can cause or meet derives from :class:`FastServeError` and carries an exit
+code, so the CLI turns any of them into one clear line and a non-zero exit instead of a traceback.
+Messages say what happened, the offending value, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class FastServeError(Exception):
+    """Base of all FastServe errors. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class SpecError(FastServeError):
+    """A graph spec is malformed. Names the file, line and key when they are known."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.reason = message
+        where = []
+        if file:
+            where.append(str(file) + (f":{line}" if line else ""))
+        elif line:
+            where.append(f"line {line}")
+        if key:
+            where.append(f"key '{key}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class GraphError(FastServeError):
+    """A compiled graph is inconsistent (cycle, missing producer, shape/dtype mismatch)."""
+
+    exit_code = 3
+
+
+class CaptureError(FastServeError):
+    """A torch module could not be captured into a graph."""
+
+    exit_code = 3
+
+
+class WeightsError(FastServeError):
+    """Weights could not be loaded: missing file, missing tensor, wrong shape, bad hash."""
+
+    exit_code = 4
+
+
+class PartitionError(FastServeError):
+    """A graph could not be cut as asked (too many shards, infeasible memory caps, ...)."""
+
+    exit_code = 5
+
+
+class ValidationError(PartitionError):
+    """Chained shards do not reproduce the unsharded graph's outputs."""
+
+
+class InventoryError(FastServeError):
+    """A host inventory file is malformed or inconsistent."""
+
+    exit_code = 6
+
+
+class PlanError(FastServeError):
+    """No plan satisfies the constraints (e.g. the model does not fit in the cluster)."""
+
+    exit_code = 7
+
+
+class EngineError(FastServeError):
+    """The runtime failed: a rank raised, a handshake timed out, a message was refused."""
+
+    exit_code = 8
+
+
+class WireError(EngineError):
+    """A message on the wire is malformed, truncated, oversized or of an unknown version."""
+
+
+class RankError(EngineError):
+    """An exception inside a rank, reported back with the rank, stage and node that raised it."""
+
+    def __init__(self, message: str, *, rank: int | None = None, stage: int | None = None,
+                 node: str | None = None) -> None:
+        self.rank = rank
+        self.stage = stage
+        self.node = node
+        where = []
+        if rank is not None:
+            where.append(f"rank {rank}")
+        if stage is not None:
+            where.append(f"stage {stage}")
+        if node is not None:
+            where.append(f"node '{node}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class RankDeadError(EngineError):
+    """A rank process died or stopped answering within its timeout."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        self.rank = rank
+        super().__init__(message)
+
+
+class ServiceError(FastServeError):
+    """The long-running service could not keep the deployment healthy."""
+
+    exit_code = 10

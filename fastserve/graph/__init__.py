@@ -1,0 +1,25 @@
+"""Graph: specs, the op library, the compiler with costs, torch capture and the reference run."""
+
+from fastserve.graph.compiler import compile_graph
+from fastserve.graph.graph import Graph, TensorInfo, verify
+from fastserve.graph.loader import load_spec, parse_spec, spec_from_dict
+from fastserve.graph.module import (build_nodes, build_reference, build_subgraph, random_inputs,
+                                    reference)
+from fastserve.graph.spec import GraphSpec, InputSpec, NodeSpec, WeightsSpec
+
+
+def load(path: str, dims: dict[str, int] | None = None) -> Graph:
+    """Load a YAML spec and compile it: ``load("graphs/gpt2.yaml")``."""
+    return compile_graph(load_spec(path), dims)
+
+
+def capture(module, example_inputs, **kwargs) -> Graph:
+    """Capture a ``torch.nn.Module`` into a graph (see :mod:`fastserve.graph.capture`)."""
+    from fastserve.graph.capture import capture as _capture
+
+    return _capture(module, example_inputs, **kwargs)
+
+
+__all__ = ["Graph", "GraphSpec", "InputSpec", "NodeSpec", "TensorInfo", "WeightsSpec",
+           "build_nodes", "build_reference", "build_subgraph", "capture", "compile_graph", "load",
+           "load_spec", "parse_spec", "random_inputs", "reference", "spec_from_dict", "verify"]

@@ -1,0 +1,489 @@
+"""YAML graph specs: safe loading with line numbers, validation, ``$param`` substitution and
+``repeat`` expansion. The Python builder produces the same raw document and shares the validator.
+
+A spec document::
+
+    name: mlp
+    dims: {seq: 128}                 # default sizes of symbolic dims (batch is always free)
+    params: {hidden: 256, depth: 4}  # substituted into args as $hidden or ${hidden * 4}
+    inputs:
+      x: {shape: [batch, 64], dtype: float32}
+    weights: {seed: 0}               # or {checkpoint: weights.safetensors}
+    nodes:
+      - {id: fc_in, op: linear, args: {in_features: 64, out_features: $hidden}, inputs: [x]}
+      - repeat: $depth               # unrolled into block.0 .. block.3
+        id: block
+        input: fc_in                 # what the first iteration's $in is
+        nodes:
+          - {id: fc, op: linear, args: {in_features: $hidden, out_features: $hidden}, inputs: [$in]}
+          - {id: act, op: relu, inputs: [fc]}
+      - {id: out, op: linear, args: {in_features: $hidden, out_features: 10}, inputs: [block]}
+    outputs: [out]
+
+Every error is a :class:`SpecError` naming the file, the line, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastserve.errors import SpecError
+from fastserve.graph.ops import OPS
+from fastserve.graph.spec import (DTYPES, GraphSpec, InputSpec, NodeSpec, SourceSpec,
+                                  WeightsSpec)
+
+_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+# --- safe YAML with line numbers ---------------------------------------------------------------
+
+
+class _Map(dict):
+    line: int | None = None
+    lines: dict
+
+
+class _Seq(list):
+    line: int | None = None
+    lines: list
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records the line of every mapping key and sequence item."""
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    out = _Map()
+    out.line = node.start_mark.line + 1
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise SpecError("mapping keys must be plain scalars", line=key_node.start_mark.line + 1)
+        if key in out:
+            raise SpecError(f"duplicate key '{key}'", line=key_node.start_mark.line + 1,
+                            key=str(key))
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
+    out = _Seq(loader.construct_object(v, deep=True) for v in node.value)
+    out.line = node.start_mark.line + 1
+    out.lines = [v.start_mark.line + 1 for v in node.value]
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+def load_spec(path: str | Path) -> GraphSpec:
+    """Read and validate a YAML graph spec."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"spec file '{p}' does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise SpecError(f"cannot read spec file '{p}': {e}") from None
+    return parse_spec(text, file=str(p))
+
+
+def parse_spec(text: str, file: str | None = None) -> GraphSpec:
+    """Parse and validate a YAML graph spec given as text."""
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except SpecError as e:
+        raise SpecError(e.reason, file=file, line=e.line, key=e.key) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"invalid YAML: {problem}", file=file,
+                        line=mark.line + 1 if mark else None) from None
+    return spec_from_dict(doc, file=file)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Where we are in the document, for error messages."""
+
+    def __init__(self, file: str | None) -> None:
+        self.file = file
+
+    def fail(self, msg: str, container: Any = None, key: Any = None, path: str | None = None):
+        line = None
+        if container is not None:
+            lines = getattr(container, "lines", None)
+            if isinstance(lines, dict) and key in lines:
+                line = lines[key]
+            elif isinstance(lines, list) and isinstance(key, int) and key < len(lines):
+                line = lines[key]
+            else:
+                line = getattr(container, "line", None)
+        raise SpecError(msg, file=self.file, line=line, key=path)
+
+
+def _check_keys(ctx: _Ctx, m: dict, allowed: set[str], required: set[str], where: str) -> None:
+    for k in m:
+        if k not in allowed:
+            ctx.fail(f"unknown key '{k}' in {where}; expected one of {', '.join(sorted(allowed))}",
+                     m, k, f"{where}.{k}" if where != "spec" else str(k))
+    for k in sorted(required):
+        if k not in m:
+            ctx.fail(f"{where} is missing required key '{k}'", m, None, k if where == "spec"
+                     else f"{where}.{k}")
+
+
+def _expect(ctx: _Ctx, value: Any, types: type | tuple, what: str, container, key, path) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ctx.fail(f"expected {what}, got a boolean ({value!r})", container, key, path)
+    if not isinstance(value, types):
+        ctx.fail(f"expected {what}, got {type(value).__name__} ({value!r})", container, key, path)
+    return value
+
+
+_TOP_KEYS = {"name", "dims", "params", "inputs", "weights", "nodes", "outputs", "source",
+             "description"}
+
+
+def spec_from_dict(doc: Any, file: str | None = None) -> GraphSpec:
+    """Validate a raw spec document (from YAML or the builder) and expand it."""
+    ctx = _Ctx(file)
+    if not isinstance(doc, dict):
+        ctx.fail(f"a graph spec must be a mapping at the top level, got "
+                 f"{type(doc).__name__}", doc)
+    source = doc.get("source")
+    _check_keys(ctx, doc, _TOP_KEYS, {"name"} | ({"nodes", "outputs", "inputs"} if source is None
+                                                 else set()), "spec")
+    name = _expect(ctx, doc["name"], str, "a string", doc, "name", "name")
+    if not _ID.match(name.replace(".", "_")):
+        ctx.fail(f"graph name '{name}' must be an identifier", doc, "name", "name")
+    params = _params(ctx, doc)
+    dims = _dims(ctx, doc, params)
+    weights = _weights(ctx, doc)
+    if source is not None:
+        return GraphSpec(name, (), (), (), dims, weights, _source(ctx, doc, params), file)
+    inputs = _inputs(ctx, doc, params)
+    nodes = _nodes(ctx, doc, params, {i.name for i in inputs})
+    outputs = _outputs(ctx, doc)
+    return GraphSpec(name, inputs, nodes, outputs, dims, weights, None, file)
+
+
+def _params(ctx: _Ctx, doc: dict) -> dict[str, Any]:
+    raw = doc.get("params") or {}
+    _expect(ctx, raw, dict, "a mapping of parameter names to values", doc, "params", "params")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not _ID.match(k):
+            ctx.fail(f"parameter name {k!r} is not an identifier", raw, k, f"params.{k}")
+        # parameters may refer to earlier parameters: d_ff: ${4 * d_model}
+        out[k] = _subst(ctx, v, out, raw, k, f"params.{k}")
+    return out
+
+
+def _dims(ctx: _Ctx, doc: dict, params: dict) -> dict[str, int]:
+    raw = doc.get("dims") or {}
+    _expect(ctx, raw, dict, "a mapping of dim names to sizes", doc, "dims", "dims")
+    out = {}
+    for k, v in raw.items():
+        v = _subst(ctx, v, params, raw, k, f"dims.{k}")
+        _expect(ctx, v, int, "a positive integer size", raw, k, f"dims.{k}")
+        if v <= 0:
+            ctx.fail(f"dim '{k}' must be positive, got {v}", raw, k, f"dims.{k}")
+        out[str(k)] = v
+    return out
+
+
+def _weights(ctx: _Ctx, doc: dict) -> WeightsSpec:
+    raw = doc.get("weights")
+    if raw is None:
+        return WeightsSpec()
+    _expect(ctx, raw, dict, "a mapping with 'seed' or 'checkpoint'", doc, "weights", "weights")
+    _check_keys(ctx, raw, {"seed", "checkpoint"}, set(), "weights")
+    seed = raw.get("seed", 0)
+    _expect(ctx, seed, int, "an integer seed", raw, "seed", "weights.seed")
+    ckpt = raw.get("checkpoint")
+    if ckpt is not None:
+        _expect(ctx, ckpt, str, "a checkpoint path", raw, "checkpoint", "weights.checkpoint")
+        if not ckpt.endswith((".safetensors", ".pt", ".pth", ".bin")):
+            ctx.fail(f"checkpoint '{ckpt}' must be .safetensors (preferred) or a torch file "
+                     f"(.pt/.pth/.bin)", raw, "checkpoint", "weights.checkpoint")
+    return WeightsSpec(seed, ckpt)
+
+
+def _tensor_decl(ctx: _Ctx, name: str, raw: Any, container, path: str, params: dict) -> InputSpec:
+    _expect(ctx, raw, dict, "a mapping with 'shape' and 'dtype'", container, name, path)
+    _check_keys(ctx, raw, {"shape", "dtype", "high"}, {"shape"}, path)
+    shape = _expect(ctx, raw["shape"], list, "a list of dims (ints or names)", raw, "shape",
+                    f"{path}.shape")
+    dims: list[int | str] = []
+    for i, d in enumerate(shape):
+        d = _subst(ctx, d, params, shape, i, f"{path}.shape[{i}]")
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d <= 0):
+            ctx.fail(f"bad shape: dim {i} must be a positive int or a dim name, got {d!r}", shape,
+                     i, f"{path}.shape")
+        dims.append(d)
+    dtype = raw.get("dtype", "float32")
+    if dtype not in DTYPES:
+        ctx.fail(f"unknown dtype '{dtype}'; expected one of {', '.join(DTYPES)}", raw, "dtype",
+                 f"{path}.dtype")
+    high = _subst(ctx, raw.get("high"), params, raw, "high", f"{path}.high")
+    if high is not None:
+        _expect(ctx, high, int, "an integer bound", raw, "high", f"{path}.high")
+    return InputSpec(str(name), tuple(dims), dtype, high, raw.line if isinstance(raw, _Map)
+                     else None)
+
+
+def _inputs(ctx: _Ctx, doc: dict, params: dict) -> tuple[InputSpec, ...]:
+    raw = doc["inputs"]
+    _expect(ctx, raw, dict, "a mapping of input names to {shape, dtype}", doc, "inputs", "inputs")
+    if not raw:
+        ctx.fail("a graph needs at least one input", doc, "inputs", "inputs")
+    out = []
+    for k, v in raw.items():
+        if not isinstance(k, str) or not _ID.match(k):
+            ctx.fail(f"input name {k!r} is not an identifier", raw, k, f"inputs.{k}")
+        out.append(_tensor_decl(ctx, k, v, raw, f"inputs.{k}", params))
+    return tuple(out)
+
+
+def _source(ctx: _Ctx, doc: dict, params: dict) -> SourceSpec:
+    raw = doc["source"]
+    _expect(ctx, raw, dict, "a mapping with 'torch'", doc, "source", "source")
+    _check_keys(ctx, raw, {"torch", "kwargs", "example_inputs"}, {"torch", "example_inputs"},
+                "source")
+    factory = _expect(ctx, raw["torch"], str, "'package.module:factory'", raw, "torch",
+                      "source.torch")
+    if ":" not in factory:
+        ctx.fail(f"'{factory}' is not of the form 'package.module:factory'", raw, "torch",
+                 "source.torch")
+    kwargs = _subst(ctx, raw.get("kwargs") or {}, params, raw, "kwargs", "source.kwargs")
+    _expect(ctx, kwargs, dict, "a mapping of keyword arguments", raw, "kwargs", "source.kwargs")
+    ex = raw["example_inputs"]
+    _expect(ctx, ex, dict, "a mapping of input names to {shape, dtype}", raw, "example_inputs",
+            "source.example_inputs")
+    examples = {}
+    for k, v in ex.items():
+        spec = _tensor_decl(ctx, k, v, ex, f"source.example_inputs.{k}", params)
+        examples[k] = {"shape": list(spec.shape), "dtype": spec.dtype, "high": spec.high}
+    return SourceSpec(factory, _plain(kwargs), examples)
+
+
+def _outputs(ctx: _Ctx, doc: dict) -> tuple[str, ...]:
+    raw = doc["outputs"]
+    if isinstance(raw, str):
+        return (raw,)
+    _expect(ctx, raw, list, "a list of tensor names", doc, "outputs", "outputs")
+    if not raw:
+        ctx.fail("a graph needs at least one output", doc, "outputs", "outputs")
+    for i, o in enumerate(raw):
+        _expect(ctx, o, str, "a tensor name", raw, i, f"outputs[{i}]")
+    return tuple(raw)
+
+
+_NODE_KEYS = {"id", "op", "module", "args", "inputs"}
+_REPEAT_KEYS = {"repeat", "id", "input", "nodes", "output"}
+
+
+def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str]) -> tuple[NodeSpec, ...]:
+    raw = doc["nodes"]
+    _expect(ctx, raw, list, "a list of nodes", doc, "nodes", "nodes")
+    if not raw:
+        ctx.fail("a graph needs at least one node", doc, "nodes", "nodes")
+    out: list[NodeSpec] = []
+    seen: dict[str, int | None] = {n: None for n in input_names}
+    aliases: dict[str, str] = {}  # repeat id -> its last iteration's output
+
+    def add(node: NodeSpec, container, key, path) -> None:
+        if node.id in seen:
+            what = "a graph input" if seen[node.id] is None and node.id in input_names else \
+                f"line {seen[node.id]}" if seen[node.id] else "an earlier node"
+            ctx.fail(f"duplicate id '{node.id}' (already used by {what})", container, key, path)
+        seen[node.id] = node.line
+        out.append(node)
+
+    for i, item in enumerate(raw):
+        path = f"nodes[{i}]"
+        _expect(ctx, item, dict, "a node mapping", raw, i, path)
+        if "repeat" in item:
+            _repeat(ctx, item, params, raw, i, path, add, aliases)
+        else:
+            node = _node(ctx, item, params, raw, i, path, {}, aliases)
+            add(node, raw, i, path)
+    return tuple(out)
+
+
+def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
+          local: dict[str, str], aliases: dict[str, str], *, node_id: str | None = None,
+          layer: int | None = None, group: str | None = None) -> NodeSpec:
+    _check_keys(ctx, item, _NODE_KEYS, {"id"}, path)
+    raw_id = _expect(ctx, item["id"], str, "a string id", item, "id", f"{path}.id")
+    if not _ID.match(raw_id):
+        ctx.fail(f"node id '{raw_id}' must start with a letter or '_' and contain only letters, "
+                 f"digits, '_' and '-'", item, "id", f"{path}.id")
+    if ("op" in item) == ("module" in item):
+        ctx.fail(f"node '{raw_id}' needs exactly one of 'op' or 'module'", container, idx, path)
+    args = item.get("args") or {}
+    _expect(ctx, args, dict, "a mapping of arguments", item, "args", f"{path}.args")
+    args = _subst(ctx, args, params, item, "args", f"{path}.args")
+    if "module" in item:
+        target = _expect(ctx, item["module"], str, "'package.module:Name'", item, "module",
+                         f"{path}.module")
+        if ":" not in target:
+            ctx.fail(f"module '{target}' is not of the form 'package.module:Name'", item,
+                     "module", f"{path}.module")
+        op, args = "module", {"target": target, "kwargs": args}
+    else:
+        op = _expect(ctx, item["op"], str, "an op name", item, "op", f"{path}.op")
+        if op not in OPS:
+            ctx.fail(f"unknown op '{op}'; known ops: {', '.join(sorted(OPS))}", item, "op",
+                     f"{path}.op")
+        spec = OPS[op]
+        allowed = set(spec.required) | set(spec.optional)
+        for k in args:
+            if k not in allowed:
+                ctx.fail(f"op '{op}' has no argument '{k}'; it takes "
+                         f"{', '.join(sorted(allowed)) or 'no arguments'}", args, k,
+                         f"{path}.args.{k}")
+        for k in spec.required:
+            if k not in args:
+                ctx.fail(f"op '{op}' needs argument '{k}'", item, "args" if "args" in item
+                         else "op", f"{path}.args.{k}")
+    inputs = item.get("inputs", [])
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    _expect(ctx, inputs, list, "a list of tensor names", item, "inputs", f"{path}.inputs")
+    refs = []
+    for j, r in enumerate(inputs):
+        _expect(ctx, r, str, "a tensor name", inputs, j, f"{path}.inputs[{j}]")
+        base, sep, idx_s = r.rpartition(":")
+        if not (sep and idx_s.isdigit()):
+            base, sep, idx_s = r, "", ""
+        if base == "$in" and "$in" not in local:
+            ctx.fail("'$in' is only meaningful inside a repeat block", inputs, j,
+                     f"{path}.inputs[{j}]")
+        base = local.get(base, aliases.get(base, base))
+        refs.append(base + (f":{idx_s}" if sep else ""))
+    line = item.lines.get("id") if isinstance(item, _Map) else None
+    return NodeSpec(node_id or raw_id, op, _plain(args), tuple(refs), layer, group, line)
+
+
+def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
+            aliases: dict[str, str]) -> None:
+    _check_keys(ctx, item, _REPEAT_KEYS, {"repeat", "id", "nodes"}, path)
+    count = _subst(ctx, item["repeat"], params, item, "repeat", f"{path}.repeat")
+    _expect(ctx, count, int, "a positive repeat count", item, "repeat", f"{path}.repeat")
+    if count <= 0:
+        ctx.fail(f"repeat count must be positive, got {count}", item, "repeat", f"{path}.repeat")
+    rid = _expect(ctx, item["id"], str, "a string id", item, "id", f"{path}.id")
+    if not _ID.match(rid):
+        ctx.fail(f"repeat id '{rid}' is not an identifier", item, "id", f"{path}.id")
+    body = _expect(ctx, item["nodes"], list, "a list of nodes", item, "nodes", f"{path}.nodes")
+    if not body:
+        ctx.fail("a repeat block needs at least one node", item, "nodes", f"{path}.nodes")
+    local_ids = []
+    for j, b in enumerate(body):
+        _expect(ctx, b, dict, "a node mapping", body, j, f"{path}.nodes[{j}]")
+        if "repeat" in b:
+            ctx.fail("nested repeat blocks are not supported; flatten the inner one", body, j,
+                     f"{path}.nodes[{j}]")
+        local_ids.append(b.get("id"))
+    output = item.get("output", local_ids[-1])
+    if output not in local_ids:
+        ctx.fail(f"repeat output '{output}' is not a node of the block", item, "output",
+                 f"{path}.output")
+    prev = item.get("input")
+    if prev is not None:
+        _expect(ctx, prev, str, "a tensor name", item, "input", f"{path}.input")
+        prev = aliases.get(prev, prev)
+    for i in range(count):
+        prefix = f"{rid}.{i}"
+        local = {"$in": prev} if prev is not None else {}
+        scoped = {**params, "i": i}
+        for j, b in enumerate(body):
+            nid = prefix if len(body) == 1 else f"{prefix}.{b.get('id')}"
+            node = _node(ctx, b, scoped, body, j, f"{path}.nodes[{j}]", local, aliases,
+                         node_id=nid, layer=i, group=rid)
+            add(node, body, j, f"{path}.nodes[{j}]")
+            local[b["id"]] = nid
+        prev = local[output]
+    aliases[rid] = prev
+
+
+# --- $param substitution -------------------------------------------------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Div: operator.truediv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+
+
+def _eval(expr: str, params: dict[str, Any]) -> Any:
+    """Evaluate arithmetic over parameters without ``eval``: numbers, names, + - * / // % **."""
+
+    def ev(n: ast.AST) -> Any:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)):
+            return n.value
+        if isinstance(n, ast.Name):
+            if n.id not in params:
+                raise KeyError(n.id)
+            return params[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        raise ValueError(f"unsupported expression element '{ast.dump(n)[:40]}'")
+
+    value = ev(ast.parse(expr, mode="eval"))
+    if isinstance(value, float) and value.is_integer() and "/" not in expr.replace("//", ""):
+        value = int(value)
+    return value
+
+
+def _subst(ctx: _Ctx, value: Any, params: dict[str, Any], container, key, path: str) -> Any:
+    """Replace ``$name`` and ``${expr}`` strings (recursively) with parameter values."""
+    if isinstance(value, dict):
+        return _Map_like(value, {k: _subst(ctx, v, params, value, k, f"{path}.{k}")
+                                 for k, v in value.items()})
+    if isinstance(value, list):
+        return [_subst(ctx, v, params, value, i, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and value.startswith("$") and value != "$in":
+        expr = value[2:-1] if value.startswith("${") and value.endswith("}") else value[1:]
+        try:
+            return _eval(expr, params)
+        except KeyError as e:
+            ctx.fail(f"undefined parameter '{e.args[0]}' in '{value}'; defined: "
+                     f"{', '.join(sorted(params)) or 'none'}", container, key, path)
+        except (SyntaxError, ValueError, TypeError, ZeroDivisionError) as e:
+            ctx.fail(f"cannot evaluate '{value}': {e}", container, key, path)
+    return value
+
+
+def _Map_like(src: dict, data: dict) -> dict:
+    """Keep line information when rebuilding a mapping."""
+    if isinstance(src, _Map):
+        out = _Map(data)
+        out.line, out.lines = src.line, src.lines
+        return out
+    return data
+
+
+def _plain(value: Any) -> Any:
+    """Strip line-tracking types: specs hold plain dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
