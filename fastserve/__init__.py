@@ -1,0 +1,42 @@
+"""FastServe: deploy large models over many processes and hosts from a graph declaration.
+
+The public API, re-exported lazily so that ``fastserve --help`` does not pay for importing torch::
+
+    import fastserve as fs
+    graph = fs.load("graphs/gpt2.yaml")            # spec -> costed Graph (meta device)
+    sharding = fs.partition(graph, "weight", shards=4)
+    fs.validate(sharding)                           # shards chained == the reference
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # graph
+    "Graph": "fastserve.graph", "GraphSpec": "fastserve.graph", "load": "fastserve.graph",
+    "load_spec": "fastserve.graph", "compile_graph": "fastserve.graph",
+    "capture": "fastserve.graph", "reference": "fastserve.graph",
+    "random_inputs": "fastserve.graph", "verify": "fastserve.graph",
+    # partition
+    "Sharding": "fastserve.partition", "partition": "fastserve.partition",
+    "validate": "fastserve.partition",
+    # resources
+    "load_inventory": "fastserve.resources", "plan": "fastserve.resources",
+    # engine
+    "Deployment": "fastserve.engine",
+    # errors
+    "FastServeError": "fastserve.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastserve' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)
