@@ -4,7 +4,7 @@ The public API, re-exported lazily so that ``fastserve --help`` does not pay for
 
     import fastserve as fs
     graph = fs.load("graphs/gpt2.yaml")            # spec -> costed Graph (meta device)
-    sharding = fs.partition(graph, "weight", shards=4)
+    sharding = partition(graph, "weight", shards=4)   # from fastserve.partition
     fs.validate(sharding)                           # shards chained == the reference
 """
 
@@ -22,8 +22,9 @@ _EXPORTS = {
     "capture": "fastserve.graph", "reference": "fastserve.graph",
     "random_inputs": "fastserve.graph", "verify": "fastserve.graph",
     # partition
-    "Sharding": "fastserve.partition", "partition": "fastserve.partition",
-    "validate": "fastserve.partition",
+    # ``fastserve.partition`` is the package; its function is ``fastserve.partition.partition``
+    "Sharding": "fastserve.partition", "validate": "fastserve.partition",
+    "export": "fastserve.partition", "load_shard": "fastserve.partition",
     # resources
     "load_inventory": "fastserve.resources", "plan": "fastserve.resources",
     # engine

@@ -46,5 +46,9 @@ def step(message: str) -> Iterator[None]:
     """Print ``message ...`` to stderr, then the seconds it took."""
     click.echo(f"{message} ...", err=True, nl=False)
     t0 = time.perf_counter()
-    yield
+    try:
+        yield
+    except BaseException:
+        click.echo(" failed", err=True)
+        raise
     click.echo(f" done ({time.perf_counter() - t0:.2f} s)", err=True)

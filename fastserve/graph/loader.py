@@ -107,6 +107,10 @@ def parse_spec(text: str, file: str | None = None) -> GraphSpec:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
+        lines = text.splitlines()
+        bad_line = lines[mark.line] if mark and mark.line < len(lines) else ""
+        if "${" in bad_line:
+            problem += " (quote ${...} expressions inside {...} mappings: \"${4 * d}\")"
         raise SpecError(f"invalid YAML: {problem}", file=file,
                         line=mark.line + 1 if mark else None) from None
     return spec_from_dict(doc, file=file)

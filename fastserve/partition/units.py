@@ -1,0 +1,57 @@
+"""Byte sizes as people write them (``2GB``, ``512MiB``, ``1.5 GiB``) and back.
+
+Decimal units are powers of 1000 (``GB``), binary units powers of 1024 (``GiB``), as in the SI
+and IEC standards; a bare number is bytes. Units are case-insensitive (``2gb`` is ``2GB``) except
+that a lone ``b`` is always bytes, never bits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fastserve.errors import PartitionError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4, "pb": 1000 ** 5,
+    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4, "pib": 1024 ** 5,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float, what: str = "size") -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``1024`` -> 1024.
+
+    Raises :class:`PartitionError` naming ``what`` and the accepted forms for anything else
+    (negative, zero, unknown unit, not a number).
+    """
+    if isinstance(text, bool):
+        raise PartitionError(f"{what}: expected a size such as 2GB or 512MiB, got {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise PartitionError(f"{what}: cannot read {text!r} as a size; write a number with "
+                                 f"an optional unit, e.g. 2GB, 512MiB, 1.5GiB or 1000000")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if unit not in _UNITS:
+            known = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+            raise PartitionError(f"{what}: unknown unit '{m.group(2)}' in {text!r}; use one of "
+                                 f"{known}")
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise PartitionError(f"{what}: {text!r} is not a positive size")
+    return int(size)
+
+
+def format_bytes(n: float) -> str:
+    """Binary units with one decimal: ``format_bytes(1.2 * 2**30)`` -> ``'1.2 GiB'``."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
