@@ -1,0 +1,5 @@
+"""``python -m fastserve`` is the ``fastserve`` command."""
+
+from fastserve.cli import main
+
+main()
