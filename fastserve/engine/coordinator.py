@@ -1,0 +1,113 @@
+"""Splitting work and merging results: pure functions, no sockets.
+
+* data parallel: M samples over P replicas, ceil(M/P) each (the last gets the rest);
+* model parallel: each replica's part is cut into micro-batches that flow through the stages so
+  that stage k works on micro-batch i while stage k+1 works on i-1 (GPipe fill and drain);
+* merging puts results back in request order, whatever order they arrived in.
+
+Inputs whose first dimension is the symbolic ``batch`` are split; other inputs (a shared table,
+a fixed mask) are sent whole with every piece.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from fastserve.errors import EngineError
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One micro-batch for one replica: ``key`` orders it among its run's results."""
+
+    key: int
+    replica: int | None  # None: route to the least-loaded replica when sending
+    tensors: dict[str, torch.Tensor]
+    samples: int
+
+
+def batch_size(inputs: Mapping[str, torch.Tensor], batched: Sequence[str]) -> int:
+    sizes = {name: inputs[name].shape[0] for name in batched}
+    if len(set(sizes.values())) != 1:
+        raise EngineError(f"batched inputs disagree on the batch size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _slice(inputs: Mapping[str, torch.Tensor], batched: Sequence[str], lo: int,
+           hi: int) -> dict[str, torch.Tensor]:
+    return {k: (v[lo:hi] if k in batched else v) for k, v in inputs.items()}
+
+
+def plan_work(inputs: Mapping[str, torch.Tensor], batched: Sequence[str], replicas: int,
+              micro_batches: int) -> list[WorkItem]:
+    """Cut one batch into work items: ceil(M/P) samples per replica, each part into at most
+    ``micro_batches`` micro-batches of near-equal size. Keys follow sample order."""
+    total = batch_size(inputs, batched)
+    if total == 0:
+        raise EngineError("the batch is empty")
+    per_replica = math.ceil(total / replicas)
+    items: list[WorkItem] = []
+    for r in range(replicas):
+        lo, hi = r * per_replica, min(total, (r + 1) * per_replica)
+        if lo >= hi:
+            break
+        n = hi - lo
+        m = max(1, min(micro_batches, n))
+        size = math.ceil(n / m)
+        for start in range(lo, hi, size):
+            stop = min(hi, start + size)
+            items.append(WorkItem(len(items), r, _slice(inputs, batched, start, stop),
+                                  stop - start))
+    return items
+
+
+def merge(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate results (in key order) along the batch dimension."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}
+
+
+@dataclass
+class StageTimes:
+    """Seconds summed over the micro-batches of a run, for one stage."""
+
+    compute: float = 0.0
+    transfer: float = 0.0
+    queue: float = 0.0
+    count: int = 0
+
+
+@dataclass
+class RunStats:
+    """What a run measured: per-stage times, latency and throughput."""
+
+    samples: int = 0
+    seconds: float = 0.0
+    stages: dict[int, StageTimes] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    def add_timings(self, timings: list[dict], sent_at: float) -> None:
+        """Account one micro-batch's path: ``timings`` is one entry per stage, in order."""
+        previous = sent_at
+        for t in timings:
+            st = self.stages.setdefault(int(t["stage"]), StageTimes())
+            st.compute += t["end"] - t["start"]
+            st.queue += t["start"] - t["recv"]
+            st.transfer += max(0.0, t["recv"] - previous)
+            st.count += 1
+            previous = t.get("sent", t["end"])
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "seconds": self.seconds,
+                "throughput": self.throughput,
+                "stages": {s: {"compute_s": v.compute, "transfer_s": v.transfer,
+                               "queue_s": v.queue, "micro_batches": v.count}
+                           for s, v in sorted(self.stages.items())}}

@@ -1,0 +1,261 @@
+"""A deployment: rank processes for ``replicas × stages`` shards, and the coordinator that feeds
+them, collects results in order, and turns every failure into a typed error instead of a hang.
+
+    with Deployment("graphs/gpt2.yaml", stages=2, replicas=1) as dep:
+        outputs = dep.run(inputs, micro_batches=4)
+
+Data flows rank to rank (stage k PUSHes to stage k+1's PULL); only the first stage's inputs and
+the last stage's outputs pass through the coordinator. Control (ready, health, stats, stop) uses
+one ROUTER socket here and a DEALER in every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import zmq
+
+from fastserve.engine.coordinator import RunStats, WorkItem, merge, plan_work
+from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop_processes
+from fastserve.engine.rank import RankConfig
+from fastserve.engine.wire import WireError, decode, encode
+from fastserve.errors import EngineError, RankDeadError, RankError
+from fastserve.graph import Graph, compile_graph, load_spec
+from fastserve.partition import Sharding, partition
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a deployment is laid out: ``replicas`` copies of a ``stages``-stage pipeline."""
+
+    replicas: int = 1
+    stages: int = 1
+    strategy: str = "weight"
+    threads: int = 1  # torch threads per rank
+
+    @property
+    def ranks(self) -> int:
+        return self.replicas * self.stages
+
+
+class Deployment:
+    """Rank processes running one graph, and the coordinator in this process."""
+
+    def __init__(self, spec: str, layout: Layout = Layout(), *, dims: Mapping[str, int] | None
+                 = None, transport: str = "ipc", timeout: float = 60.0,
+                 load_timeout: float = 120.0, max_in_flight: int | None = None,
+                 progress: Progress | None = None) -> None:
+        self.spec_path = os.path.abspath(spec)
+        self.layout = layout
+        self.dims = dict(dims or {})
+        self.timeout = timeout
+        self.load_timeout = load_timeout
+        self.progress = progress or (lambda _msg: None)
+        self.graph: Graph = compile_graph(load_spec(spec), self.dims)
+        self.sharding: Sharding = (partition(self.graph, layout.strategy, shards=layout.stages)
+                                   if layout.stages > 1 else
+                                   partition(self.graph, "weight", shards=1))
+        if len(self.sharding) != layout.stages:
+            raise EngineError(f"strategy '{layout.strategy}' made {len(self.sharding)} shards, "
+                              f"{layout.stages} stages were asked for")
+        # batched inputs: those declared with a symbolic 'batch' first dim
+        self.batched = [i.name for i in self.graph.spec.inputs
+                        if i.shape and i.shape[0] == "batch"] or \
+                       [t.name for t in self.graph.inputs]
+        self.max_in_flight = max_in_flight or 2 * layout.stages + 1  # per replica
+        self.addresses = Addresses(transport)
+        self.ranks: list[RankProcess] = []
+        self.ready: dict[int, dict] = {}
+        self._ctx = zmq.Context()
+        self._next_request = 1
+        self.stats = RunStats()
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> Deployment:
+        """Launch every rank and wait until each has loaded its shard."""
+        ctx, addr, lay = self._ctx, self.addresses, self.layout
+        self._control = ctx.socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        control = addr.new("control")
+        self._control.bind(control)
+        self._results = ctx.socket(zmq.PULL)
+        self._results.setsockopt(zmq.LINGER, 0)
+        results = addr.new("results")
+        self._results.bind(results)
+        self._inputs: list[zmq.Socket] = []
+        rank = 0
+        for r in range(lay.replicas):
+            stage_in = [addr.new(f"r{r}s{s}") for s in range(lay.stages)]
+            for s, shard in enumerate(self.sharding):
+                cfg = RankConfig(
+                    rank=rank, stage=s, replica=r, spec=self.spec_path, nodes=list(shard.nodes),
+                    inputs=list(shard.inputs), outputs=list(shard.outputs),
+                    data_in=stage_in[s],
+                    data_out=stage_in[s + 1] if s + 1 < lay.stages else results,
+                    control=control, parent_pid=os.getpid(), dims=self.dims,
+                    threads=lay.threads)
+                self.ranks.append(launch_local(cfg, addr.dir))
+                rank += 1
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(stage_in[0])
+            self._inputs.append(sock)
+        self.progress(f"started {len(self.ranks)} ranks ({lay.replicas} replica(s) x "
+                      f"{lay.stages} stage(s)); loading shards")
+        try:
+            self._await_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + self.load_timeout
+        while len(self.ready) < len(self.ranks):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                missing = [r.name for r in self.ranks if r.config.rank not in self.ready]
+                raise RankDeadError(f"{', '.join(missing)} did not load within "
+                                    f"{self.load_timeout:.0f} s; is the machine overloaded?",
+                                    rank=self.ranks[0].config.rank)
+            if not self._control.poll(100):
+                continue
+            _, *frames = self._control.recv_multipart(copy=False)
+            meta = decode(frames).meta
+            if meta.get("event") == "failed":
+                raise EngineError(f"rank {meta.get('rank')} could not load its shard: "
+                                  f"{meta.get('error')}")
+            if meta.get("event") == "ready":
+                self.ready[meta["rank"]] = meta
+                self.progress(f"rank {meta['rank']} ready ({meta['load_s']:.1f} s)")
+
+    def stop(self) -> None:
+        """Ask every rank to stop, then make sure each process is gone."""
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        control = getattr(self, "_control", None)
+        for r in self.ranks:
+            if control is not None and r.process.poll() is None:
+                try:
+                    control.send_multipart([f"rank{r.config.rank}".encode(),
+                                            *encode("control", meta={"cmd": "stop"})],
+                                           flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        stop_processes(self.ranks)
+        for s in [control, getattr(self, "_results", None), *getattr(self, "_inputs", [])]:
+            if s is not None:
+                s.close(linger=0)
+        self._ctx.term()
+        self.addresses.close()
+
+    def __enter__(self) -> Deployment:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- failures ------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        for r in self.ranks:
+            why = r.exit_reason()
+            if why is not None:
+                raise RankDeadError(f"{r.name} died: {why}", rank=r.config.rank)
+
+    def control(self, cmd: str, timeout: float = 5.0) -> dict[int, dict]:
+        """Send ``cmd`` (health, stats) to every rank; return replies by rank. A rank that does
+        not answer within ``timeout`` raises RankDeadError naming it."""
+        self._check_alive()
+        for r in self.ranks:
+            self._control.send_multipart([f"rank{r.config.rank}".encode(),
+                                          *encode("control", meta={"cmd": cmd})])
+        replies: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(self.ranks) and time.monotonic() < deadline:
+            if self._control.poll(50):
+                _, *frames = self._control.recv_multipart(copy=False)
+                meta = decode(frames).meta
+                if meta.get("cmd") == cmd:
+                    replies[meta["rank"]] = meta
+        silent = [r for r in self.ranks if r.config.rank not in replies]
+        if silent:
+            self._check_alive()
+            raise RankDeadError(f"{', '.join(r.name for r in silent)} did not answer '{cmd}' "
+                                f"within {timeout:.0f} s", rank=silent[0].config.rank)
+        return replies
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def run(self, inputs: Mapping[str, torch.Tensor], micro_batches: int = 1
+            ) -> dict[str, torch.Tensor]:
+        """Run one batch: split over replicas and micro-batches, merge results in order."""
+        items = plan_work(inputs, self.batched, self.layout.replicas, micro_batches)
+        return merge(self._execute(items))
+
+    def run_requests(self, requests: Sequence[Mapping[str, torch.Tensor]]
+                     ) -> list[dict[str, torch.Tensor]]:
+        """Run independent requests (any batch size and sequence length each), each routed
+        whole to the least-loaded replica; results come back in request order."""
+        items = [WorkItem(i, None, dict(r), next(iter(r.values())).shape[0])
+                 for i, r in enumerate(requests)]
+        return self._execute(items)
+
+    def _execute(self, items: list[WorkItem]) -> list[dict[str, torch.Tensor]]:
+        request = self._next_request
+        self._next_request += 1
+        pending = list(reversed(items))
+        in_flight = [0] * self.layout.replicas
+        owner: dict[int, int] = {}
+        sent_at: dict[int, float] = {}
+        results: dict[int, dict[str, torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        last_progress = time.monotonic()
+        while len(results) < len(items):
+            # send while the target replica has room: bounded queues, back-pressure
+            while pending:
+                item = pending[-1]
+                replica = item.replica if item.replica is not None else \
+                    min(range(self.layout.replicas), key=lambda i: in_flight[i])
+                if in_flight[replica] >= self.max_in_flight:
+                    break
+                pending.pop()
+                sent_at[item.key] = time.time()
+                self._inputs[replica].send_multipart(
+                    encode("data", request=request, micro=item.key, tensors=item.tensors),
+                    copy=False)
+                in_flight[replica] += 1
+                owner[item.key] = replica
+            if not self._results.poll(100):
+                self._check_alive()
+                if time.monotonic() - last_progress > self.timeout:
+                    self.control("health")  # names a rank that stopped answering
+                    raise EngineError(f"no result for {self.timeout:.0f} s although every rank "
+                                      f"answers health checks; raise --timeout for slow runs")
+                continue
+            try:
+                msg = decode(self._results.recv_multipart(copy=False))
+            except WireError as e:
+                raise EngineError(f"the last stage sent a malformed result: {e}") from None
+            if msg.request != request or msg.micro in results:
+                continue  # a straggler of an earlier, failed run
+            last_progress = time.monotonic()
+            if msg.kind == "error":
+                err = msg.meta.get("error", {})
+                raise RankError(err.get("message", "unknown error"), rank=err.get("rank"),
+                                stage=err.get("stage"), node=err.get("node"))
+            in_flight[owner[msg.micro]] -= 1
+            # the received tensors live on ZeroMQ frames; clone so results outlive them
+            results[msg.micro] = {k: v.clone() for k, v in msg.tensors.items()}
+            self.stats.add_timings(msg.meta.get("timings", []), sent_at[msg.micro])
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.samples += sum(i.samples for i in items)
+        return [results[i.key] for i in items]

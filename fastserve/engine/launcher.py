@@ -1,0 +1,93 @@
+"""The local launcher: rank processes as subprocesses of this machine.
+
+Addresses are chosen here, before any rank starts, so every rank knows where to connect:
+``ipc`` sockets in a private temporary directory (the default), or ``tcp`` on loopback ports
+the kernel hands out. A per-host agent and a cluster-engine launcher (later) start the same rank
+program with the same :class:`~fastserve.engine.rank.RankConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from fastserve.engine.rank import RankConfig
+from fastserve.errors import EngineError
+
+
+class Addresses:
+    """Hands out socket addresses for one deployment and cleans them up."""
+
+    def __init__(self, transport: str = "ipc") -> None:
+        if transport not in ("ipc", "tcp"):
+            raise EngineError(f"unknown transport '{transport}'; expected ipc or tcp")
+        self.transport = transport
+        # ipc socket files and rank logs live here; removed on close
+        self.dir = tempfile.mkdtemp(prefix="fastserve-")
+
+    def new(self, name: str) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.dir}/{name}"
+        with socket.socket() as s:  # a free port now; the rank binds it right after
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class RankProcess:
+    """A started rank: its config and process handle."""
+
+    config: RankConfig
+    process: subprocess.Popen
+    log: str  # the rank's stderr
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        return f"rank {c.rank} (replica {c.replica}, stage {c.stage}, pid {self.process.pid})"
+
+    def exit_reason(self) -> str | None:
+        """None while running; otherwise how it ended, with the end of its stderr."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = f.read().strip().splitlines()
+        except OSError:
+            lines = []
+        return how + (f": {lines[-1]}" if lines else "")
+
+
+def launch_local(config: RankConfig, log_dir: str) -> RankProcess:
+    """Start one rank as a subprocess of this process; its stderr goes to a file in log_dir
+    (a pipe nobody reads could fill and block the rank)."""
+    env = dict(os.environ)
+    # one thread pool size for every runtime in the rank; torch reads the config's `threads`
+    env.update(OMP_NUM_THREADS=str(config.threads), MKL_NUM_THREADS=str(config.threads))
+    log = os.path.join(log_dir, f"rank{config.rank}.log")
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastserve.engine.rank", config.to_json()],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    return RankProcess(config, proc, log)
+
+
+def stop_processes(ranks: list[RankProcess], grace_s: float = 3.0) -> None:
+    """Wait for ranks to exit, then kill whatever is left; reap all."""
+    for r in ranks:
+        try:
+            r.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            r.process.kill()
+            r.process.wait(timeout=5)
