@@ -38,6 +38,8 @@ class Layout:
     stages: int = 1
     strategy: str = "weight"
     threads: int = 1  # torch threads per rank
+    memory_cap: int | str | None = None  # per rank, for the hybrid strategy; default: an even
+    # share of this machine's memory
 
     @property
     def ranks(self) -> int:
@@ -58,9 +60,7 @@ class Deployment:
         self.load_timeout = load_timeout
         self.progress = progress or (lambda _msg: None)
         self.graph: Graph = compile_graph(load_spec(spec), self.dims)
-        self.sharding: Sharding = (partition(self.graph, layout.strategy, shards=layout.stages)
-                                   if layout.stages > 1 else
-                                   partition(self.graph, "weight", shards=1))
+        self.sharding: Sharding = self._cut()
         if len(self.sharding) != layout.stages:
             raise EngineError(f"strategy '{layout.strategy}' made {len(self.sharding)} shards, "
                               f"{layout.stages} stages were asked for")
@@ -75,6 +75,16 @@ class Deployment:
         self._ctx = zmq.Context()
         self._next_request = 1
         self.stats = RunStats()
+
+    def _cut(self) -> Sharding:
+        lay = self.layout
+        if lay.stages == 1:
+            return partition(self.graph, "weight", shards=1)
+        if lay.strategy == "hybrid":
+            cap = lay.memory_cap or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") \
+                // lay.ranks
+            return partition(self.graph, "hybrid", shards=lay.stages, memory_caps=cap)
+        return partition(self.graph, lay.strategy, shards=lay.stages)
 
     # --- life cycle --------------------------------------------------------------------------
 

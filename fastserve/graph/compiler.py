@@ -155,11 +155,32 @@ def _cost(spec: GraphSpec, node: NodeSpec, args_in: list[torch.Tensor]):
         with counter, torch.no_grad():
             out = module(*args_in)
     except Exception as e:  # any failure here is the spec's shapes not fitting the op
+        if node.op == "module":
+            # a user's module may look at values (data-dependent control flow), which meta
+            # tensors cannot answer: cost it on the CPU with zeros, its weights only
+            return _cost_on_cpu(spec, node, args_in, params, params_bytes, borrowed)
         shapes = ", ".join(f"{tuple(a.shape)}:{dtype_name(a.dtype)}" for a in args_in)
         raise SpecError(f"node '{node.id}' (op '{node.op}') cannot take inputs of shape "
                         f"[{shapes}]: {_first_line(e)}", file=spec.file, line=node.line,
                         key="inputs") from None
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return params, params_bytes, borrowed, int(counter.get_total_flops()), outs
+
+
+def _cost_on_cpu(spec: GraphSpec, node: NodeSpec, args_in: list[torch.Tensor], params: int,
+                 params_bytes: int, borrowed: int):
+    module = build_module(node.op, node.args)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            out = module(*(torch.zeros(a.shape, dtype=a.dtype) for a in args_in))
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(a.shape)}:{dtype_name(a.dtype)}" for a in args_in)
+        raise SpecError(f"node '{node.id}' (module '{node.args['target']}') cannot take inputs "
+                        f"of shape [{shapes}]: {_first_line(e)}", file=spec.file, line=node.line,
+                        key="inputs") from None
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    outs = tuple(t.to("meta") for t in outs)
     return params, params_bytes, borrowed, int(counter.get_total_flops()), outs
 
 
