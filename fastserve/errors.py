@@ -14,10 +14,8 @@ class FastServeError(Exception):
     exit_code = 1
 
 
-class SpecError(FastServeError):
-    """A graph spec is malformed. Names the file, line and key when they are known."""
-
-    exit_code = 2
+class FileError(FastServeError):
+    """A malformed input file: names the file, line and key when they are known."""
 
     def __init__(
         self,
@@ -40,6 +38,12 @@ class SpecError(FastServeError):
             where.append(f"key '{key}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class SpecError(FileError):
+    """A graph spec is malformed."""
+
+    exit_code = 2
 
 
 class GraphError(FastServeError):
@@ -70,7 +74,7 @@ class ValidationError(PartitionError):
     """Chained shards do not reproduce the unsharded graph's outputs."""
 
 
-class InventoryError(FastServeError):
+class InventoryError(FileError):
     """A host inventory file is malformed or inconsistent."""
 
     exit_code = 6

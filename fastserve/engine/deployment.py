@@ -84,6 +84,8 @@ class Deployment:
             cap = lay.memory_cap or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") \
                 // lay.ranks
             return partition(self.graph, "hybrid", shards=lay.stages, memory_caps=cap)
+        if lay.strategy == "weight":  # a pipeline runs at its slowest stage: balance compute
+            return partition(self.graph, "weight", shards=lay.stages, by="flops")
         return partition(self.graph, lay.strategy, shards=lay.stages)
 
     # --- life cycle --------------------------------------------------------------------------

@@ -31,59 +31,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fastserve.errors import SpecError
 from fastserve.graph.ops import OPS
+from fastserve.yamlio import Located, line_of, located_like, read_yaml
 from fastserve.graph.spec import (DTYPES, GraphSpec, InputSpec, NodeSpec, SourceSpec,
                                   WeightsSpec)
 
 _ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-# --- safe YAML with line numbers ---------------------------------------------------------------
-
-
-class _Map(dict):
-    line: int | None = None
-    lines: dict
-
-
-class _Seq(list):
-    line: int | None = None
-    lines: list
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the line of every mapping key and sequence item."""
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, (str, int, float, bool)) or key is None:
-            raise SpecError("mapping keys must be plain scalars", line=key_node.start_mark.line + 1)
-        if key in out:
-            raise SpecError(f"duplicate key '{key}'", line=key_node.start_mark.line + 1,
-                            key=str(key))
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = key_node.start_mark.line + 1
-    return out
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
-    out = _Seq(loader.construct_object(v, deep=True) for v in node.value)
-    out.line = node.start_mark.line + 1
-    out.lines = [v.start_mark.line + 1 for v in node.value]
-    return out
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
 def load_spec(path: str | Path) -> GraphSpec:
@@ -100,20 +54,7 @@ def load_spec(path: str | Path) -> GraphSpec:
 
 def parse_spec(text: str, file: str | None = None) -> GraphSpec:
     """Parse and validate a YAML graph spec given as text."""
-    try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
-    except SpecError as e:
-        raise SpecError(e.reason, file=file, line=e.line, key=e.key) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        lines = text.splitlines()
-        bad_line = lines[mark.line] if mark and mark.line < len(lines) else ""
-        if "${" in bad_line:
-            problem += " (quote ${...} expressions inside {...} mappings: \"${4 * d}\")"
-        raise SpecError(f"invalid YAML: {problem}", file=file,
-                        line=mark.line + 1 if mark else None) from None
-    return spec_from_dict(doc, file=file)
+    return spec_from_dict(read_yaml(text, file), file=file)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -126,15 +67,7 @@ class _Ctx:
         self.file = file
 
     def fail(self, msg: str, container: Any = None, key: Any = None, path: str | None = None):
-        line = None
-        if container is not None:
-            lines = getattr(container, "lines", None)
-            if isinstance(lines, dict) and key in lines:
-                line = lines[key]
-            elif isinstance(lines, list) and isinstance(key, int) and key < len(lines):
-                line = lines[key]
-            else:
-                line = getattr(container, "line", None)
+        line = line_of(container, key) if container is not None else None
         raise SpecError(msg, file=self.file, line=line, key=path)
 
 
@@ -245,7 +178,7 @@ def _tensor_decl(ctx: _Ctx, name: str, raw: Any, container, path: str, params: d
     high = _subst(ctx, raw.get("high"), params, raw, "high", f"{path}.high")
     if high is not None:
         _expect(ctx, high, int, "an integer bound", raw, "high", f"{path}.high")
-    return InputSpec(str(name), tuple(dims), dtype, high, raw.line if isinstance(raw, _Map)
+    return InputSpec(str(name), tuple(dims), dtype, high, raw.line if isinstance(raw, Located)
                      else None)
 
 
@@ -379,7 +312,7 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
                      f"{path}.inputs[{j}]")
         base = local.get(base, aliases.get(base, base))
         refs.append(base + (f":{idx_s}" if sep else ""))
-    line = item.lines.get("id") if isinstance(item, _Map) else None
+    line = item.lines.get("id") if isinstance(item, Located) else None
     return NodeSpec(node_id or raw_id, op, _plain(args), tuple(refs), layer, group, line)
 
 
@@ -459,7 +392,7 @@ def _eval(expr: str, params: dict[str, Any]) -> Any:
 def _subst(ctx: _Ctx, value: Any, params: dict[str, Any], container, key, path: str) -> Any:
     """Replace ``$name`` and ``${expr}`` strings (recursively) with parameter values."""
     if isinstance(value, dict):
-        return _Map_like(value, {k: _subst(ctx, v, params, value, k, f"{path}.{k}")
+        return located_like(value, {k: _subst(ctx, v, params, value, k, f"{path}.{k}")
                                  for k, v in value.items()})
     if isinstance(value, list):
         return [_subst(ctx, v, params, value, i, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -473,15 +406,6 @@ def _subst(ctx: _Ctx, value: Any, params: dict[str, Any], container, key, path: 
         except (SyntaxError, ValueError, TypeError, ZeroDivisionError) as e:
             ctx.fail(f"cannot evaluate '{value}': {e}", container, key, path)
     return value
-
-
-def _Map_like(src: dict, data: dict) -> dict:
-    """Keep line information when rebuilding a mapping."""
-    if isinstance(src, _Map):
-        out = _Map(data)
-        out.line, out.lines = src.line, src.lines
-        return out
-    return data
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,150 @@
+"""``fastserve run``: run a graph on rank processes and summarise what happened."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from fastserve.cli.app import cli
+from fastserve.cli.graph import dim_option, parse_dims
+from fastserve.cli.render import table
+from fastserve.errors import EngineError
+
+
+def _layout(parallel: str, stages: int | None, replicas: int | None, cores: int):
+    """Stages and replicas for a parallel mode, filling in what the user did not fix."""
+    if parallel == "model":
+        return 1, stages or max(2, cores)
+    if parallel == "data":
+        return replicas or max(2, cores), 1
+    return replicas or 2, stages or 2
+
+
+def _read_inputs(path: str) -> dict:
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as data:  # no pickle, ever
+            return {k: torch.from_numpy(data[k].copy()) for k in data.files}
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot read inputs from '{path}': {e}") from None
+
+
+@cli.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--hosts", type=click.Path(dir_okay=False),
+              help="Host inventory YAML (default: this machine, detected).")
+@click.option("--parallel", type=click.Choice(["model", "data", "hybrid"]), default="model",
+              show_default=True, help="Pipeline stages, data-parallel replicas, or both.")
+@click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
+@click.option("--replicas", type=click.IntRange(1), help="Data-parallel replicas.")
+@click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default="weight",
+              show_default=True, help="How the graph is cut into stages.")
+@click.option("--micro-batches", type=click.IntRange(1), default=None,
+              help="Micro-batches per replica (default: 2 x stages, so stages overlap).")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="Inputs as .npz, one array per graph input.")
+@click.option("--random", "random_batch", type=click.IntRange(1),
+              help="Run on random inputs of this batch size (default 8).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the outputs as .npz.")
+@click.option("--check", is_flag=True, help="Compare with the single-process reference; fail "
+              "if they differ.")
+@click.option("--threads", type=click.IntRange(1), help="Torch threads per rank (default: "
+              "cores / ranks).")
+@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
+              help="Run the batch this many times (timings of the last run).")
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc",
+              show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds without progress before a rank is declared dead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@dim_option
+def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, input_path,
+            random_batch, output, check, threads, repeat, transport, timeout, as_json,
+            dims) -> None:
+    """Run SPEC on rank processes connected by ZeroMQ.
+
+    \b
+    Examples:
+      fastserve run graphs/gpt2.yaml --parallel model --stages 2 --random 8 --check
+      fastserve run graphs/mlp.yaml --parallel hybrid --replicas 2 --stages 2 --check
+    """
+    import torch
+
+    from fastserve.engine import Deployment, Layout
+    from fastserve.graph import random_inputs, reference
+    from fastserve.resources.inventory import load_inventory, local_inventory
+
+    inventory = load_inventory(hosts) if hosts else local_inventory()
+    remote = [h.name for h in inventory.hosts if not h.is_local]
+    if remote:
+        raise EngineError(f"hosts {', '.join(remote)} are remote; this version launches ranks "
+                          f"on this machine only (use runtime/hosts/local.yaml)")
+    cores = sum(h.cores for h in inventory.hosts)
+    n_replicas, n_stages = _layout(parallel, stages, replicas, cores)
+    ranks = n_replicas * n_stages
+    threads = threads or max(1, cores // ranks)
+    layout = Layout(n_replicas, n_stages, strategy, threads)
+    micro = micro_batches or (2 * n_stages if n_stages > 1 else 1)
+
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    say(f"{n_replicas} replica(s) x {n_stages} stage(s) = {ranks} rank(s), {threads} "
+        f"thread(s) each, on {inventory.name}")
+    with Deployment(spec, layout, dims=parse_dims(dims), transport=transport, timeout=timeout,
+                    progress=say) as dep:
+        if input_path:
+            inputs = _read_inputs(input_path)
+        else:
+            inputs = random_inputs(dep.graph, random_batch or 8)
+        for i in range(repeat):
+            say(f"running batch of {next(iter(inputs.values())).shape[0]} with {micro} "
+                f"micro-batch(es) per replica ({i + 1}/{repeat})")
+            dep.stats.__init__()  # keep the last run's timings only
+            outputs = dep.run(inputs, micro_batches=micro)
+        stats = dep.stats.to_json()
+        verdict = None
+        if check:
+            say("running the single-process reference")
+            expected = reference(dep.graph, inputs)
+            for name, t in expected.items():
+                try:
+                    torch.testing.assert_close(outputs[name], t)
+                except AssertionError as e:
+                    detail = " ".join(str(e).split("\n")[1:3]).strip()
+                    raise EngineError(f"output '{name}' differs from the single-process "
+                                      f"reference: {detail}") from None
+            verdict = "outputs equal the single-process reference"
+        shards = [{"stage": s.index, "nodes": f"{s.nodes[0]}..{s.nodes[-1]}",
+                   "params_bytes": s.params_bytes} for s in dep.sharding]
+    if output:
+        import numpy as np
+
+        np.savez(output, **{k: v.numpy() for k, v in outputs.items()})
+    _summary(stats, shards, layout, micro, verdict, as_json)
+
+
+def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
+             as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"replicas": layout.replicas, "stages": layout.stages,
+                               "threads": layout.threads, "micro_batches": micro,
+                               "shards": shards, **stats, "check": verdict}, indent=1))
+        return
+    rows = []
+    for s in shards:
+        st = stats["stages"].get(s["stage"], {})
+        rows.append((s["stage"], s["nodes"], f"{st.get('compute_s', 0) * 1e3:.1f}",
+                     f"{st.get('transfer_s', 0) * 1e3:.2f}",
+                     f"{st.get('queue_s', 0) * 1e3:.2f}"))
+    click.echo(table(["stage", "nodes", "compute ms", "transfer ms", "queue ms"], rows,
+                     "rlrrr"))
+    click.echo("(means per micro-batch over all replicas; transfer is the fastest hop of the "
+               "run, queue the rest of each hop)")
+    click.echo(f"latency {stats['seconds'] * 1e3:.1f} ms for {stats['samples']} samples, "
+               f"throughput {stats['throughput']:.1f} samples/s")
+    if verdict:
+        click.echo(f"check: {verdict}")

@@ -1,0 +1,192 @@
+"""Cluster inventories: the hosts a plan may use, read from YAML and validated.
+
+    name: lab
+    defaults: {bandwidth: 1.25GB, latency_us: 100}   # per-second bandwidth between hosts
+    hosts:
+      - {name: a, address: 10.0.0.1, cores: 32, memory: 256GiB, speed: 1.0}
+      - name: b
+        address: 10.0.0.2
+        cores: 16
+        memory: 128GiB
+        speed: 0.6                                     # relative to the fastest kind of core
+        devices: [{name: gpu0, kind: cuda, memory: 80GiB}]
+    links:
+      - {between: [a, b], bandwidth: 12.5GB, latency_us: 20}
+
+A host at ``localhost``/``127.0.0.1`` may omit ``cores`` and ``memory``: they are read from this
+machine. Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastserve.errors import InventoryError, PartitionError
+from fastserve.partition.units import parse_bytes
+from fastserve.yamlio import line_of, read_yaml
+
+LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
+DEFAULT_BANDWIDTH = 10 * 1000 ** 3  # bytes/s on one machine (memory copies over ipc)
+DEFAULT_LATENCY = 50e-6  # seconds
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host. ``speed`` is relative (1.0 = the reference core); ``flops`` (per core per
+    second) replaces it once measured by ``fastserve profile``."""
+
+    name: str
+    address: str
+    cores: int
+    memory_bytes: int
+    speed: float = 1.0
+    flops: float | None = None
+    devices: tuple[Device, ...] = ()
+
+    @property
+    def is_local(self) -> bool:
+        return self.address in LOCAL_ADDRESSES
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes per second
+    latency: float  # seconds
+
+
+@dataclass(frozen=True)
+class Inventory:
+    name: str
+    hosts: tuple[Host, ...]
+    default_link: Link = Link(DEFAULT_BANDWIDTH, DEFAULT_LATENCY)
+    links: dict[frozenset[str], Link] = field(default_factory=dict)
+    file: str | None = None
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise InventoryError(f"no host '{name}' in inventory '{self.name}'", file=self.file)
+
+    def link(self, a: str, b: str) -> Link:
+        """The link between two hosts (a host to itself: the default local link)."""
+        return self.links.get(frozenset((a, b)), self.default_link)
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def local_inventory() -> Inventory:
+    """This machine alone, with detected cores and memory."""
+    return Inventory("local", (Host("local", "localhost", machine_cores(), machine_memory()),))
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        raise InventoryError(f"host inventory '{p}' does not exist") from None
+    return parse_inventory(read_yaml(text, str(p), InventoryError), str(p))
+
+
+class _Reader:
+    def __init__(self, file: str | None) -> None:
+        self.file = file
+
+    def fail(self, msg: str, container: Any, key: Any, path: str) -> None:
+        raise InventoryError(msg, file=self.file, line=line_of(container, key), key=path)
+
+    def keys(self, m: Any, allowed: set[str], required: set[str], path: str) -> None:
+        if not isinstance(m, dict):
+            self.fail(f"expected a mapping, got {type(m).__name__}", m, None, path)
+        for k in m:
+            if k not in allowed:
+                self.fail(f"unknown key '{k}'; expected one of {', '.join(sorted(allowed))}",
+                          m, k, f"{path}.{k}" if path else str(k))
+        for k in sorted(required - set(m)):
+            self.fail(f"missing required key '{k}'", m, None, f"{path}.{k}" if path else k)
+
+    def size(self, m: dict, key: str, path: str) -> int:
+        try:
+            return parse_bytes(m[key], path)
+        except PartitionError as e:
+            self.fail(str(e), m, key, path)
+            raise AssertionError("unreachable")
+
+    def number(self, m: dict, key: str, path: str, positive: bool = True) -> float:
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and v <= 0):
+            self.fail(f"expected a positive number, got {v!r}", m, key, path)
+        return float(v)
+
+
+def parse_inventory(doc: Any, file: str | None = None) -> Inventory:
+    """Validate a raw inventory document."""
+    r = _Reader(file)
+    r.keys(doc, {"name", "defaults", "hosts", "links", "description"}, {"hosts"}, "")
+    name = str(doc.get("name", Path(file).stem if file else "inventory"))
+    default = _link(r, doc.get("defaults") or {}, "defaults", Link(DEFAULT_BANDWIDTH,
+                                                                    DEFAULT_LATENCY))
+    raw_hosts = doc["hosts"]
+    if not isinstance(raw_hosts, list) or not raw_hosts:
+        r.fail("expected a non-empty list of hosts", doc, "hosts", "hosts")
+    hosts: list[Host] = []
+    for i, h in enumerate(raw_hosts):
+        path = f"hosts[{i}]"
+        r.keys(h, {"name", "address", "cores", "memory", "speed", "flops", "devices"},
+               {"name", "address"}, path)
+        if any(x.name == str(h["name"]) for x in hosts):
+            r.fail(f"duplicate host name '{h['name']}'", h, "name", f"{path}.name")
+        local = str(h["address"]) in LOCAL_ADDRESSES
+        for key in ("cores", "memory"):
+            if key not in h and not local:
+                r.fail(f"host '{h['name']}' at {h['address']} needs '{key}' (only local hosts "
+                       f"are detected)", h, None, f"{path}.{key}")
+        cores = int(r.number(h, "cores", f"{path}.cores")) if "cores" in h else machine_cores()
+        memory = r.size(h, "memory", f"{path}.memory") if "memory" in h else machine_memory()
+        speed = r.number(h, "speed", f"{path}.speed") if "speed" in h else 1.0
+        flops = r.number(h, "flops", f"{path}.flops") if "flops" in h else None
+        devices = []
+        for j, d in enumerate(h.get("devices") or []):
+            dpath = f"{path}.devices[{j}]"
+            r.keys(d, {"name", "kind", "memory"}, {"name", "memory"}, dpath)
+            devices.append(Device(str(d["name"]), str(d.get("kind", "cuda")),
+                                  r.size(d, "memory", f"{dpath}.memory")))
+        hosts.append(Host(str(h["name"]), str(h["address"]), cores, memory, speed, flops,
+                          tuple(devices)))
+    names = {h.name for h in hosts}
+    links: dict[frozenset[str], Link] = {}
+    for i, ln in enumerate(doc.get("links") or []):
+        path = f"links[{i}]"
+        r.keys(ln, {"between", "bandwidth", "latency_us"}, {"between"}, path)
+        pair = ln["between"]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in names for p in pair)):
+            r.fail(f"'between' must name two hosts of this inventory, got {pair!r}", ln,
+                   "between", f"{path}.between")
+        links[frozenset(pair)] = _link(r, ln, path, default)
+    return Inventory(name, tuple(hosts), default, links, file)
+
+
+def _link(r: _Reader, m: dict, path: str, fallback: Link) -> Link:
+    r.keys(m, {"bandwidth", "latency_us", "between"}, set(), path)
+    bandwidth = r.size(m, "bandwidth", f"{path}.bandwidth") if "bandwidth" in m \
+        else fallback.bandwidth
+    latency = r.number(m, "latency_us", f"{path}.latency_us") * 1e-6 if "latency_us" in m \
+        else fallback.latency
+    return Link(float(bandwidth), latency)
