@@ -97,6 +97,11 @@ def serve(cfg: RankConfig) -> int:
     ctl.setsockopt(zmq.IDENTITY, f"rank{cfg.rank}".encode())
     ctl.setsockopt(zmq.LINGER, 1000)
     ctl.connect(cfg.control)
+    # an idle rank has all its code loaded but no weights: import what building a shard needs
+    # before measuring, so the difference later is the shard's own memory
+    import fastserve.graph.module  # noqa: F401
+    import fastserve.partition  # noqa: F401
+
     idle_rss = resident_bytes()
     t0 = time.time()
     try:
