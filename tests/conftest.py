@@ -13,7 +13,8 @@ torch.set_num_threads(1)
 
 
 def rank_processes() -> dict[int, str]:
-    """pid -> command line of every live FastServe rank process on this machine."""
+    """pid -> command line of every live FastServe rank process started by this test process
+    (its config names us as the parent; other test runs on the machine are not ours)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -25,7 +26,8 @@ def rank_processes() -> dict[int, str]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "fastserve.engine.rank" in cmd and state != "Z":
+        if ("fastserve.engine.rank" in cmd and state != "Z"
+                and f'"parent_pid": {os.getpid()}' in cmd):
             found[int(entry)] = cmd
     return found
 

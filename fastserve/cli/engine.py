@@ -130,8 +130,8 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
 def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
              as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"replicas": layout.replicas, "stages": layout.stages,
-                               "threads": layout.threads, "micro_batches": micro,
+        click.echo(json.dumps({"layout": {"replicas": layout.replicas, "stages": layout.stages,
+                                          "threads": layout.threads, "micro_batches": micro},
                                "shards": shards, **stats, "check": verdict}, indent=1))
         return
     rows = []
