@@ -202,17 +202,23 @@ def _prefix(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sparse_max(values: np.ndarray) -> np.ndarray:
+def sparse_table(values: np.ndarray, op=np.maximum) -> np.ndarray:
+    """Row ``j`` holds ``op`` over every window of ``2**j`` values starting at each index, so a
+    range query is ``op`` of two overlapping rows (constant time per query)."""
     n = len(values)
-    levels = [values.copy() if n else np.zeros(1, dtype=np.int64)]
+    levels = [values.copy() if n else np.zeros(1, dtype=values.dtype)]
     width = 1
     while 2 * width <= n:
         prev = levels[-1]
         nxt = prev.copy()
-        nxt[: n - width] = np.maximum(prev[: n - width], prev[width:])
+        nxt[: n - width] = op(prev[: n - width], prev[width:])
         levels.append(nxt)
         width *= 2
     return np.stack(levels)
+
+
+def _sparse_max(values: np.ndarray) -> np.ndarray:
+    return sparse_table(values, np.maximum)
 
 
 def _floor_log2(n: int) -> np.ndarray:

@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fastserve.partition.chain import sparse_table
+
 _INF = np.int64(1) << np.int64(62)
 
 
@@ -108,15 +110,7 @@ def cheapest_cuts(los: Sequence[np.ndarray], cut_cost: np.ndarray) -> list[int] 
 def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``min(values[lo[i]:hi[i]])`` for every i (``_INF`` when empty), via a sparse table."""
     n = len(values)
-    levels = [values]
-    width = 1
-    while 2 * width <= n:
-        prev = levels[-1]
-        nxt = prev.copy()
-        nxt[: n - width] = np.minimum(prev[: n - width], prev[width:])
-        levels.append(nxt)
-        width *= 2
-    table = np.stack(levels)
+    table = sparse_table(values, np.minimum)
     length = np.maximum(hi - lo, 0)
     level = np.zeros_like(length)
     nonzero = length > 0
