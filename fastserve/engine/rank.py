@@ -71,16 +71,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def build_shard(cfg: RankConfig):
-    """The shard module of this rank, built alone."""
+def build_shard(cfg: RankConfig, before_weights=lambda: None):
+    """The shard module of this rank, built alone. ``before_weights`` runs once everything but
+    the weights is in memory (code, the compiled graph), to measure an idle rank."""
     if cfg.export_dir is not None:
         from fastserve.partition import load_shard
 
+        before_weights()
         return load_shard(cfg.export_dir, cfg.shard_index)
     from fastserve.graph import compile_graph, load_spec
     from fastserve.graph.module import build_subgraph
 
     graph = compile_graph(load_spec(cfg.spec), cfg.dims)
+    before_weights()
     return build_subgraph(graph, cfg.nodes, cfg.inputs, cfg.outputs)
 
 
@@ -97,15 +100,10 @@ def serve(cfg: RankConfig) -> int:
     ctl.setsockopt(zmq.IDENTITY, f"rank{cfg.rank}".encode())
     ctl.setsockopt(zmq.LINGER, 1000)
     ctl.connect(cfg.control)
-    # an idle rank has all its code loaded but no weights: import what building a shard needs
-    # before measuring, so the difference later is the shard's own memory
-    import fastserve.graph.module  # noqa: F401
-    import fastserve.partition  # noqa: F401
-
-    idle_rss = resident_bytes()
+    idle = {}  # an idle rank: code and compiled graph loaded, no weights
     t0 = time.time()
     try:
-        shard = build_shard(cfg)
+        shard = build_shard(cfg, lambda: idle.setdefault("rss", resident_bytes()))
     except Exception as e:  # report why instead of dying silently
         ctl.send_multipart(encode("control", meta={"event": "failed", "rank": cfg.rank,
                                                    "error": f"{type(e).__name__}: {e}"}))
@@ -123,7 +121,7 @@ def serve(cfg: RankConfig) -> int:
     weights = sum(p.numel() * p.element_size() for p in shard.parameters())
     ctl.send_multipart(encode("control", meta={
         "event": "ready", "rank": cfg.rank, "pid": os.getpid(), "load_s": time.time() - t0,
-        "rss": resident_bytes(), "rss_before_load": idle_rss, "weight_bytes": weights}))
+        "rss": resident_bytes(), "rss_before_load": idle["rss"], "weight_bytes": weights}))
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
