@@ -26,9 +26,9 @@ _EXPORTS = {
     "Sharding": "fastserve.partition", "validate": "fastserve.partition",
     "export": "fastserve.partition", "load_shard": "fastserve.partition",
     # resources
-    "load_inventory": "fastserve.resources", "plan": "fastserve.resources",
+    "load_inventory": "fastserve.resources.inventory",
     # engine
-    "Deployment": "fastserve.engine",
+    "Deployment": "fastserve.engine", "Layout": "fastserve.engine",
     # errors
     "FastServeError": "fastserve.errors",
 }
