@@ -36,8 +36,10 @@ def _read_inputs(path: str) -> dict:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--hosts", type=click.Path(dir_okay=False),
               help="Host inventory YAML (default: this machine, detected).")
-@click.option("--parallel", type=click.Choice(["model", "data", "hybrid"]), default="model",
-              show_default=True, help="Pipeline stages, data-parallel replicas, or both.")
+@click.option("--parallel", type=click.Choice(["auto", "model", "data", "hybrid"]),
+              default="auto", show_default=True,
+              help="Pipeline stages, data-parallel replicas, or both; auto lets the planner "
+              "choose from the inventory and the cost model.")
 @click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
 @click.option("--replicas", type=click.IntRange(1), help="Data-parallel replicas.")
 @click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default="weight",
@@ -83,14 +85,28 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
         raise EngineError(f"hosts {', '.join(remote)} are remote; this version launches ranks "
                           f"on this machine only (use runtime/hosts/local.yaml)")
     cores = sum(h.cores for h in inventory.hosts)
-    n_replicas, n_stages = _layout(parallel, stages, replicas, cores)
+
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if parallel == "auto":
+        from fastserve.cli.graph import load_graph
+        from fastserve.resources.planner import Constraints, plan
+
+        chosen = plan(load_graph(spec, dims), inventory, constraints=Constraints(
+            replicas=replicas, stages=stages, micro_batches=micro_batches,
+            batch=random_batch or 8))
+        say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
+            f"stage(s), {chosen.micro_batches} micro-batch(es) (see fastserve plan --explain)")
+        n_replicas, n_stages = chosen.replicas, chosen.stages
+        threads = threads or chosen.ranks[0].threads
+        micro_batches = micro_batches or chosen.micro_batches
+    else:
+        n_replicas, n_stages = _layout(parallel, stages, replicas, cores)
     ranks = n_replicas * n_stages
     threads = threads or max(1, cores // ranks)
     layout = Layout(n_replicas, n_stages, strategy, threads)
     micro = micro_batches or (2 * n_stages if n_stages > 1 else 1)
-
-    def say(msg: str) -> None:
-        click.echo(msg, err=True)
 
     say(f"{n_replicas} replica(s) x {n_stages} stage(s) = {ranks} rank(s), {threads} "
         f"thread(s) each, on {inventory.name}")

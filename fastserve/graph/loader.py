@@ -112,8 +112,9 @@ def spec_from_dict(doc: Any, file: str | None = None) -> GraphSpec:
     if source is not None:
         return GraphSpec(name, (), (), (), dims, weights, _source(ctx, doc, params), file)
     inputs = _inputs(ctx, doc, params)
-    nodes = _nodes(ctx, doc, params, {i.name for i in inputs})
-    outputs = _outputs(ctx, doc)
+    aliases: dict[str, str] = {}  # repeat id -> its last iteration's output
+    nodes = _nodes(ctx, doc, params, {i.name for i in inputs}, aliases)
+    outputs = tuple(_alias(o, aliases) for o in _outputs(ctx, doc))
     return GraphSpec(name, inputs, nodes, outputs, dims, weights, None, file)
 
 
@@ -233,14 +234,22 @@ _NODE_KEYS = {"id", "op", "module", "args", "inputs"}
 _REPEAT_KEYS = {"repeat", "id", "input", "nodes", "output"}
 
 
-def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str]) -> tuple[NodeSpec, ...]:
+def _alias(ref: str, aliases: dict[str, str]) -> str:
+    """Map a reference to a repeat block (``h`` or ``h:0``) to its last iteration's output."""
+    base, sep, idx = ref.rpartition(":")
+    if sep and idx.isdigit() and base in aliases:
+        return f"{aliases[base]}:{idx}"
+    return aliases.get(ref, ref)
+
+
+def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
+           aliases: dict[str, str]) -> tuple[NodeSpec, ...]:
     raw = doc["nodes"]
     _expect(ctx, raw, list, "a list of nodes", doc, "nodes", "nodes")
     if not raw:
         ctx.fail("a graph needs at least one node", doc, "nodes", "nodes")
     out: list[NodeSpec] = []
     seen: dict[str, int | None] = {n: None for n in input_names}
-    aliases: dict[str, str] = {}  # repeat id -> its last iteration's output
 
     def add(node: NodeSpec, container, key, path) -> None:
         if node.id in seen:

@@ -122,3 +122,13 @@ def test_unet_has_skip_connections_and_a_join():
     graph = G.load(str(ROOT / "graphs" / "unet.yaml"))
     assert graph.nx.has_edge("enc1_act", "skip1") and graph.nx.has_edge("enc2_act", "skip2")
     assert graph.nx.in_degree("join") == 2 and graph.nx.out_degree("dec1_act") == 2
+
+
+def test_graph_output_may_name_a_repeat_block():
+    b = GraphBuilder("rep_out")
+    b.input("x", ["batch", 4])
+    with b.repeat("h", 3, input="x") as r:
+        r.node("fc", "linear", ["$in"], in_features=4, out_features=4)
+    b.output("h")
+    graph = b.compile()
+    assert graph.outputs == ("h.2",)

@@ -1,0 +1,124 @@
+"""``fastserve plan``, ``fastserve profile`` and ``fastserve bench plan``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from fastserve.cli.app import bench, cli
+from fastserve.cli.graph import dim_option, load_graph
+from fastserve.cli.render import human_bytes, step, table
+
+
+def _inventory(hosts: str | None):
+    from fastserve.resources.inventory import load_inventory, local_inventory
+
+    return load_inventory(hosts) if hosts else local_inventory()
+
+
+@cli.command("plan")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--hosts", type=click.Path(dir_okay=False),
+              help="Host inventory YAML (default: this machine, detected).")
+@click.option("--parallel", type=click.Choice(["auto", "data", "model", "hybrid"]),
+              default="auto", show_default=True)
+@click.option("--replicas", type=click.IntRange(1), help="Fix the data-parallel degree.")
+@click.option("--stages", type=click.IntRange(1), help="Fix the number of pipeline stages.")
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--latency-ms", type=float, help="Latency ceiling for one batch.")
+@click.option("--objective", type=click.Choice(["throughput", "latency"]),
+              default="throughput", show_default=True)
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
+              help="Measured node and host speeds from 'fastserve profile'.")
+@click.option("--explain", is_flag=True, help="Also list the alternatives and why they lost.")
+@click.option("--json", "as_json", is_flag=True)
+@dim_option
+def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objective,
+             profile_path, explain, as_json, dims) -> None:
+    """Choose replicas, stages, the cut and where every rank runs, from the cost model.
+
+    Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
+    throughput, latency and pipeline bubble.
+    """
+    from fastserve.resources.costmodel import Profile
+    from fastserve.resources.planner import Constraints, plan
+
+    graph = load_graph(spec, dims)
+    inventory = _inventory(hosts)
+    profile = Profile.load(profile_path) if profile_path else None
+    chosen = plan(graph, inventory, objective,
+                  Constraints(parallel, replicas, stages, None, batch, latency_ms), profile)
+    if as_json:
+        click.echo(json.dumps(chosen.to_json(), indent=1))
+        return
+    click.echo(f"plan for '{graph.name}' on '{inventory.name}': {chosen.mode}, "
+               f"{chosen.replicas} replica(s) x {chosen.stages} stage(s), "
+               f"{chosen.micro_batches} micro-batch(es), batch {batch}")
+    click.echo(table(["stage", "nodes", "host", "threads", "memory", "compute ms",
+                      "transfer ms", ""],
+                     [(s.stage, f"{s.nodes[0]}..{s.nodes[-1]} ({len(s.nodes)})", s.host,
+                       s.threads, human_bytes(s.memory_bytes), f"{s.compute_s * 1e3:.2f}",
+                       f"{s.transfer_s * 1e3:.3f}", "bottleneck" if s.bottleneck else "")
+                      for s in chosen.stage_plans], "rllrrrrl"))
+    click.echo(table(["rank", "replica", "stage", "host", "threads"],
+                     [(r.rank, r.replica, r.stage, r.host, r.threads) for r in chosen.ranks],
+                     "rrrlr"))
+    click.echo(f"predicted: throughput {chosen.throughput:.1f} samples/s, latency "
+               f"{chosen.latency_s * 1e3:.1f} ms per batch, bubble {chosen.bubble:.0%}"
+               f"{' (measured node times)' if profile else ' (from FLOPs; see fastserve profile)'}")
+    if explain:
+        click.echo("alternatives (best of each shape):")
+        for a in chosen.alternatives:
+            click.echo(f"  {a['replicas']} x {a['stages']} ({a['mode']}, {a['micro_batches']} "
+                       f"micro-batches): lost, {a['lost']}")
+
+
+@cli.command("profile")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--batch", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Where to write the profile (JSON).")
+@click.option("--host", default="local", show_default=True,
+              help="Name of this host in the inventory.")
+@dim_option
+def profile_cmd(spec, batch, out, host, dims) -> None:
+    """Measure every node's time on one thread of this machine, and the machine's FLOP/s."""
+    from fastserve.resources.profiling import profile_graph
+
+    graph = load_graph(spec, dims)
+    measured = profile_graph(graph, host, batch, progress=lambda m: click.echo(m, err=True))
+    with open(out, "w") as f:
+        json.dump(measured.to_json(), f, indent=1)
+    click.echo(f"wrote {out}: {len(measured.node_seconds)} nodes, "
+               f"{measured.host_flops[host] / 1e9:.1f} GFLOP/s per thread on '{host}'")
+
+
+@bench.command("plan")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Also run the chosen plans on this machine and compare with predictions.")
+def bench_plan_cmd(as_json, measure) -> None:
+    """Planning time at scale (100 layers on 16 hosts, 200 layers on 64 hosts), and predicted
+    vs measured throughput of the chosen plan for 3 shipped graphs on this machine.
+
+    Targets: under 1 s and under 5 s; predictions within 25% of measurements.
+    """
+    from fastserve.engine.benchplan import measure_predictions, planning_times
+
+    out = {"planning": planning_times(progress=lambda m: click.echo(m, err=True))}
+    if measure:
+        out["accuracy"] = measure_predictions(progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(table(["layers", "hosts", "seconds", "chosen"],
+                     [(r["layers"], r["hosts"], f"{r['seconds']:.2f}", r["chosen"])
+                      for r in out["planning"]], "rrrl"))
+    if measure:
+        click.echo(table(["graph", "plan", "predicted samples/s", "measured samples/s",
+                          "error"],
+                         [(r["graph"], r["plan"], f"{r['predicted']:.1f}",
+                           f"{r['measured']:.1f}", f"{r['error']:+.0%}")
+                          for r in out["accuracy"]], "llrrr"))

@@ -1,0 +1,82 @@
+"""``fastserve bench plan``: how fast the planner is at scale, and how close its predictions are
+to what the engine measures on this machine. Lives in the engine because measuring runs ranks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from fastserve.graph.builder import GraphBuilder
+from fastserve.resources.inventory import Host, Inventory, local_inventory
+from fastserve.resources.planner import Constraints, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+# (spec, batch, dims) of the shipped graphs whose predictions are checked
+CASES = [("graphs/mlp.yaml", 512, {}), ("graphs/unet.yaml", 16, {}),
+         ("graphs/gpt2.yaml", 16, {"seq": 32})]
+
+
+def _chain(layers: int):
+    b = GraphBuilder(f"chain{layers}", dims={"seq": 64})
+    b.input("x", ["batch", "seq", 256])
+    with b.repeat("h", layers, input="x") as r:
+        r.node("block", "transformer_block", ["$in"], d_model=256, n_heads=4)
+    b.output("h")
+    return b.compile()
+
+
+def _cluster(n: int) -> Inventory:
+    """A heterogeneous cluster: 8- and 16-core hosts, three speeds."""
+    return Inventory(f"synthetic{n}", tuple(
+        Host(f"n{i}", f"10.1.{i // 250}.{i % 250}", 16 if i % 2 else 8, 64 * 2**30,
+             (1.0, 0.7, 0.4)[i % 3]) for i in range(n)))
+
+
+def planning_times(progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
+    rows = []
+    for layers, hosts in ((100, 16), (200, 64)):
+        progress(f"planning {layers} layers on {hosts} hosts")
+        graph, inventory = _chain(layers), _cluster(hosts)
+        t0 = time.perf_counter()
+        chosen = plan(graph, inventory)
+        rows.append({"layers": layers, "hosts": hosts, "seconds": time.perf_counter() - t0,
+                     "chosen": f"{chosen.replicas} x {chosen.stages}, "
+                               f"{chosen.micro_batches} micro-batches"})
+    return rows
+
+
+def measure_predictions(repeats: int = 3, progress: Callable[[str], None] = lambda _m: None
+                        ) -> list[dict]:
+    """Plan each shipped graph for this machine with measured node times, run the plan, and
+    compare predicted with measured batch throughput."""
+    from fastserve.engine.deployment import Deployment, Layout
+    from fastserve.graph import compile_graph, load_spec, random_inputs
+    from fastserve.resources.profiling import profile_graph
+
+    inventory = local_inventory()
+    host = inventory.hosts[0].name
+    rows = []
+    for spec, batch, dims in CASES:
+        path = str(ROOT / spec)
+        graph = compile_graph(load_spec(path), dims)
+        progress(f"profiling {graph.name}")
+        measured_profile = profile_graph(graph, host, batch=max(1, batch // 4))
+        chosen = plan(graph, inventory, constraints=Constraints(batch=batch),
+                      profile=measured_profile)
+        layout = Layout(chosen.replicas, chosen.stages, "weight", chosen.ranks[0].threads)
+        progress(f"running {graph.name} as {chosen.replicas} x {chosen.stages}")
+        inputs = random_inputs(graph, batch, dims)
+        with Deployment(path, layout, dims=dims, timeout=300) as dep:
+            dep.run(inputs, micro_batches=chosen.micro_batches)  # warm up
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                dep.run(inputs, micro_batches=chosen.micro_batches)
+            seconds = (time.perf_counter() - t0) / repeats
+        predicted = batch / chosen.latency_s  # one batch at a time, as run here
+        measured = batch / seconds
+        rows.append({"graph": graph.name, "plan": f"{chosen.replicas} x {chosen.stages}, "
+                     f"{chosen.micro_batches} mb, {layout.threads} thr",
+                     "predicted": predicted, "measured": measured,
+                     "error": predicted / measured - 1})
+    return rows

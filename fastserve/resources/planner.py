@@ -1,0 +1,304 @@
+"""The planner: choose replicas, stages, micro-batches, the cut and the placement of every rank,
+maximising predicted throughput (or minimising latency) under memory limits and an optional
+latency target, and say why the alternatives lost.
+
+Search space. A plan is ``d`` identical replicas of a ``p``-stage pipeline run with ``m``
+micro-batches. Ranks are laid on hosts by a *packing*: each host runs ``n_h`` ranks sharing its
+cores evenly (``cores_h // n_h`` threads each), and the ``d * p`` rank slots are dealt to the
+replicas so that every replica gets the same mix of fast and slow slots (stage ``k`` of every
+replica gets the same kind of slot). The cut of a replica is the exact min-max FLOPs cut sized
+to its slots' speeds (``weight`` strategy with capacities).
+
+Packings: every assignment of rank counts to hosts when the inventory is small (``exact``), or
+counts proportional to each host's cores (``proportional``) when enumerating them all would be
+too slow. Within the chosen packings the search is exhaustive over ``d``, ``p`` and ``m``, with
+one bound: a configuration whose compute-only time (every rank busy all the time, no transfers,
+no bubble) cannot beat the best plan found is skipped without cutting the graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+from fastserve.errors import PartitionError, PlanError
+from fastserve.graph import Graph
+from fastserve.partition import Sharding, weight_shards
+from fastserve.partition.units import format_bytes
+from fastserve.resources import costmodel as cm
+from fastserve.resources.inventory import Host, Inventory
+
+EXACT_LIMIT = 64  # packings enumerated exactly up to this many per rank count
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user fixes. ``None`` means the planner chooses."""
+
+    parallel: str = "auto"  # auto | data | model | hybrid
+    replicas: int | None = None
+    stages: int | None = None
+    micro_batches: int | None = None
+    batch: int = 32
+    latency_ms: float | None = None  # with the throughput objective: a ceiling
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    replica: int
+    stage: int
+    host: str
+    threads: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    nodes: tuple[str, ...]
+    host: str
+    threads: int
+    compute_s: float
+    transfer_s: float
+    memory_bytes: int
+    bottleneck: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chosen allocation and its predictions (seconds for one batch of ``batch`` samples)."""
+
+    graph: str
+    mode: str
+    replicas: int
+    stages: int
+    micro_batches: int
+    batch: int
+    ranks: tuple[RankPlan, ...]
+    stage_plans: tuple[StagePlan, ...]
+    latency_s: float
+    throughput: float  # samples per second
+    bubble: float
+    bounds: tuple[int, ...]  # cut positions in graph.order (end indices)
+    alternatives: tuple[dict, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["alternatives"] = list(self.alternatives)
+        return doc
+
+
+@dataclass(frozen=True)
+class _Slot:
+    host: Host
+    threads: int
+    power: float  # FLOP/s of this rank
+
+
+def _mode(d: int, p: int) -> str:
+    return "data" if p == 1 and d > 1 else "model" if d == 1 and p > 1 else \
+        "hybrid" if d > 1 else "single"
+
+
+def _allowed(c: Constraints, d: int, p: int) -> bool:
+    if c.replicas is not None and d != c.replicas:
+        return False
+    if c.stages is not None and p != c.stages:
+        return False
+    mode = _mode(d, p)
+    return c.parallel == "auto" or mode == c.parallel or (mode == "single" and c.parallel in
+                                                          ("data", "model"))
+
+
+def _packings(hosts: Sequence[Host], ranks: int) -> Iterator[tuple[int, ...]]:
+    """Rank counts per host summing to ``ranks``, none above the host's cores."""
+    caps = [h.cores for h in hosts]
+    if sum(caps) < ranks:
+        return
+    count = math.comb(ranks + len(hosts) - 1, len(hosts) - 1)
+    if count <= EXACT_LIMIT:
+        for split in itertools.combinations(range(ranks + len(hosts) - 1), len(hosts) - 1):
+            counts = [b - a - 1 for a, b in zip((-1, *split), (*split, ranks + len(hosts) - 1))]
+            if all(n <= c for n, c in zip(counts, caps)):
+                yield tuple(counts)
+        return
+    # proportional to cores (largest remainder), capped by cores
+    total = sum(caps)
+    raw = [ranks * c / total for c in caps]
+    counts = [min(c, int(r)) for r, c in zip(raw, caps)]
+    for i in sorted(range(len(hosts)), key=lambda i: raw[i] - int(raw[i]), reverse=True):
+        if sum(counts) == ranks:
+            break
+        if counts[i] < caps[i]:
+            counts[i] += 1
+    yield tuple(counts)
+
+
+def _slots(hosts: Sequence[Host], counts: Sequence[int], d: int, p: int,
+           profile: cm.Profile | None) -> list[list[_Slot]] | None:
+    """Deal the packing's slots into ``d`` replicas of ``p`` stages with the same mix each."""
+    slots = [_Slot(h, h.cores // n, cm.host_flops(h, profile) * cm.speedup(h.cores // n))
+             for h, n in zip(hosts, counts) for _ in range(n)]
+    slots.sort(key=lambda s: (-s.power, s.host.name))
+    # every stage position takes d consecutive slots: identical replicas need identical slots
+    groups = [slots[k * d:(k + 1) * d] for k in range(p)]
+    if any(len({(s.power, s.threads) for s in g}) != 1 for g in groups):
+        return None
+    return [[groups[k][r] for k in range(p)] for r in range(d)]
+
+
+def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
+         constraints: Constraints = Constraints(), profile: cm.Profile | None = None) -> Plan:
+    """Choose the best plan for ``graph`` on ``inventory``; raise PlanError if none fits."""
+    if objective not in ("throughput", "latency"):
+        raise PlanError(f"objective must be 'throughput' or 'latency', not '{objective}'")
+    c = constraints
+    hosts = inventory.hosts
+    total_flops = graph.flops * c.batch
+    # upper bounds on the FLOP/s that R ranks can have: perfect scaling on every core, and R
+    # times the fastest possible rank
+    power_all = sum(cm.host_flops(h, profile) * h.cores for h in hosts)
+    fastest_rank = max(cm.host_flops(h, profile) * cm.speedup(h.cores) for h in hosts)
+    max_ranks = sum(h.cores for h in hosts)
+    cuts: dict[tuple, tuple | None] = {}
+    n_nodes = len(graph)
+    best: Plan | None = None
+    considered: list[dict] = []
+    memory_short: list[int] = []
+    for d in range(1, min(max_ranks, c.batch) + 1):
+        for p in range(1, min(n_nodes, max_ranks // d) + 1):
+            if not _allowed(c, d, p):
+                continue
+            # bound: even perfectly parallel compute cannot beat the best plan found
+            # bound: all the FLOP/s d*p ranks could have, slowed by the smallest bubble the
+            # micro-batch counts allow; skip shapes that cannot beat the best plan found
+            bound = min(power_all, d * p * fastest_rank)
+            if best is not None and objective == "throughput" and \
+                    c.batch * bound / total_flops <= best.throughput:
+                continue
+            for counts in _packings(hosts, d * p):
+                replicas = _slots(hosts, counts, d, p, profile)
+                if replicas is None:
+                    continue
+                cand = _evaluate(graph, inventory, replicas, d, p, c, profile, memory_short,
+                                 cuts)
+                for pl in cand:
+                    considered.append(_summary(pl))
+                    if _better(pl, best, objective, c):
+                        best = pl
+    if best is None:
+        if memory_short:
+            raise PlanError(f"no plan fits in memory: the model needs at least "
+                            f"{format_bytes(min(memory_short))} more than the cluster "
+                            f"'{inventory.name}' offers in its best layout")
+        raise PlanError("no plan satisfies the constraints "
+                        f"{ {k: v for k, v in asdict(c).items() if v is not None} }")
+    return _with_alternatives(best, considered, objective, c)
+
+
+def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d: int, p: int,
+              c: Constraints, profile, memory_short: list[int],
+              cuts: dict[tuple, tuple | None]) -> list[Plan]:
+    slots = replicas[0]
+    top = max(s.power for s in slots)
+    key = tuple(round(s.power / top, 9) for s in slots)  # the cut only sees relative speeds
+    if key not in cuts:  # many packings give the same speeds: cut and cost once
+        try:
+            sharding = weight_shards(graph, p, by="flops", capacities=list(key) if p > 1
+                                     else None)
+            cuts[key] = (sharding, [cm.shard_costs(graph, s, profile) for s in sharding])
+        except PartitionError:  # more stages than nodes
+            cuts[key] = None
+    if cuts[key] is None:
+        return []
+    sharding, costs = cuts[key]
+    per_replica = math.ceil(c.batch / d)
+    plans = []
+    ms = [c.micro_batches] if c.micro_batches else \
+        [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= per_replica]
+    hosts_used = [[slot.host.name for slot in rep] for rep in replicas]
+    for m in ms:
+        b = cm.micro_batch_size(c.batch, d, m)
+        mem = [sc.memory(b) for sc in costs]
+        need: dict[str, int] = {}
+        for names in hosts_used:
+            for k, h in enumerate(names):
+                need[h] = need.get(h, 0) + mem[k]
+        over = sum(max(0, need[h] - inventory.host(h).memory_bytes) for h in need)
+        if over:
+            memory_short.append(over)
+            continue
+        comp = [b * sc.work / slot.power for sc, slot in zip(costs, slots)]
+        tran = [0.0] + [cm.transfer_seconds(costs[k].in_bytes, b,
+                                            inventory.link(slots[k - 1].host.name,
+                                                           slots[k].host.name))
+                        for k in range(1, p)]
+        times = [x + y for x, y in zip(comp, tran)]
+        latency = cm.pipeline_latency(times, m)
+        plans.append((m, mem, comp, tran, times, latency))
+    return [_make_plan(graph, sharding, replicas, d, p, c, *args) for args in plans]
+
+
+def _make_plan(graph: Graph, sharding: Sharding, replicas: list[list[_Slot]], d: int, p: int,
+               c: Constraints, m: int, mem: list[int], comp: list[float], tran: list[float],
+               times: list[float], latency: float) -> Plan:
+    slowest = max(range(p), key=lambda k: times[k])
+    slots = replicas[0]
+    ranks = tuple(RankPlan(r * p + k, r, k, slot.host.name, slot.threads, mem[k])
+                  for r, rep in enumerate(replicas) for k, slot in enumerate(rep))
+    stages = tuple(StagePlan(k, sharding[k].nodes, slots[k].host.name, slots[k].threads,
+                             comp[k], tran[k], mem[k], k == slowest) for k in range(p))
+    b = cm.micro_batch_size(c.batch, d, m)
+    return Plan(graph=graph.name, mode=_mode(d, p), replicas=d, stages=p, micro_batches=m,
+                batch=c.batch, ranks=ranks, stage_plans=stages, latency_s=latency,
+                throughput=cm.steady_throughput(times, b, d), bubble=cm.bubble(p, m),
+                bounds=tuple(_bounds(graph, sharding)))
+
+
+def _bounds(graph: Graph, sharding: Sharding) -> list[int]:
+    pos = {n: i for i, n in enumerate(graph.order)}
+    return [pos[s.nodes[-1]] + 1 for s in sharding]
+
+
+def _better(a: Plan, b: Plan | None, objective: str, c: Constraints) -> bool:
+    if c.latency_ms is not None and a.latency_s * 1e3 > c.latency_ms:
+        return False
+    if b is None:
+        return True
+    if objective == "throughput":
+        return (a.throughput, -a.latency_s, -len(a.ranks)) > \
+            (b.throughput, -b.latency_s, -len(b.ranks))
+    return (a.latency_s, -a.throughput, len(a.ranks)) < (b.latency_s, -b.throughput,
+                                                          len(b.ranks))
+
+
+def _summary(p: Plan) -> dict:
+    return {"mode": p.mode, "replicas": p.replicas, "stages": p.stages,
+            "micro_batches": p.micro_batches, "throughput": p.throughput,
+            "latency_s": p.latency_s, "hosts": sorted({r.host for r in p.ranks})}
+
+
+def _with_alternatives(best: Plan, considered: list[dict], objective: str,
+                       c: Constraints) -> Plan:
+    """The best few other plans of each (replicas, stages), with why they lost."""
+    by_shape: dict[tuple, dict] = {}
+    for alt in considered:
+        key = (alt["replicas"], alt["stages"])
+        if key == (best.replicas, best.stages):
+            continue
+        if key not in by_shape or alt["throughput"] > by_shape[key]["throughput"]:
+            by_shape[key] = alt
+    alts = sorted(by_shape.values(), key=lambda a: -a["throughput"])[:8]
+    for a in alts:
+        if c.latency_ms is not None and a["latency_s"] * 1e3 > c.latency_ms:
+            a["lost"] = f"latency {a['latency_s'] * 1e3:.1f} ms above the {c.latency_ms} ms target"
+        elif objective == "throughput":
+            a["lost"] = (f"{a['throughput']:.1f} samples/s < {best.throughput:.1f} of the "
+                         f"chosen plan")
+        else:
+            a["lost"] = f"latency {a['latency_s'] * 1e3:.1f} ms > {best.latency_s * 1e3:.1f} ms"
+    return Plan(**{**{f: getattr(best, f) for f in best.__dataclass_fields__},
+                   "alternatives": tuple(alts)})

@@ -1,0 +1,125 @@
+"""The planner: equal to brute force on small instances, follows host speeds, respects memory,
+errs clearly when the model does not fit."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+import fastserve.graph as G
+from fastserve.errors import PlanError
+from fastserve.graph.builder import GraphBuilder
+from fastserve.partition import shards_from_bounds
+from fastserve.resources import costmodel as cm
+from fastserve.resources.inventory import Host, Inventory, Link, load_inventory
+from fastserve.resources.planner import Constraints, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_LINKS = Link(1e15, 0.0)  # transfers cost nothing: the best cut is the balanced one
+
+
+def chain(widths: list[int]) -> G.Graph:
+    b = GraphBuilder("chain")
+    b.input("x", ["batch", widths[0]])
+    prev = "x"
+    for i, (a, c) in enumerate(zip(widths, widths[1:])):
+        prev = b.node(f"n{i}", "linear", [prev], in_features=a, out_features=c)
+    b.output(prev)
+    return b.compile()
+
+
+def brute_force(graph, inventory, batch):
+    """Every replicas x stages x micro-batches x rank placement x cut, evaluated with the
+    cost model, no pruning: the best throughput."""
+    hosts = inventory.hosts
+    n = len(graph)
+    best = 0.0
+    cores = [h.cores for h in hosts]
+    for d in range(1, batch + 1):
+        for p in range(1, n + 1):
+            for counts in itertools.product(*[range(c + 1) for c in cores]):
+                if sum(counts) != d * p:
+                    continue
+                slots = sorted(((cm.host_flops(h) * cm.speedup(h.cores // k), h.cores // k, h)
+                                for h, k in zip(hosts, counts) for _ in range(k)),
+                               key=lambda s: (-s[0], s[2].name))
+                groups = [slots[k * d:(k + 1) * d] for k in range(p)]
+                if any(len({s[0] for s in g}) != 1 for g in groups):
+                    continue
+                stage_slots = [g[0] for g in groups]
+                for cut in itertools.combinations(range(1, n), p - 1):
+                    sharding = shards_from_bounds(graph, [*cut, n], "brute")
+                    for m in (1, 2, 4, 8, 16, 32, 64):
+                        if m > math.ceil(batch / d):
+                            continue
+                        b = cm.micro_batch_size(batch, d, m)
+                        times = [b * sum(graph.node(x)["flops"] for x in s.nodes) / slot[0]
+                                 for s, slot in zip(sharding, stage_slots)]
+                        best = max(best, d * b / max(times))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planner_equals_brute_force_on_small_instances(seed):
+    rng = random.Random(seed)
+    graph = chain([rng.choice([8, 16, 32, 64]) for _ in range(rng.randint(3, 5))])
+    hosts = tuple(Host(f"h{i}", f"10.0.0.{i}", rng.randint(1, 2), 2**40,
+                       rng.choice([1.0, 0.5, 0.25])) for i in range(rng.randint(1, 2)))
+    inv = Inventory("small", hosts, FAST_LINKS)
+    batch = rng.choice([2, 4, 8])
+    chosen = plan(graph, inv, constraints=Constraints(batch=batch))
+    assert chosen.throughput == pytest.approx(brute_force(graph, inv, batch), rel=1e-9)
+
+
+def test_heterogeneous_hosts_get_stages_sized_to_their_speed():
+    graph = chain([64] * 13)  # 12 equal nodes
+    inv = Inventory("het", (Host("fast", "10.0.0.1", 1, 2**40, 1.0),
+                            Host("slow", "10.0.0.2", 1, 2**40, 0.5)), FAST_LINKS)
+    chosen = plan(graph, inv, constraints=Constraints(parallel="model", batch=8))
+    fast, slow = chosen.stage_plans
+    assert (fast.host, slow.host) == ("fast", "slow")
+    assert (len(fast.nodes), len(slow.nodes)) == (8, 4)
+
+
+def test_memory_limits_are_never_exceeded():
+    graph = G.load(str(ROOT / "graphs/gpt2.yaml"))
+    inv = load_inventory(ROOT / "runtime/hosts/cluster8.yaml")
+    chosen = plan(graph, inv, constraints=Constraints(batch=64))
+    for host in inv.hosts:
+        used = sum(r.memory_bytes for r in chosen.ranks if r.host == host.name)
+        assert used <= host.memory_bytes
+        assert sum(r.threads for r in chosen.ranks if r.host == host.name) <= host.cores
+
+
+def test_model_larger_than_the_cluster_says_how_much_is_missing():
+    graph = G.load(str(ROOT / "graphs/gpt3-175b.yaml"))
+    inv = Inventory("tiny", (Host("a", "10.0.0.1", 4, 64 * 2**30),
+                             Host("b", "10.0.0.2", 4, 64 * 2**30)))
+    with pytest.raises(PlanError, match=r"needs at least [0-9.]+ GiB more"):
+        plan(graph, inv, constraints=Constraints(batch=1))
+
+
+def test_latency_target_and_fixed_layout_are_respected():
+    graph = G.load(str(ROOT / "graphs/gpt2.yaml"))
+    inv = load_inventory(ROOT / "runtime/hosts/cluster8.yaml")
+    free = plan(graph, inv, constraints=Constraints(batch=32))
+    quickest = plan(graph, inv, "latency", Constraints(batch=32))
+    assert quickest.latency_s <= free.latency_s and quickest.throughput <= free.throughput
+    target = quickest.latency_s * 1e3 * 1.05
+    fast = plan(graph, inv, constraints=Constraints(batch=32, latency_ms=target))
+    assert fast.latency_s * 1e3 <= target
+    with pytest.raises(PlanError, match="no plan satisfies"):
+        plan(graph, inv, constraints=Constraints(batch=32, latency_ms=target / 2))
+    fixed = plan(graph, inv, constraints=Constraints(batch=32, replicas=2, stages=3))
+    assert (fixed.replicas, fixed.stages) == (2, 3)
+
+
+def test_explanations_name_why_alternatives_lost():
+    graph = G.load(str(ROOT / "graphs/gpt2.yaml"))
+    chosen = plan(graph, load_inventory(ROOT / "runtime/hosts/cluster8.yaml"))
+    assert chosen.alternatives and all("lost" in a for a in chosen.alternatives)
+    assert sum(s.bottleneck for s in chosen.stage_plans) == 1
