@@ -26,7 +26,8 @@ _EXPORTS = {
     "Sharding": "fastserve.partition", "validate": "fastserve.partition",
     "export": "fastserve.partition", "load_shard": "fastserve.partition",
     # resources
-    "load_inventory": "fastserve.resources.inventory",
+    "load_inventory": "fastserve.resources.inventory", "plan": "fastserve.resources.planner",
+    "Constraints": "fastserve.resources.planner",
     # engine
     "Deployment": "fastserve.engine", "Layout": "fastserve.engine",
     # errors
