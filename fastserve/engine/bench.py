@@ -132,9 +132,15 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2,
-                   replicas: int = 2, micro_batches: int = 8, repeats: int = 2,
+                   replicas: int = 2, micro_batches: int = 4, stream: int = 4, repeats: int = 2,
                    progress: Callable[[str], None] = lambda _m: None) -> dict:
-    """Throughput of pipelines and replicas vs single processes, and rank memory vs weights."""
+    """Throughput of pipelines and replicas vs single processes, and rank memory vs weights.
+
+    Two measures per layout: one batch alone (the pipeline fills and drains once per batch, so
+    its bubble ``(p - 1) / (m + p - 1)`` is paid in full), and ``stream`` batches back to back,
+    as a serving deployment sees them (the next batch fills while the last one drains). A
+    single process gains nothing from streaming; its time per batch is the same either way.
+    """
     from fastserve.engine.deployment import Deployment, Layout
     from fastserve.graph import build_reference, compile_graph, load_spec, random_inputs
 
@@ -147,34 +153,42 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     many = _time_reference(module, inputs, stages, repeats)
     del module
 
-    def deployed(layout: Layout, micro: int) -> tuple[float, list[dict]]:
+    def deployed(layout: Layout, micro: int) -> tuple[float, float, list[dict]]:
+        """Seconds for one batch alone, seconds per batch in a stream, rank memory."""
         progress(f"{layout.replicas} replica(s) x {layout.stages} stage(s)")
         with Deployment(spec, layout, dims=dims, timeout=300) as dep:
             dep.run(inputs, micro_batches=micro)  # warm up: connections, allocator
-            best = min(_timed(lambda: dep.run(inputs, micro_batches=micro))
-                       for _ in range(repeats))
+            alone = min(_timed(lambda: dep.run(inputs, micro_batches=micro))
+                        for _ in range(repeats))
+            streamed = min(_timed(lambda: dep.run_batches([inputs] * stream, micro))
+                           for _ in range(repeats)) / stream
             after = dep.control("stats")
             memory = [{"rank": r, "weight_bytes": m["weight_bytes"],
                        "rss_idle": m["rss_before_load"], "rss_loaded": m["rss"],
                        "rss_after_run": after[r]["rss"]} for r, m in sorted(dep.ready.items())]
-        return best, memory
+        return alone, streamed, memory
 
-    pipe, pipe_mem = deployed(Layout(1, stages, "weight", 1), micro_batches)
-    single_rank, _ = deployed(Layout(1, 1, "weight", 1), 1)
-    dp, _ = deployed(Layout(replicas, 1, "weight", 1), 1)
+    pipe, pipe_stream, pipe_mem = deployed(Layout(1, stages, "weight", 1), micro_batches)
+    single, single_stream, _ = deployed(Layout(1, 1, "weight", 1), 1)
+    dp, dp_stream, _ = deployed(Layout(replicas, 1, "weight", 1), 1)
     for m in pipe_mem:
         m["loaded_over_weights"] = (m["rss_loaded"] - m["rss_idle"]) / m["weight_bytes"]
         m["after_run_over_weights"] = (m["rss_after_run"] - m["rss_idle"]) / m["weight_bytes"]
     return {
         "graph": graph.name, "batch": batch, "seq": seq, "stages": stages,
-        "replicas": replicas, "micro_batches": micro_batches,
-        "seconds": {"one_process_1_thread": one, f"one_process_{stages}_threads": many,
-                    f"pipeline_{stages}_stages": pipe, "one_replica": single_rank,
-                    f"{replicas}_replicas": dp},
+        "replicas": replicas, "micro_batches": micro_batches, "stream": stream,
+        "seconds_per_batch": {
+            "one_process_1_thread": one, f"one_process_{stages}_threads": many,
+            f"pipeline_{stages}_stages": pipe, f"pipeline_{stages}_stages_stream": pipe_stream,
+            "one_replica": single, "one_replica_stream": single_stream,
+            f"{replicas}_replicas": dp, f"{replicas}_replicas_stream": dp_stream},
         "ratios": {
             f"pipeline_{stages}_stages_vs_1_thread": one / pipe,
+            f"pipeline_{stages}_stages_vs_1_thread_stream": one / pipe_stream,
             f"pipeline_{stages}_stages_vs_{stages}_threads": many / pipe,
-            f"{replicas}_replicas_vs_one": single_rank / dp,
+            f"pipeline_{stages}_stages_vs_{stages}_threads_stream": many / pipe_stream,
+            f"{replicas}_replicas_vs_one": single / dp,
+            f"{replicas}_replicas_vs_one_stream": single_stream / dp_stream,
         },
         "rank_memory": pipe_mem,
     }

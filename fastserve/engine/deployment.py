@@ -1,7 +1,7 @@
 """A deployment: rank processes for ``replicas × stages`` shards, and the coordinator that feeds
 them, collects results in order, and turns every failure into a typed error instead of a hang.
 
-    with Deployment("graphs/gpt2.yaml", stages=2, replicas=1) as dep:
+    with Deployment("graphs/gpt2.yaml", Layout(replicas=1, stages=2)) as dep:
         outputs = dep.run(inputs, micro_batches=4)
 
 Data flows rank to rank (stage k PUSHes to stage k+1's PULL); only the first stage's inputs and
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
 import zmq
 
-from fastserve.engine.coordinator import RunStats, WorkItem, merge, plan_work
+from fastserve.engine.coordinator import Merger, RunStats, WorkItem, plan_work
 from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop_processes
+from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.wire import WireError, decode, encode
 from fastserve.errors import EngineError, RankDeadError, RankError
@@ -52,7 +53,12 @@ class Deployment:
     def __init__(self, spec: str, layout: Layout = Layout(), *, dims: Mapping[str, int] | None
                  = None, transport: str = "ipc", timeout: float = 60.0,
                  load_timeout: float = 120.0, max_in_flight: int | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, retain_memory: bool = True) -> None:
+        """``retain_memory``: keep this process's freed memory for reuse instead of returning
+        it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
+        the whole process, and makes merging large outputs several times cheaper."""
+        if retain_memory:
+            retain_freed_memory()
         self.spec_path = os.path.abspath(spec)
         self.layout = layout
         self.dims = dict(dims or {})
@@ -210,8 +216,22 @@ class Deployment:
     def run(self, inputs: Mapping[str, torch.Tensor], micro_batches: int = 1
             ) -> dict[str, torch.Tensor]:
         """Run one batch: split over replicas and micro-batches, merge results in order."""
-        items = plan_work(inputs, self.batched, self.layout.replicas, micro_batches)
-        return merge(self._execute(items))
+        return self.run_batches([inputs], micro_batches)[0]
+
+    def run_batches(self, batches: Sequence[Mapping[str, torch.Tensor]], micro_batches: int = 1
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Run several batches as one stream: the micro-batches of batch i+1 enter the pipeline
+        while those of batch i drain, so the fill-and-drain bubble is paid once per stream, not
+        once per batch. Results come back per batch, merged in order."""
+        per_batch: list[list[WorkItem]] = []
+        items: list[WorkItem] = []
+        for inputs in batches:
+            work = plan_work(inputs, self.batched, self.layout.replicas, micro_batches)
+            per_batch.append([replace(w, key=len(items) + w.key) for w in work])
+            items += per_batch[-1]
+        merger = Merger(per_batch)
+        self._execute(items, merger.add)
+        return merger.results()
 
     def run_requests(self, requests: Sequence[Mapping[str, torch.Tensor]]
                      ) -> list[dict[str, torch.Tensor]]:
@@ -219,19 +239,23 @@ class Deployment:
         whole to the least-loaded replica; results come back in request order."""
         items = [WorkItem(i, None, dict(r), next(iter(r.values())).shape[0])
                  for i, r in enumerate(requests)]
-        return self._execute(items)
+        results: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        self._execute(items, results.__setitem__)
+        return results
 
-    def _execute(self, items: list[WorkItem]) -> list[dict[str, torch.Tensor]]:
+    def _execute(self, items: list[WorkItem],
+                 deliver: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
+        """Send ``items``, hand each result to ``deliver(key, tensors)`` as it arrives."""
         request = self._next_request
         self._next_request += 1
         pending = list(reversed(items))
         in_flight = [0] * self.layout.replicas
         owner: dict[int, int] = {}
         sent_at: dict[int, float] = {}
-        results: dict[int, dict[str, torch.Tensor]] = {}
+        done: set[int] = set()
         t0 = time.perf_counter()
         last_progress = time.monotonic()
-        while len(results) < len(items):
+        while len(done) < len(items):
             # send while the target replica has room: bounded queues, back-pressure
             while pending:
                 item = pending[-1]
@@ -257,7 +281,7 @@ class Deployment:
                 msg = decode(self._results.recv_multipart(copy=False))
             except WireError as e:
                 raise EngineError(f"the last stage sent a malformed result: {e}") from None
-            if msg.request != request or msg.micro in results:
+            if msg.request != request or msg.micro in done:
                 continue  # a straggler of an earlier, failed run
             last_progress = time.monotonic()
             if msg.kind == "error":
@@ -265,9 +289,9 @@ class Deployment:
                 raise RankError(err.get("message", "unknown error"), rank=err.get("rank"),
                                 stage=err.get("stage"), node=err.get("node"))
             in_flight[owner[msg.micro]] -= 1
-            # the tensors live on the received ZeroMQ frames, which they keep alive: no copy
-            results[msg.micro] = msg.tensors
+            done.add(msg.micro)
+            # the tensors live on the received ZeroMQ frames, which they keep alive
+            deliver(msg.micro, msg.tensors)
             self.stats.add_timings(msg.meta.get("timings", []), sent_at[msg.micro])
         self.stats.seconds += time.perf_counter() - t0
         self.stats.samples += sum(i.samples for i in items)
-        return [results[i.key] for i in items]

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import zmq
 
+from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.wire import WireError, decode, encode
 
 POLL_MS = 250  # also the period of the parent-alive check
@@ -94,6 +95,7 @@ def serve(cfg: RankConfig) -> int:
     from fastserve.engine.core import RankCore
 
     _die_with_parent()
+    retain_freed_memory()  # activations of every micro-batch reuse the last one's pages
     torch.set_num_threads(cfg.threads)
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.DEALER)

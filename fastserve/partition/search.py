@@ -18,12 +18,17 @@ With one ``lo`` array per segment (segment ``s`` may have its own budget: hetero
   (bytes crossing the cuts) is smallest: a min-plus dynamic programme with range minima from a
   sparse table, O(k n log n).
 
-Greedy "fill each shard up to the budget" is not used: it is wrong once segments have different
-budgets or a single node may exceed a budget.
+Greedy "fill each segment up to its budget" is exact only for an additive cost when every node
+fits every segment's budget on its own: then the positions reachable with ``s`` segments form an
+interval ``[s, reach_s]`` (a cut ending further can be shrunk segment by segment), and the greedy
+end is ``reach_s``. :func:`smallest_budgets` uses it, in O(k log n) pure Python, only when that
+holds (``additive``), and the exact O(k n) test otherwise: the planner calls the bisection
+thousands of times.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Callable, Sequence
 
@@ -121,9 +126,21 @@ def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
     return np.where(nonzero, out, _INF)
 
 
+def greedy_feasible(prefix: list[int], budgets: Sequence[int]) -> bool:
+    """Exact feasibility for an additive cost (``prefix``: its prefix sums) when every node fits
+    every budget on its own: fill each segment as far as its budget allows."""
+    n = len(prefix) - 1
+    end = 0
+    for b in budgets:
+        end = bisect.bisect_right(prefix, prefix[end] + b, lo=end) - 1
+        if end >= n:
+            return True
+    return False
+
+
 def smallest_budgets(los_for: Callable[[list[int]], list[np.ndarray]], k: int,
                      capacities: Sequence[float] | None, low: int, high: int,
-                     ) -> tuple[float, list[int]]:
+                     additive: np.ndarray | None = None) -> tuple[float, list[int]]:
     """The min-max objective ``T`` and the per-segment budgets that achieve it.
 
     Without ``capacities`` every segment's budget is the same integer ``T``, found exactly by
@@ -131,11 +148,27 @@ def smallest_budgets(los_for: Callable[[list[int]], list[np.ndarray]], k: int,
     segment ``s`` is ``floor(T * capacities[s])``: ``T`` is bisected over the reals from
     ``[0, high / min(capacities)]`` to a relative precision of 1e-12, which selects the optimum
     unless two candidate ratios lie closer than that.
+
+    ``additive``: the prefix sums of the cost when it is additive (FLOPs, weights without
+    borrowed tensors), which enables the greedy test where it is exact.
     """
+    prefix = None if additive is None else [int(x) for x in additive]
+    nodes = [] if prefix is None else [b - a for a, b in zip(prefix, prefix[1:])]
+    largest, smallest = (max(nodes), min(nodes)) if nodes else (0, 0)
+
+    def ok(budgets: list[int]) -> bool:
+        if prefix is not None:
+            # necessary: the segments hold the whole cost, and each holds at least one node
+            if sum(budgets) < prefix[-1] or min(budgets) < smallest:
+                return False
+            if min(budgets) >= largest:
+                return greedy_feasible(prefix, budgets)
+        return feasible(los_for(budgets))
+
     if capacities is None:
         while low < high:
             mid = (low + high) // 2
-            if feasible(los_for([mid] * k)):
+            if ok([mid] * k):
                 high = mid
             else:
                 low = mid + 1
@@ -150,7 +183,7 @@ def smallest_budgets(los_for: Callable[[list[int]], list[np.ndarray]], k: int,
         if hi_t - lo_t <= hi_t * 1e-12:
             break
         mid = (lo_t + hi_t) / 2
-        if feasible(los_for(budgets(mid))):
+        if ok(budgets(mid)):
             hi_t = mid
         else:
             lo_t = mid

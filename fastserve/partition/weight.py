@@ -35,36 +35,56 @@ def weight_shards(graph: Graph, shards: int, by: str = "params",
     shards; ``weight_shards(g, 2, by="flops", capacities=[2, 1])`` gives the first target (twice
     as fast) about two thirds of the FLOPs.
     """
-    costs = chain_costs(graph)
-    k = check_shard_count(graph, shards)
-    caps = check_capacities(capacities, k)
-    if by not in COSTS:
-        raise PartitionError(f"the weight strategy balances by 'params' or 'flops', not {by!r}")
-    lo_for = segment_fit(costs, by)
-    single = costs.node_weight if by == "params" else costs.node_flops
-    prefix = costs.params_bytes if by == "params" else costs.flops
-    total = int(prefix[-1])
-    # the largest shard is at least the largest node and the mean shard
-    low = max(int(single.max()), -(-total // k))
-    high = _segment_cost(costs, by, 0, costs.n)  # any cut's largest shard costs at most this
-    cache: dict[int, np.ndarray] = {}
-
-    def los_for(budgets: list[int]) -> list[np.ndarray]:
-        for b in budgets:
-            if b not in cache:
-                cache[b] = lo_for(b)
-        return [cache[b] for b in budgets]
-
-    objective, budgets = smallest_budgets(los_for, k, caps, low, high)
-    bounds = cheapest_cuts(los_for(budgets), costs.cut_bytes)
+    search = _Search(graph, shards, by, capacities)
+    objective, budgets = search.smallest()
+    bounds = cheapest_cuts(search.los_for(budgets), search.costs.cut_bytes)
     if bounds is None:  # cannot happen: smallest_budgets returns a feasible budget
-        raise PartitionError(f"no cut of graph '{graph.name}' into {k} shards was found")
-    if caps is not None:  # the exact ratio of the cut found, not the bisection's bound
-        objective = max(_segment_cost(costs, by, q, p) / c
-                        for q, p, c in zip([0, *bounds], bounds, caps))
-    policy = {"shards": k, "by": by, "capacities": None if capacities is None else list(capacities),
+        raise PartitionError(f"no cut of graph '{graph.name}' into {search.k} shards was found")
+    if search.caps is not None:  # the exact ratio of the cut found, not the bisection's bound
+        objective = max(_segment_cost(search.costs, by, q, p) / c
+                        for q, p, c in zip([0, *bounds], bounds, search.caps))
+    policy = {"shards": search.k, "by": by,
+              "capacities": None if capacities is None else list(capacities),
               "objective": objective}
     return shards_from_bounds(graph, bounds, "weight", policy=policy)
+
+
+def weight_objective(graph: Graph, shards: int, by: str = "params",
+                     capacities: Sequence[float] | None = None) -> float:
+    """The optimum of :func:`weight_shards` (largest cost, or cost over capacity) without
+    building the cut: cheaper, for a planner that may discard the shape anyway."""
+    return _Search(graph, shards, by, capacities).smallest()[0]
+
+
+class _Search:
+    """The bisection's inputs for one graph, cost and capacities."""
+
+    def __init__(self, graph: Graph, shards, by: str, capacities):
+        self.costs = costs = chain_costs(graph)
+        self.k = check_shard_count(graph, shards)
+        self.caps = check_capacities(capacities, self.k)
+        if by not in COSTS:
+            raise PartitionError(f"the weight strategy balances by 'params' or 'flops', not "
+                                 f"{by!r}")
+        self.by = by
+        self._lo_for = segment_fit(costs, by)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def los_for(self, budgets: list[int]) -> list[np.ndarray]:
+        for b in budgets:
+            if b not in self._cache:
+                self._cache[b] = self._lo_for(b)
+        return [self._cache[b] for b in budgets]
+
+    def smallest(self) -> tuple[float, list[int]]:
+        costs, by = self.costs, self.by
+        single = costs.node_weight if by == "params" else costs.node_flops
+        prefix = costs.params_bytes if by == "params" else costs.flops
+        # the largest shard is at least the largest node and the mean shard
+        low = max(int(single.max()), -(-int(prefix[-1]) // self.k))
+        high = _segment_cost(costs, by, 0, costs.n)  # any cut's largest shard costs at most this
+        additive = prefix if by == "flops" or not costs.borrows else None
+        return smallest_budgets(self.los_for, self.k, self.caps, low, high, additive)
 
 
 def segment_fit(costs: ChainCosts, by: str):

@@ -105,17 +105,20 @@ class ShardCosts:
         return self.fixed + int(samples * self.per_sample)
 
 
+def node_work(graph: Graph, node: str, profile: Profile | None = None) -> float:
+    """What one sample of ``node`` costs in FLOPs: measured seconds times the profiling host's
+    FLOP/s when profiled (memory-bound nodes cost more than their FLOPs), else its FLOPs."""
+    if profile is not None and node in profile.node_seconds:
+        ref = max(profile.host_flops.values()) if profile.host_flops else REFERENCE_FLOPS
+        return profile.node_seconds[node] * ref
+    return graph.node(node)["flops"]
+
+
 def shard_costs(graph: Graph, shard: Shard, profile: Profile | None = None) -> ShardCosts:
     """Predicted costs of a rank holding ``shard``. Memory: the runtime baseline, the weights,
     and per sample the largest node's live activations (inputs + outputs, times
     ACTIVATION_FACTOR) plus the cut tensors received and sent."""
-    ref = max(profile.host_flops.values()) if profile and profile.host_flops else REFERENCE_FLOPS
-    work = 0.0
-    for n in shard.nodes:
-        if profile is not None and n in profile.node_seconds:
-            work += profile.node_seconds[n] * ref
-        else:
-            work += graph.node(n)["flops"]
+    work = sum(node_work(graph, n, profile) for n in shard.nodes)
     weights = sum(graph.node(n)["params_bytes"] + graph.node(n).get("borrowed_bytes", 0)
                   for n in shard.nodes)
     largest = max((sum(graph.tensors[t].bytes for t in graph.node(n)["inputs"])

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 from fastserve.errors import PartitionError, PlanError
 from fastserve.graph import Graph
 from fastserve.partition import Sharding, weight_shards
+from fastserve.partition.weight import weight_objective
 from fastserve.partition.units import format_bytes
 from fastserve.resources import costmodel as cm
 from fastserve.resources.inventory import Host, Inventory
@@ -140,12 +141,15 @@ def _packings(hosts: Sequence[Host], ranks: int) -> Iterator[tuple[int, ...]]:
 def _slots(hosts: Sequence[Host], counts: Sequence[int], d: int, p: int,
            profile: cm.Profile | None) -> list[list[_Slot]] | None:
     """Deal the packing's slots into ``d`` replicas of ``p`` stages with the same mix each."""
-    slots = [_Slot(h, h.cores // n, cm.host_flops(h, profile) * cm.speedup(h.cores // n))
-             for h, n in zip(hosts, counts) for _ in range(n)]
+    slots = []
+    for h, n in zip(hosts, counts):
+        if n:
+            slots += [_Slot(h, h.cores // n, cm.host_flops(h, profile) * cm.speedup(h.cores // n))
+                      ] * n
     slots.sort(key=lambda s: (-s.power, s.host.name))
     # every stage position takes d consecutive slots: identical replicas need identical slots
     groups = [slots[k * d:(k + 1) * d] for k in range(p)]
-    if any(len({(s.power, s.threads) for s in g}) != 1 for g in groups):
+    if any(g[0].power != g[-1].power or g[0].threads != g[-1].threads for g in groups):
         return None
     return [[groups[k][r] for k in range(p)] for r in range(d)]
 
@@ -157,7 +161,7 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
         raise PlanError(f"objective must be 'throughput' or 'latency', not '{objective}'")
     c = constraints
     hosts = inventory.hosts
-    total_flops = graph.flops * c.batch
+    total_work = c.batch * sum(cm.node_work(graph, n, profile) for n in graph.order)
     # upper bounds on the FLOP/s that R ranks can have: perfect scaling on every core, and R
     # times the fastest possible rank
     power_all = sum(cm.host_flops(h, profile) * h.cores for h in hosts)
@@ -168,27 +172,31 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
     best: Plan | None = None
     considered: list[dict] = []
     memory_short: list[int] = []
-    for d in range(1, min(max_ranks, c.batch) + 1):
-        for p in range(1, min(n_nodes, max_ranks // d) + 1):
-            if not _allowed(c, d, p):
+    # branch and bound, best bound first: the FLOP/s d*p ranks could have at most (perfect
+    # scaling on every core, or d*p times the fastest rank) bounds a shape's throughput; once
+    # the best plan found beats the next shape's bound, it beats every shape after it
+    shapes = sorted(((min(power_all, d * p * fastest_rank), d, p)
+                     for d in range(1, min(max_ranks, c.batch) + 1)
+                     for p in range(1, min(n_nodes, max_ranks // d) + 1)
+                     if _allowed(c, d, p)), key=lambda t: (-t[0], t[1], t[2]))
+    prune = objective == "throughput"
+    for bound, d, p in shapes:
+        if prune and best is not None and c.batch * bound / total_work <= best.throughput:
+            break
+        for counts in _packings(hosts, d * p):
+            replicas = _slots(hosts, counts, d, p, profile)
+            if replicas is None:
                 continue
-            # bound: even perfectly parallel compute cannot beat the best plan found
-            # bound: all the FLOP/s d*p ranks could have, slowed by the smallest bubble the
-            # micro-batch counts allow; skip shapes that cannot beat the best plan found
-            bound = min(power_all, d * p * fastest_rank)
-            if best is not None and objective == "throughput" and \
-                    c.batch * bound / total_flops <= best.throughput:
+            # the same bound with this packing's FLOP/s
+            if prune and best is not None and c.batch * d * sum(
+                    s.power for s in replicas[0]) / total_work <= best.throughput:
                 continue
-            for counts in _packings(hosts, d * p):
-                replicas = _slots(hosts, counts, d, p, profile)
-                if replicas is None:
-                    continue
-                cand = _evaluate(graph, inventory, replicas, d, p, c, profile, memory_short,
-                                 cuts)
-                for pl in cand:
-                    considered.append(_summary(pl))
-                    if _better(pl, best, objective, c):
-                        best = pl
+            floor = best.throughput if prune and best is not None else None
+            for cand in _evaluate(graph, inventory, replicas, d, p, c, profile, memory_short,
+                                  cuts, floor):
+                considered.append(cand.summary())
+                if _better(cand, best, objective, c):
+                    best = cand.plan()
     if best is None:
         if memory_short:
             raise PlanError(f"no plan fits in memory: the model needs at least "
@@ -201,33 +209,37 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
 
 def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d: int, p: int,
               c: Constraints, profile, memory_short: list[int],
-              cuts: dict[tuple, tuple | None]) -> list[Plan]:
+              cuts: dict[tuple, _Cut | None], floor: float | None = None) -> list[_Candidate]:
     slots = replicas[0]
     top = max(s.power for s in slots)
     key = tuple(round(s.power / top, 9) for s in slots)  # the cut only sees relative speeds
     if key not in cuts:  # many packings give the same speeds: cut and cost once
         try:
-            sharding = weight_shards(graph, p, by="flops", capacities=list(key) if p > 1
-                                     else None)
-            cuts[key] = (sharding, [cm.shard_costs(graph, s, profile) for s in sharding])
+            cuts[key] = _Cut(graph, key, profile)
         except PartitionError:  # more stages than nodes
             cuts[key] = None
-    if cuts[key] is None:
+    cut = cuts[key]
+    if cut is None:
         return []
-    sharding, costs = cuts[key]
+    # the optimal cut's bottleneck bounds throughput (compute only, every rank busy): skip
+    # building the cut when even that cannot beat the best plan found
+    if floor is not None and cut.objective is not None and d * top / cut.objective <= floor:
+        return []
+    sharding, costs = cut.sharding, cut.costs
     per_replica = math.ceil(c.batch / d)
     plans = []
     ms = [c.micro_batches] if c.micro_batches else \
         [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= per_replica]
-    hosts_used = [[slot.host.name for slot in rep] for rep in replicas]
+    stages_on: dict[Host, list[int]] = {}  # host -> stage of each rank it runs
+    for rep in replicas:
+        for k, slot in enumerate(rep):
+            stages_on.setdefault(slot.host, []).append(k)
+    hosts = sorted(h.name for h in stages_on)
     for m in ms:
         b = cm.micro_batch_size(c.batch, d, m)
         mem = [sc.memory(b) for sc in costs]
-        need: dict[str, int] = {}
-        for names in hosts_used:
-            for k, h in enumerate(names):
-                need[h] = need.get(h, 0) + mem[k]
-        over = sum(max(0, need[h] - inventory.host(h).memory_bytes) for h in need)
+        over = sum(max(0, sum(mem[k] for k in ks) - h.memory_bytes)
+                   for h, ks in stages_on.items())
         if over:
             memory_short.append(over)
             continue
@@ -237,25 +249,87 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
                                                            slots[k].host.name))
                         for k in range(1, p)]
         times = [x + y for x, y in zip(comp, tran)]
-        latency = cm.pipeline_latency(times, m)
-        plans.append((m, mem, comp, tran, times, latency))
-    return [_make_plan(graph, sharding, replicas, d, p, c, *args) for args in plans]
+        plans.append(_Candidate(graph, sharding, replicas, hosts, d, p, c, m, mem, comp, tran,
+                                times,
+                                latency_s=cm.pipeline_latency(times, m),
+                                throughput=cm.steady_throughput(times, b, d)))
+    return plans
 
 
-def _make_plan(graph: Graph, sharding: Sharding, replicas: list[list[_Slot]], d: int, p: int,
-               c: Constraints, m: int, mem: list[int], comp: list[float], tran: list[float],
-               times: list[float], latency: float) -> Plan:
-    slowest = max(range(p), key=lambda k: times[k])
-    slots = replicas[0]
-    ranks = tuple(RankPlan(r * p + k, r, k, slot.host.name, slot.threads, mem[k])
-                  for r, rep in enumerate(replicas) for k, slot in enumerate(rep))
-    stages = tuple(StagePlan(k, sharding[k].nodes, slots[k].host.name, slots[k].threads,
-                             comp[k], tran[k], mem[k], k == slowest) for k in range(p))
-    b = cm.micro_batch_size(c.batch, d, m)
-    return Plan(graph=graph.name, mode=_mode(d, p), replicas=d, stages=p, micro_batches=m,
-                batch=c.batch, ranks=ranks, stage_plans=stages, latency_s=latency,
-                throughput=cm.steady_throughput(times, b, d), bubble=cm.bubble(p, m),
-                bounds=tuple(_bounds(graph, sharding)))
+class _Cut:
+    """The min-max FLOPs cut for relative stage speeds ``caps``: its objective is found first
+    (a bisection), the cut itself and its costs only when a plan needs them."""
+
+    def __init__(self, graph: Graph, caps: tuple[float, ...], profile: cm.Profile | None):
+        self.graph, self.caps, self.profile = graph, caps, profile
+        p = len(caps)
+        self._sharding: Sharding | None = None
+        self._costs: list[cm.ShardCosts] | None = None
+        if p > len(graph):
+            raise PartitionError("more stages than nodes")
+        # the objective bounds the plan only when the model costs FLOPs (no measured seconds)
+        measured = profile is not None and profile.node_seconds
+        self.objective = None if measured else (
+            weight_objective(graph, p, by="flops", capacities=list(caps)) if p > 1
+            else float(graph.flops))
+
+    @property
+    def sharding(self) -> Sharding:
+        if self._sharding is None:
+            p = len(self.caps)
+            self._sharding = weight_shards(self.graph, p, by="flops",
+                                           capacities=list(self.caps) if p > 1 else None)
+        return self._sharding
+
+    @property
+    def costs(self) -> list[cm.ShardCosts]:
+        if self._costs is None:
+            self._costs = [cm.shard_costs(self.graph, s, self.profile) for s in self.sharding]
+        return self._costs
+
+
+@dataclass
+class _Candidate:
+    """A plan's numbers; the Plan itself (every rank and stage) is built only for winners."""
+
+    graph: Graph
+    sharding: Sharding
+    replicas: list[list[_Slot]]
+    hosts: list[str]  # every host the plan uses, sorted
+    d: int
+    p: int
+    c: Constraints
+    m: int
+    mem: list[int]
+    comp: list[float]
+    tran: list[float]
+    times: list[float]
+    latency_s: float
+    throughput: float
+
+    @property
+    def n_ranks(self) -> int:
+        return self.d * self.p
+
+    def summary(self) -> dict:
+        return {"mode": _mode(self.d, self.p), "replicas": self.d, "stages": self.p,
+                "micro_batches": self.m, "throughput": self.throughput,
+                "latency_s": self.latency_s,
+                "hosts": self.hosts}
+
+    def plan(self) -> Plan:
+        d, p, m, c = self.d, self.p, self.m, self.c
+        slowest = max(range(p), key=lambda k: self.times[k])
+        slots = self.replicas[0]
+        ranks = tuple(RankPlan(r * p + k, r, k, slot.host.name, slot.threads, self.mem[k])
+                      for r, rep in enumerate(self.replicas) for k, slot in enumerate(rep))
+        stages = tuple(StagePlan(k, self.sharding[k].nodes, slots[k].host.name,
+                                 slots[k].threads, self.comp[k], self.tran[k], self.mem[k],
+                                 k == slowest) for k in range(p))
+        return Plan(graph=self.graph.name, mode=_mode(d, p), replicas=d, stages=p,
+                    micro_batches=m, batch=c.batch, ranks=ranks, stage_plans=stages,
+                    latency_s=self.latency_s, throughput=self.throughput,
+                    bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)))
 
 
 def _bounds(graph: Graph, sharding: Sharding) -> list[int]:
@@ -263,22 +337,15 @@ def _bounds(graph: Graph, sharding: Sharding) -> list[int]:
     return [pos[s.nodes[-1]] + 1 for s in sharding]
 
 
-def _better(a: Plan, b: Plan | None, objective: str, c: Constraints) -> bool:
+def _better(a: _Candidate, b: Plan | None, objective: str, c: Constraints) -> bool:
     if c.latency_ms is not None and a.latency_s * 1e3 > c.latency_ms:
         return False
     if b is None:
         return True
     if objective == "throughput":
-        return (a.throughput, -a.latency_s, -len(a.ranks)) > \
+        return (a.throughput, -a.latency_s, -a.n_ranks) > \
             (b.throughput, -b.latency_s, -len(b.ranks))
-    return (a.latency_s, -a.throughput, len(a.ranks)) < (b.latency_s, -b.throughput,
-                                                          len(b.ranks))
-
-
-def _summary(p: Plan) -> dict:
-    return {"mode": p.mode, "replicas": p.replicas, "stages": p.stages,
-            "micro_batches": p.micro_batches, "throughput": p.throughput,
-            "latency_s": p.latency_s, "hosts": sorted({r.host for r in p.ranks})}
+    return (a.latency_s, -a.throughput, a.n_ranks) < (b.latency_s, -b.throughput, len(b.ranks))
 
 
 def _with_alternatives(best: Plan, considered: list[dict], objective: str,

@@ -69,3 +69,8 @@ def test_variable_batch_and_sequence_lengths(tmp_path):
             x = G.random_inputs(dep.graph, b, {"seq": s}, seed=11)
             torch.testing.assert_close(dep.run(x, micro_batches=4)["lm_head"],
                                        G.reference(dep.graph, x)["lm_head"])
+        # a stream of batches: batch i+1 enters while batch i drains; each merged in order
+        batches = [G.random_inputs(dep.graph, b, {"seq": s}, seed=b + s)
+                   for b, s in [(5, 6), (1, 6), (7, 3)]]
+        for x, out in zip(batches, dep.run_batches(batches, micro_batches=3)):
+            torch.testing.assert_close(out["lm_head"], G.reference(dep.graph, x)["lm_head"])

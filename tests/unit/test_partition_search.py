@@ -189,3 +189,22 @@ def test_shards_form_a_verified_chain_on_dags():
                 assert verify(sharding) is sharding
                 for a, b in zip(sharding, sharding.shards[1:]):
                     assert a.outputs == b.inputs
+
+
+def test_greedy_feasibility_equals_the_exact_test_when_every_node_fits():
+    import numpy as np
+
+    from fastserve.partition.search import feasible, fit_prefix, greedy_feasible
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(3000):
+        n = int(rng.integers(1, 14))
+        costs = rng.integers(0, 9, size=n)
+        prefix = np.concatenate([[0], np.cumsum(costs)]).astype(np.int64)
+        k = int(rng.integers(1, n + 1))
+        budgets = [int(costs.max() + rng.integers(0, 12)) for _ in range(k)]
+        exact = feasible([fit_prefix(prefix, b) for b in budgets])
+        assert greedy_feasible(prefix.tolist(), budgets) == exact, (costs, budgets)
+        checked += exact
+    assert 300 < checked < 2700  # both answers were exercised
