@@ -61,18 +61,30 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
                      [(s.stage, f"{s.nodes[0]}..{s.nodes[-1]} ({len(s.nodes)})", s.host,
                        s.threads, human_bytes(s.memory_bytes), f"{s.compute_s * 1e3:.2f}",
                        f"{s.transfer_s * 1e3:.3f}", "bottleneck" if s.bottleneck else "")
-                      for s in chosen.stage_plans], "rllrrrrl"))
+                      for s in chosen.stage_plans]
+                     + [("out", "outputs to the coordinator", inventory.hosts[0].name, "", "",
+                         "", f"{chosen.output_s * 1e3:.3f}",
+                         "" if any(s.bottleneck for s in chosen.stage_plans) else "bottleneck")],
+                     "rllrrrrl"))
     click.echo(table(["rank", "replica", "stage", "host", "threads"],
                      [(r.rank, r.replica, r.stage, r.host, r.threads) for r in chosen.ranks],
                      "rrrlr"))
-    click.echo(f"predicted: throughput {chosen.throughput:.1f} samples/s, latency "
-               f"{chosen.latency_s * 1e3:.1f} ms per batch, bubble {chosen.bubble:.0%}"
+    click.echo(f"predicted: throughput {chosen.throughput:.4g} samples/s, latency "
+               f"{_duration(chosen.latency_s)} per batch, bubble {chosen.bubble:.0%}"
                f"{' (measured node times)' if profile else ' (from FLOPs; see fastserve profile)'}")
     if explain:
         click.echo("alternatives (best of each shape):")
         for a in chosen.alternatives:
             click.echo(f"  {a['replicas']} x {a['stages']} ({a['mode']}, {a['micro_batches']} "
                        f"micro-batches): lost, {a['lost']}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 3600:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 3600:.1f} h"
 
 
 @cli.command("profile")

@@ -3,6 +3,7 @@ to what the engine measures on this machine. Lives in the engine because measuri
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,7 +47,7 @@ def planning_times(progress: Callable[[str], None] = lambda _m: None) -> list[di
     return rows
 
 
-def measure_predictions(repeats: int = 3, progress: Callable[[str], None] = lambda _m: None
+def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, progress: Callable[[str], None] = lambda _m: None
                         ) -> list[dict]:
     """Plan each shipped graph for this machine with measured node times, run the plan, and
     compare predicted with measured batch throughput."""
@@ -61,18 +62,23 @@ def measure_predictions(repeats: int = 3, progress: Callable[[str], None] = lamb
         path = str(ROOT / spec)
         graph = compile_graph(load_spec(path), dims)
         progress(f"profiling {graph.name}")
-        measured_profile = profile_graph(graph, host, batch=max(1, batch // 4))
+        measured_profile = profile_graph(graph, host, batch=batch)
         chosen = plan(graph, inventory, constraints=Constraints(batch=batch),
                       profile=measured_profile)
         layout = Layout(chosen.replicas, chosen.stages, "weight", chosen.ranks[0].threads)
         progress(f"running {graph.name} as {chosen.replicas} x {chosen.stages}")
         inputs = random_inputs(graph, batch, dims)
         with Deployment(path, layout, dims=dims, timeout=300) as dep:
-            dep.run(inputs, micro_batches=chosen.micro_batches)  # warm up
-            t0 = time.perf_counter()
-            for _ in range(repeats):
+            for _ in range(2):  # warm up: connections, allocator
                 dep.run(inputs, micro_batches=chosen.micro_batches)
-            seconds = (time.perf_counter() - t0) / repeats
+            runs: list[float] = []
+            start = time.perf_counter()
+            # at least ``repeats`` runs and one second: a 3 ms batch needs many to be typical
+            while len(runs) < repeats or time.perf_counter() - start < min_seconds:
+                t0 = time.perf_counter()
+                dep.run(inputs, micro_batches=chosen.micro_batches)
+                runs.append(time.perf_counter() - t0)
+            seconds = statistics.median(runs)
         predicted = batch / chosen.latency_s  # one batch at a time, as run here
         measured = batch / seconds
         rows.append({"graph": graph.name, "plan": f"{chosen.replicas} x {chosen.stages}, "

@@ -1,17 +1,24 @@
 """The cost model: predicted stage time, transfer time and memory of a rank, and from those a
 plan's latency and throughput under micro-batching.
 
-Compute time of a stage for ``b`` samples on a host with ``t`` threads::
+Compute time of a stage for a micro-batch of ``b`` samples on a host with ``t`` threads::
 
-    seconds = b * sum(node seconds per sample) / speedup(t)
+    seconds = RANK_SLOWDOWN * (b * sum(node seconds per sample) / speedup(t)
+                               + sum(node seconds per call))
 
 where a node's seconds per sample come from ``fastserve profile`` when measured, else from its
 FLOPs over the host's FLOP/s per thread (measured, or ``REFERENCE_FLOPS * host.speed``), and
-``speedup(t) = 1 + (t - 1) * THREAD_EFFICIENCY``.
+``speedup(t) = 1 + (t - 1) * THREAD_EFFICIENCY``. The per-call part is what a node costs
+whatever the batch (Python and torch dispatch, about 10 us): it dominates small models and small
+micro-batches, and is measured by ``fastserve profile`` too.
 
+Transfers: a micro-batch enters stage 0 from the coordinator, crosses every cut, and its outputs
+return to the coordinator, which copies them into the merged result. The return is a pipeline
+step of its own (the coordinator receives while the stages compute), serving ``d`` replicas.
 A replica of ``p`` stages running ``m`` micro-batches (GPipe fill and drain) takes::
 
-    latency = sum_k(stage_k) + (m - 1) * max_k(stage_k)     stage_k = compute + transfer in
+    latency = sum_k(step_k) + (m - 1) * max_k(step_k)
+    step_k = compute_k + transfer into stage k;  step_p = d * (transfer out + merge copy)
 
 and ``d`` replicas run side by side, so a batch of ``B`` samples takes the latency of a replica
 given ``ceil(B / d)`` samples. With batches streaming back to back, each replica completes a
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -33,27 +40,49 @@ from fastserve.resources.inventory import Host, Link
 
 REFERENCE_FLOPS = 20e9  # FLOP/s of one reference core (speed 1.0) when nothing is measured
 THREAD_EFFICIENCY = 0.8  # each extra thread adds this fraction of one thread's speed
+# A rank computes this much slower than its nodes timed alone: it shares caches, memory
+# bandwidth and cores with the other ranks and the coordinator on its host. Measured with
+# `fastserve bench pipeline`: 2 GPT-2 ranks on 2 cores used 10-15% more CPU per sample than
+# one process, and predictions of `fastserve bench plan` ran 25-30% high without it.
+RANK_SLOWDOWN = 1.15
+CALL_SECONDS = 10e-6  # per node call when not measured: Python and torch dispatch
+COPY_BANDWIDTH = 4e9  # bytes/s the coordinator copies results into the merged output
 RUNTIME_BASELINE = 320 * 2**20  # bytes: an idle rank (Python, torch, zmq, FastServe loaded)
 ACTIVATION_FACTOR = 2.0  # live activations inside a node: its inputs plus its outputs
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Measured numbers: seconds per sample of each node (1 thread) and FLOP/s per thread of
-    each host, written by ``fastserve profile``."""
+    """Measured numbers, written by ``fastserve profile``: FLOP/s per thread of each host and,
+    for each node on one thread, its seconds per call at a few batch sizes (``node_times``:
+    ``[[batch, seconds], ...]``, ascending) and its seconds per sample at the largest of them
+    (``node_seconds``). Time is not linear in the batch: a matmul of 4 rows is memory-bound,
+    one of 256 is not, and every call pays its dispatch; the cost model interpolates.
+
+    ``call_seconds``: what a node without measured times costs per call (default
+    :data:`CALL_SECONDS`)."""
 
     node_seconds: Mapping[str, float]
     host_flops: Mapping[str, float]
     dims: Mapping[str, int]
+    node_times: Mapping[str, Sequence[Sequence[float]]] = field(default_factory=dict)
+    call_seconds: float | None = None
 
     def to_json(self) -> dict:
         return {"node_seconds": dict(self.node_seconds), "host_flops": dict(self.host_flops),
-                "dims": dict(self.dims)}
+                "dims": dict(self.dims),
+                "node_times": {n: [list(x) for x in t] for n, t in self.node_times.items()}}
 
     @staticmethod
     def load(path: str | Path) -> Profile:
         doc = json.loads(Path(path).read_text())
-        return Profile(doc["node_seconds"], doc["host_flops"], doc.get("dims", {}))
+        return Profile(doc["node_seconds"], doc["host_flops"], doc.get("dims", {}),
+                       doc.get("node_times", {}))
+
+    @property
+    def reference_flops(self) -> float:
+        """FLOP/s per thread of the host the node times were measured on."""
+        return max(self.host_flops.values()) if self.host_flops else REFERENCE_FLOPS
 
 
 def speedup(threads: int) -> float:
@@ -69,21 +98,6 @@ def host_flops(host: Host, profile: Profile | None = None) -> float:
     return REFERENCE_FLOPS * host.speed
 
 
-def node_seconds(graph: Graph, node: str, host: Host, profile: Profile | None = None) -> float:
-    """Seconds per sample of one node on one thread of ``host``."""
-    if profile is not None and node in profile.node_seconds:
-        # measured on the profiling host: rescale by relative speed
-        ref = max(profile.host_flops.values()) if profile.host_flops else REFERENCE_FLOPS
-        return profile.node_seconds[node] * ref / host_flops(host, profile)
-    return graph.node(node)["flops"] / host_flops(host, profile)
-
-
-def compute_seconds(graph: Graph, nodes: Sequence[str], host: Host, threads: int,
-                    samples: int, profile: Profile | None = None) -> float:
-    per_sample = sum(node_seconds(graph, n, host, profile) for n in nodes)
-    return samples * per_sample / speedup(threads)
-
-
 def transfer_seconds(bytes_per_sample: int, samples: int, link: Link) -> float:
     if bytes_per_sample == 0:
         return 0.0
@@ -92,25 +106,45 @@ def transfer_seconds(bytes_per_sample: int, samples: int, link: Link) -> float:
 
 @dataclass(frozen=True)
 class ShardCosts:
-    """What the model needs of one shard, computed once: seconds per sample on one thread of a
-    host with ``flops`` FLOP/s is ``work / flops``; memory for ``b`` samples is
-    ``fixed + b * per_sample``."""
+    """What the model needs of one shard, computed once. Time for ``b`` samples on a rank of
+    ``power`` FLOP/s: :meth:`seconds`; memory: ``fixed + b * per_sample``."""
 
     work: float  # FLOPs per sample, or measured seconds x reference FLOP/s
+    calls: float  # seconds per micro-batch whatever its size (unmeasured nodes' dispatch)
     fixed: int  # bytes: runtime baseline + weights (own and borrowed)
     per_sample: float  # bytes of activations and cut tensors held per sample
     in_bytes: int  # per sample, crossing the cut into this shard
+    out_bytes: int  # per sample, leaving it
+    # measured: (batch, FLOP-equivalents per call) of the whole shard, ascending batch
+    table: tuple[tuple[float, float], ...] = ()
 
     def memory(self, samples: int) -> int:
         return self.fixed + int(samples * self.per_sample)
+
+    def seconds(self, samples: int, power: float) -> float:
+        """One micro-batch of ``samples`` on a rank of ``power`` FLOP/s."""
+        if not self.table:
+            return RANK_SLOWDOWN * (samples * self.work / power + self.calls)
+        return RANK_SLOWDOWN * interpolate(self.table, samples) / power
+
+
+def interpolate(table: Sequence[Sequence[float]], batch: float) -> float:
+    """Piecewise linear through measured ``(batch, cost)`` points; beyond the largest batch the
+    cost per sample stays that of the largest; below the smallest, its cost."""
+    if batch <= table[0][0]:
+        return table[0][1]
+    for (b0, c0), (b1, c1) in zip(table, table[1:]):
+        if batch <= b1:
+            return c0 + (c1 - c0) * (batch - b0) / (b1 - b0)
+    b_last, c_last = table[-1]
+    return c_last * batch / b_last
 
 
 def node_work(graph: Graph, node: str, profile: Profile | None = None) -> float:
     """What one sample of ``node`` costs in FLOPs: measured seconds times the profiling host's
     FLOP/s when profiled (memory-bound nodes cost more than their FLOPs), else its FLOPs."""
     if profile is not None and node in profile.node_seconds:
-        ref = max(profile.host_flops.values()) if profile.host_flops else REFERENCE_FLOPS
-        return profile.node_seconds[node] * ref
+        return profile.node_seconds[node] * profile.reference_flops
     return graph.node(node)["flops"]
 
 
@@ -124,12 +158,25 @@ def shard_costs(graph: Graph, shard: Shard, profile: Profile | None = None) -> S
     largest = max((sum(graph.tensors[t].bytes for t in graph.node(n)["inputs"])
                    + graph.node(n)["out_bytes"]) for n in shard.nodes)
     per_sample = ACTIVATION_FACTOR * largest + shard.in_bytes + shard.out_bytes
-    return ShardCosts(work, RUNTIME_BASELINE + weights, per_sample, shard.in_bytes)
+    call = CALL_SECONDS if profile is None or profile.call_seconds is None else \
+        profile.call_seconds
+    timed = profile.node_times if profile is not None else {}
+    table: tuple[tuple[float, float], ...] = ()
+    if shard.nodes and all(n in timed for n in shard.nodes):
+        # every node measured on the same batch sizes: the shard's time is their sum
+        batches = [b for b, _ in timed[shard.nodes[0]]]
+        if all([b for b, _ in timed[n]] == batches for n in shard.nodes):
+            ref = profile.reference_flops
+            table = tuple((b, ref * sum(timed[n][i][1] for n in shard.nodes))
+                          for i, b in enumerate(batches))
+    calls = call * len(shard.nodes)
+    return ShardCosts(work, calls, RUNTIME_BASELINE + weights, per_sample, shard.in_bytes,
+                      shard.out_bytes, table)
 
 
-def rank_memory(graph: Graph, shard: Shard, samples: int) -> int:
-    """Predicted resident bytes of a rank holding ``shard`` for ``samples`` samples."""
-    return shard_costs(graph, shard).memory(samples)
+def merge_seconds(bytes_per_sample: int, samples: int) -> float:
+    """The coordinator copying a micro-batch's outputs into the merged result."""
+    return bytes_per_sample * samples / COPY_BANDWIDTH
 
 
 def pipeline_latency(stage_seconds: Sequence[float], micro_batches: int) -> float:

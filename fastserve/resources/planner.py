@@ -84,6 +84,8 @@ class Plan:
     throughput: float  # samples per second
     bubble: float
     bounds: tuple[int, ...]  # cut positions in graph.order (end indices)
+    # per micro-batch round: the coordinator receiving and merging every replica's outputs
+    output_s: float = 0.0
     alternatives: tuple[dict, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict:
@@ -235,6 +237,7 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
         for k, slot in enumerate(rep):
             stages_on.setdefault(slot.host, []).append(k)
     hosts = sorted(h.name for h in stages_on)
+    coordinator = inventory.hosts[0].name  # the driver runs on the inventory's first host
     for m in ms:
         b = cm.micro_batch_size(c.batch, d, m)
         mem = [sc.memory(b) for sc in costs]
@@ -243,16 +246,19 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
         if over:
             memory_short.append(over)
             continue
-        comp = [b * sc.work / slot.power for sc, slot in zip(costs, slots)]
-        tran = [0.0] + [cm.transfer_seconds(costs[k].in_bytes, b,
-                                            inventory.link(slots[k - 1].host.name,
-                                                           slots[k].host.name))
-                        for k in range(1, p)]
-        times = [x + y for x, y in zip(comp, tran)]
+        comp = [sc.seconds(b, slot.power) for sc, slot in zip(costs, slots)]
+        # into stage k from the coordinator (k = 0) or from stage k - 1
+        senders = [coordinator] + [slot.host.name for slot in slots[:-1]]
+        tran = [cm.transfer_seconds(sc.in_bytes, b, inventory.link(a, slot.host.name))
+                for sc, a, slot in zip(costs, senders, slots)]
+        # back to the coordinator, which receives and merges for all d replicas
+        back = inventory.link(slots[-1].host.name, coordinator)
+        output = d * (cm.transfer_seconds(costs[-1].out_bytes, b, back) +
+                      (cm.merge_seconds(costs[-1].out_bytes, b) if d * m > 1 else 0.0))
+        steps = [x + y for x, y in zip(comp, tran)] + [output]
         plans.append(_Candidate(graph, sharding, replicas, hosts, d, p, c, m, mem, comp, tran,
-                                times,
-                                latency_s=cm.pipeline_latency(times, m),
-                                throughput=cm.steady_throughput(times, b, d)))
+                                steps, latency_s=cm.pipeline_latency(steps, m),
+                                throughput=cm.steady_throughput(steps, b, d)))
     return plans
 
 
@@ -303,7 +309,7 @@ class _Candidate:
     mem: list[int]
     comp: list[float]
     tran: list[float]
-    times: list[float]
+    steps: list[float]  # per micro-batch: each stage (compute + transfer in), then the output
     latency_s: float
     throughput: float
 
@@ -319,7 +325,7 @@ class _Candidate:
 
     def plan(self) -> Plan:
         d, p, m, c = self.d, self.p, self.m, self.c
-        slowest = max(range(p), key=lambda k: self.times[k])
+        slowest = max(range(p + 1), key=lambda k: self.steps[k])  # p: the output step
         slots = self.replicas[0]
         ranks = tuple(RankPlan(r * p + k, r, k, slot.host.name, slot.threads, self.mem[k])
                       for r, rep in enumerate(self.replicas) for k, slot in enumerate(rep))
@@ -329,7 +335,8 @@ class _Candidate:
         return Plan(graph=self.graph.name, mode=_mode(d, p), replicas=d, stages=p,
                     micro_batches=m, batch=c.batch, ranks=ranks, stage_plans=stages,
                     latency_s=self.latency_s, throughput=self.throughput,
-                    bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)))
+                    bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)),
+                    output_s=self.steps[p])
 
 
 def _bounds(graph: Graph, sharding: Sharding) -> list[int]:

@@ -1,7 +1,8 @@
 """Calibration on the real host: how fast each node and one thread of this machine are.
 
-``profile_graph`` runs every node alone on one thread at batch ``batch`` and records seconds per
-sample; ``measure_host_flops`` times a float32 matmul. The planner's cost model uses the measured
+``profile_graph`` runs every node alone on one thread at batch sizes 1, 4, 16, ... up to
+``batch`` and records seconds per call at each (the cost model interpolates between them);
+``measure_host_flops`` times a float32 matmul. The planner's cost model uses the measured
 numbers in place of FLOP counts when a :class:`~fastserve.resources.costmodel.Profile` is given.
 """
 
@@ -49,20 +50,30 @@ def _example(graph: Graph, name: str, batch: int) -> torch.Tensor:
 
 def profile_graph(graph: Graph, host: str, batch: int = 4, repeats: int = 3,
                   progress: Callable[[str], None] = lambda _m: None) -> Profile:
-    """Seconds per sample of every node (1 thread), and this host's FLOP/s per thread."""
+    """Every node's seconds per call on one thread at batch 1, 4, 16, ... up to ``batch``
+    (and at ``batch``), and this host's FLOP/s per thread. ``node_seconds`` holds the lowest
+    seconds per sample seen, usually at the largest batch."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    seconds: dict[str, float] = {}
+    sizes = sorted({*(4**i for i in range(8) if 4**i < batch), batch})
+    per_sample: dict[str, float] = {}
+    times: dict[str, list[list[float]]] = {}
     try:
         for i, node in enumerate(graph.order):
             module = build_nodes(graph, [node])[node]
-            args = [_example(graph, t, batch) for t in graph.node(node)["inputs"]]
-            with torch.inference_mode():
-                module(*args)  # warm up
-                best = min(_timed(lambda: module(*args)) for _ in range(repeats))
-            seconds[node] = best / batch
+            times[node] = [[b, _best(module, [_example(graph, t, b)
+                                              for t in graph.node(node)["inputs"]], repeats)]
+                           for b in sizes]
+            # the cheapest per sample: a lower bound the planner's pruning can rely on
+            per_sample[node] = min(t / b for b, t in times[node])
             if (i + 1) % 10 == 0 or i + 1 == len(graph):
                 progress(f"profiled {i + 1}/{len(graph)} nodes")
     finally:
         torch.set_num_threads(previous)
-    return Profile(seconds, {host: measure_host_flops()}, dict(graph.dims))
+    return Profile(per_sample, {host: measure_host_flops()}, dict(graph.dims), times)
+
+
+def _best(module, args, repeats: int) -> float:
+    with torch.inference_mode():
+        module(*args)  # warm up
+        return min(_timed(lambda: module(*args)) for _ in range(repeats))

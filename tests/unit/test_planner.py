@@ -32,9 +32,15 @@ def chain(widths: list[int]) -> G.Graph:
     return b.compile()
 
 
+def no_call_costs(graph) -> cm.Profile:
+    """Nodes cost their FLOPs only: then the min-max FLOPs cut is the best cut, and the
+    planner must match brute force over all cuts."""
+    return cm.Profile({}, {}, {}, call_seconds=0.0)
+
+
 def brute_force(graph, inventory, batch):
     """Every replicas x stages x micro-batches x rank placement x cut, evaluated with the
-    cost model, no pruning: the best throughput."""
+    cost model (no per-call costs), no pruning: the best throughput."""
     hosts = inventory.hosts
     n = len(graph)
     best = 0.0
@@ -57,9 +63,15 @@ def brute_force(graph, inventory, batch):
                         if m > math.ceil(batch / d):
                             continue
                         b = cm.micro_batch_size(batch, d, m)
-                        times = [b * sum(graph.node(x)["flops"] for x in s.nodes) / slot[0]
+                        link = inventory.link(hosts[0].name, hosts[-1].name)
+                        steps = [cm.RANK_SLOWDOWN * b * sum(graph.node(x)["flops"]
+                                                            for x in s.nodes) / slot[0]
+                                 + cm.transfer_seconds(s.in_bytes, b, link)
                                  for s, slot in zip(sharding, stage_slots)]
-                        best = max(best, d * b / max(times))
+                        out = sharding[-1].out_bytes
+                        steps.append(d * (cm.transfer_seconds(out, b, link) + (
+                            cm.merge_seconds(out, b) if d * m > 1 else 0.0)))
+                        best = max(best, d * b / max(steps))
     return best
 
 
@@ -71,7 +83,8 @@ def test_planner_equals_brute_force_on_small_instances(seed):
                        rng.choice([1.0, 0.5, 0.25])) for i in range(rng.randint(1, 2)))
     inv = Inventory("small", hosts, FAST_LINKS)
     batch = rng.choice([2, 4, 8])
-    chosen = plan(graph, inv, constraints=Constraints(batch=batch))
+    chosen = plan(graph, inv, constraints=Constraints(batch=batch),
+                  profile=no_call_costs(graph))
     assert chosen.throughput == pytest.approx(brute_force(graph, inv, batch), rel=1e-9)
 
 
@@ -123,3 +136,15 @@ def test_explanations_name_why_alternatives_lost():
     chosen = plan(graph, load_inventory(ROOT / "runtime/hosts/cluster8.yaml"))
     assert chosen.alternatives and all("lost" in a for a in chosen.alternatives)
     assert sum(s.bottleneck for s in chosen.stage_plans) == 1
+
+
+def test_per_call_costs_favour_fewer_larger_micro_batches():
+    graph = chain([64] * 7)
+    inv = Inventory("one", (Host("h", "10.0.0.1", 2, 2**40, 1.0),), FAST_LINKS)
+    fixed = Constraints(parallel="model", stages=2, batch=8)
+    free = plan(graph, inv, constraints=fixed, profile=no_call_costs(graph))
+    costly = plan(graph, inv, constraints=fixed,
+                  profile=cm.Profile({}, {}, {}, call_seconds=1e-3))
+    assert free.micro_batches == 8  # same throughput for every m; the least latency wins
+    assert costly.micro_batches == 1  # every micro-batch pays 3 ms of calls per stage
+    assert costly.stage_plans[0].compute_s > 3e-3 * cm.RANK_SLOWDOWN
