@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -33,7 +34,7 @@ def _read_inputs(path: str) -> dict:
 
 
 @cli.command("run")
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path(exists=True))
 @click.option("--hosts", type=click.Path(dir_okay=False),
               help="Host inventory YAML (default: this machine, detected).")
 @click.option("--parallel", type=click.Choice(["auto", "model", "data", "hybrid"]),
@@ -69,9 +70,15 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
+    SPEC is a graph spec, or a directory written by 'fastserve partition --export': then
+    every rank loads only its own shard file and the stages are the export's shards.
+
+    \b
     Examples:
       fastserve run graphs/gpt2.yaml --parallel model --stages 2 --random 8 --check
       fastserve run graphs/mlp.yaml --parallel hybrid --replicas 2 --stages 2 --check
+      fastserve partition graphs/gpt2.yaml --shards 2 --export out/gpt2-2
+      fastserve run out/gpt2-2 --replicas 1 --check
     """
     import torch
 
@@ -89,11 +96,28 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
+    if os.path.isdir(spec):  # an export: its shards are the stages
+        from fastserve.partition import load_manifest
+
+        manifest = load_manifest(spec)
+        exported = len(manifest["shards"])
+        if stages not in (None, exported):
+            raise EngineError(f"the export '{spec}' holds {exported} shards; it runs as "
+                              f"{exported} stages, not --stages {stages}")
+        if parallel == "data" and exported > 1:
+            raise EngineError(f"the export '{spec}' holds {exported} shards: run it with "
+                              f"--parallel model or hybrid")
+        stages = exported
+        spec_file = os.path.join(spec, manifest["spec"]["file"]) if manifest.get("spec") \
+            else spec
+    else:
+        spec_file = spec
+
     if parallel == "auto":
         from fastserve.cli.graph import load_graph
         from fastserve.resources.planner import Constraints, plan
 
-        chosen = plan(load_graph(spec, dims), inventory, constraints=Constraints(
+        chosen = plan(load_graph(spec_file, dims), inventory, constraints=Constraints(
             replicas=replicas, stages=stages, micro_batches=micro_batches,
             batch=random_batch or 8))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "

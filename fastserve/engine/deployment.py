@@ -11,6 +11,7 @@ one ROUTER socket here and a DEALER in every rank.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from fastserve.engine.rank import RankConfig
 from fastserve.engine.wire import WireError, decode, encode
 from fastserve.errors import EngineError, RankDeadError, RankError
 from fastserve.graph import Graph, compile_graph, load_spec
-from fastserve.partition import Sharding, partition
+from fastserve.partition import Sharding, load_manifest, partition, shards_from_bounds
 
 Progress = Callable[[str], None]
 
@@ -59,14 +60,26 @@ class Deployment:
         the whole process, and makes merging large outputs several times cheaper."""
         if retain_memory:
             retain_freed_memory()
-        self.spec_path = os.path.abspath(spec)
         self.layout = layout
-        self.dims = dict(dims or {})
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.progress = progress or (lambda _msg: None)
-        self.graph: Graph = compile_graph(load_spec(spec), self.dims)
-        self.sharding: Sharding = self._cut()
+        # ``spec`` is a graph spec, or a partition export whose shard files the ranks load
+        self.export_dir = os.path.abspath(spec) if os.path.isdir(spec) else None
+        if self.export_dir is not None:
+            manifest = load_manifest(self.export_dir)
+            if not manifest.get("spec"):
+                raise EngineError(f"export '{spec}' holds no graph spec (it was made from a "
+                                  f"graph built in Python); export it from a spec file")
+            self.spec_path = os.path.join(self.export_dir, manifest["spec"]["file"])
+            self.dims = {**manifest["dims"], **(dims or {})}
+            self.graph: Graph = compile_graph(load_spec(self.spec_path), self.dims)
+            self.sharding: Sharding = _exported_sharding(self.graph, manifest, layout)
+        else:
+            self.spec_path = os.path.abspath(spec)
+            self.dims = dict(dims or {})
+            self.graph = compile_graph(load_spec(spec), self.dims)
+            self.sharding = self._cut()
         if len(self.sharding) != layout.stages:
             raise EngineError(f"strategy '{layout.strategy}' made {len(self.sharding)} shards, "
                               f"{layout.stages} stages were asked for")
@@ -118,7 +131,8 @@ class Deployment:
                     data_in=stage_in[s],
                     data_out=stage_in[s + 1] if s + 1 < lay.stages else results,
                     control=control, parent_pid=os.getpid(), dims=self.dims,
-                    threads=lay.threads)
+                    threads=lay.threads, export_dir=self.export_dir,
+                    shard_index=s if self.export_dir else None)
                 self.ranks.append(launch_local(cfg, addr.dir))
                 rank += 1
             sock = ctx.socket(zmq.PUSH)
@@ -295,3 +309,17 @@ class Deployment:
             self.stats.add_timings(msg.meta.get("timings", []), sent_at[msg.micro])
         self.stats.seconds += time.perf_counter() - t0
         self.stats.samples += sum(i.samples for i in items)
+
+
+def _exported_sharding(graph: Graph, manifest: dict, layout: Layout) -> Sharding:
+    """The cut an export was made with, in its own node order."""
+    shards = manifest["shards"]
+    if len(shards) != layout.stages:
+        raise EngineError(f"the export holds {len(shards)} shards, so it runs as "
+                          f"{len(shards)} stages, not {layout.stages}; use --stages "
+                          f"{len(shards)} or export again")
+    order = [n for s in shards for n in s["nodes"]]
+    if sorted(order) != sorted(graph.order):
+        raise EngineError("the export's shards do not cover its graph's nodes exactly once")
+    bounds = list(itertools.accumulate(len(s["nodes"]) for s in shards))
+    return shards_from_bounds(graph, bounds, manifest.get("strategy", "export"), order=order)

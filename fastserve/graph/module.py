@@ -159,22 +159,29 @@ class SubgraphModule(nn.Module):
         for i, n in enumerate(self.order):
             for ref in self.node_inputs[n]:
                 self.last_use[ref] = i
+        keep = set(self.output_names)
+        # one tuple per node, resolved once: a forward of a small batch is mostly this loop
+        # (a node's torch call is ~5 us), so no lookups by name in it
+        self._steps = [(n, self.nodes[_key(n)], tuple(self.node_inputs[n]),
+                        tuple(self.node_outputs[n]),
+                        tuple(r for r in self.node_inputs[n]
+                              if self.last_use[r] == i and r not in keep))
+                       for i, n in enumerate(self.order)]
+        self.__dict__["current_node"] = None
 
     def forward(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env = {k: tensors[k] for k in self.input_names}
-        keep = set(self.output_names)
-        for i, n in enumerate(self.order):
-            self.current_node = n  # for error reports: which node raised
-            out = self.nodes[_key(n)](*(env[r] for r in self.node_inputs[n]))
-            names = self.node_outputs[n]
+        state = self.__dict__  # nn.Module.__setattr__ is slow; current_node is plain data
+        for n, module, refs, names, done in self._steps:
+            state["current_node"] = n  # for error reports: which node raised
+            out = module(*[env[r] for r in refs])
             if len(names) == 1:
                 env[names[0]] = out[0] if isinstance(out, tuple) and len(out) == 1 else out
             else:
                 env.update(zip(names, out))
-            for ref in self.node_inputs[n]:
-                if self.last_use.get(ref) == i and ref not in keep:
-                    env.pop(ref, None)
-        self.current_node = None
+            for ref in done:
+                env.pop(ref, None)
+        state["current_node"] = None
         return {k: env[k] for k in self.output_names}
 
 

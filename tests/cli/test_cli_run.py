@@ -55,3 +55,17 @@ def test_unreadable_input_file(tmp_path, capsys):
     code = run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--input", str(bad)])
     err = capsys.readouterr().err
     assert code == 8 and "cannot read inputs" in err and "Traceback" not in err
+
+
+def test_run_an_export_and_refuse_a_conflicting_stage_count(tmp_path, capsys):
+    spec = str(ROOT / "graphs/mlp.yaml")
+    assert run_cli(["partition", spec, "--shards", "3", "--export", str(tmp_path / "e")]) == 0
+    code = run_cli(["run", str(tmp_path / "e"), "--parallel", "model", "--random", "6",
+                    "--check", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    doc = json.loads(captured.out[captured.out.index("{"):])
+    assert doc["layout"]["stages"] == 3 and doc["check"].startswith("outputs equal")
+    code = run_cli(["run", str(tmp_path / "e"), "--stages", "2"])
+    err = capsys.readouterr().err
+    assert code == 8 and "holds 3 shards" in err and err.count("\n") == 1

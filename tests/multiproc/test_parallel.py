@@ -74,3 +74,23 @@ def test_variable_batch_and_sequence_lengths(tmp_path):
                    for b, s in [(5, 6), (1, 6), (7, 3)]]
         for x, out in zip(batches, dep.run_batches(batches, micro_batches=3)):
             torch.testing.assert_close(out["lm_head"], G.reference(dep.graph, x)["lm_head"])
+
+
+def test_runs_from_a_partition_export(tmp_path):
+    from fastserve.errors import FastServeError
+    from fastserve.partition import export, partition
+
+    graph = G.compile_graph(G.load_spec(small_gpt2(tmp_path)), {})
+    export(partition(graph, "weight", shards=2), tmp_path / "exp")
+    with Deployment(str(tmp_path / "exp"), Layout(2, 2), timeout=60) as dep:
+        assert dep.export_dir == str(tmp_path / "exp")
+        x = G.random_inputs(dep.graph, 5, seed=4)
+        torch.testing.assert_close(dep.run(x, micro_batches=2)["lm_head"],
+                                   G.reference(graph, x)["lm_head"])
+    # the ranks read the shard files: a corrupted one is refused, naming the file
+    shard = tmp_path / "exp" / "shard-001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(FastServeError, match="shard-001"):
+        Deployment(str(tmp_path / "exp"), Layout(1, 2), timeout=60).start()
+    with pytest.raises(FastServeError, match="holds 2 shards"):
+        Deployment(str(tmp_path / "exp"), Layout(1, 3))
