@@ -193,7 +193,7 @@ def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
 @bench.command("transport")
 @click.option("--transport", "transports", multiple=True, type=click.Choice(["ipc", "tcp"]),
               help="Transports to measure (default: both).")
-@click.option("--blocks", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--blocks", type=click.IntRange(1), default=9, show_default=True,
               help="Interleaved measurement blocks per size; the median is reported.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_transport_cmd(transports, blocks, as_json) -> None:

@@ -72,7 +72,7 @@ def _time_block(fn: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 5,
+def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
     """Round-trip time of a FastServe hop vs raw pyzmq; median of interleaved blocks."""
     rows = []

@@ -47,10 +47,16 @@ def planning_times(progress: Callable[[str], None] = lambda _m: None) -> list[di
     return rows
 
 
-def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, progress: Callable[[str], None] = lambda _m: None
-                        ) -> list[dict]:
+def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int = 3,
+                        progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
     """Plan each shipped graph for this machine with measured node times, run the plan, and
-    compare predicted with measured batch throughput."""
+    compare predicted with measured batch throughput.
+
+    The machine's speed drifts (it is shared), so profiling once and running later compares two
+    different machines. Each graph is measured in ``rounds`` rounds of profile-then-run with
+    the deployment kept up (its ranks idle while the profile runs); each round's prediction uses
+    that round's profile, and the medians are reported.
+    """
     from fastserve.engine.deployment import Deployment, Layout
     from fastserve.graph import compile_graph, load_spec, random_inputs
     from fastserve.resources.profiling import profile_graph
@@ -62,27 +68,37 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, progress: Ca
         path = str(ROOT / spec)
         graph = compile_graph(load_spec(path), dims)
         progress(f"profiling {graph.name}")
-        measured_profile = profile_graph(graph, host, batch=batch)
         chosen = plan(graph, inventory, constraints=Constraints(batch=batch),
-                      profile=measured_profile)
+                      profile=profile_graph(graph, host, batch=batch))
+        fixed = Constraints(replicas=chosen.replicas, stages=chosen.stages,
+                            micro_batches=chosen.micro_batches, batch=batch)
         layout = Layout(chosen.replicas, chosen.stages, "weight", chosen.ranks[0].threads)
-        progress(f"running {graph.name} as {chosen.replicas} x {chosen.stages}")
         inputs = random_inputs(graph, batch, dims)
+        predicted, measured = [], []
         with Deployment(path, layout, dims=dims, timeout=300) as dep:
             for _ in range(2):  # warm up: connections, allocator
                 dep.run(inputs, micro_batches=chosen.micro_batches)
-            runs: list[float] = []
-            start = time.perf_counter()
-            # at least ``repeats`` runs and one second: a 3 ms batch needs many to be typical
-            while len(runs) < repeats or time.perf_counter() - start < min_seconds:
-                t0 = time.perf_counter()
-                dep.run(inputs, micro_batches=chosen.micro_batches)
-                runs.append(time.perf_counter() - t0)
-            seconds = statistics.median(runs)
-        predicted = batch / chosen.latency_s  # one batch at a time, as run here
-        measured = batch / seconds
+            for r in range(rounds):
+                if r:
+                    progress(f"profiling {graph.name} (round {r + 1}/{rounds})")
+                    chosen = plan(graph, inventory, constraints=fixed,
+                                  profile=profile_graph(graph, host, batch=batch))
+                progress(f"running {graph.name} as {chosen.replicas} x {chosen.stages} "
+                         f"(round {r + 1}/{rounds})")
+                runs: list[float] = []
+                start = time.perf_counter()
+                # at least ``repeats`` runs and ``min_seconds``: a 3 ms batch needs many
+                while len(runs) < repeats or time.perf_counter() - start < min_seconds:
+                    t0 = time.perf_counter()
+                    dep.run(inputs, micro_batches=chosen.micro_batches)
+                    runs.append(time.perf_counter() - t0)
+                predicted.append(batch / chosen.latency_s)  # one batch at a time, as run here
+                measured.append(batch / statistics.median(runs))
         rows.append({"graph": graph.name, "plan": f"{chosen.replicas} x {chosen.stages}, "
                      f"{chosen.micro_batches} mb, {layout.threads} thr",
-                     "predicted": predicted, "measured": measured,
-                     "error": predicted / measured - 1})
+                     "predicted": statistics.median(predicted),
+                     "measured": statistics.median(measured),
+                     "error": statistics.median(p / m - 1 for p, m in zip(predicted, measured)),
+                     "rounds": [{"predicted": p, "measured": m}
+                                for p, m in zip(predicted, measured)]})
     return rows
