@@ -1,9 +1,10 @@
-"""Splitting work and merging results: pure functions, no sockets.
+"""Splitting work and merging results, without sockets.
 
 * data parallel: M samples over P replicas, ceil(M/P) each (the last gets the rest);
 * model parallel: each replica's part is cut into micro-batches that flow through the stages so
   that stage k works on micro-batch i while stage k+1 works on i-1 (GPipe fill and drain);
-* merging puts results back in request order, whatever order they arrived in.
+* merging (:class:`Merger`) puts results back in request order as they arrive, whatever order
+  they arrive in.
 
 Inputs whose first dimension is the symbolic ``batch`` are split; other inputs (a shared table,
 a fixed mask) are sent whole with every piece.
@@ -64,13 +65,6 @@ def plan_work(inputs: Mapping[str, torch.Tensor], batched: Sequence[str], replic
             items.append(WorkItem(len(items), r, _slice(inputs, batched, start, stop),
                                   stop - start))
     return items
-
-
-def merge(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate results (in key order) along the batch dimension."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}
 
 
 class Merger:

@@ -11,9 +11,12 @@ to its slots' speeds (``weight`` strategy with capacities).
 
 Packings: every assignment of rank counts to hosts when the inventory is small (``exact``), or
 counts proportional to each host's cores (``proportional``) when enumerating them all would be
-too slow. Within the chosen packings the search is exhaustive over ``d``, ``p`` and ``m``, with
-one bound: a configuration whose compute-only time (every rank busy all the time, no transfers,
-no bubble) cannot beat the best plan found is skipped without cutting the graph.
+too slow. Within the chosen packings the search is exhaustive over ``d``, ``p`` and ``m``, by
+branch and bound on compute-only throughput (every rank busy all the time, no transfers, no
+bubble), which no plan can exceed: shapes are visited best bound first and the search stops when
+the best plan found beats the next bound; a packing whose ranks' FLOP/s cannot beat it is
+skipped; and a cut's optimum is found (a bisection) before the cut itself is built, so a shape
+whose balanced bottleneck cannot beat it costs no cut.
 """
 
 from __future__ import annotations
@@ -146,8 +149,8 @@ def _slots(hosts: Sequence[Host], counts: Sequence[int], d: int, p: int,
     slots = []
     for h, n in zip(hosts, counts):
         if n:
-            slots += [_Slot(h, h.cores // n, cm.host_flops(h, profile) * cm.speedup(h.cores // n))
-                      ] * n
+            threads = h.cores // n
+            slots += [_Slot(h, threads, cm.host_flops(h, profile) * cm.speedup(threads))] * n
     slots.sort(key=lambda s: (-s.power, s.host.name))
     # every stage position takes d consecutive slots: identical replicas need identical slots
     groups = [slots[k * d:(k + 1) * d] for k in range(p)]
