@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -79,10 +80,10 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
             for _ in range(2):  # warm up: connections, allocator
                 dep.run(inputs, micro_batches=chosen.micro_batches)
             for r in range(rounds):
-                if r:
-                    progress(f"profiling {graph.name} (round {r + 1}/{rounds})")
-                    chosen = plan(graph, inventory, constraints=fixed,
-                                  profile=profile_graph(graph, host, batch=batch))
+                progress(f"profiling {graph.name} (round {r + 1}/{rounds})")
+                measured_profile = replace(profile_graph(graph, host, batch=batch),
+                                           message_seconds=_message_seconds(dep))
+                chosen = plan(graph, inventory, constraints=fixed, profile=measured_profile)
                 progress(f"running {graph.name} as {chosen.replicas} x {chosen.stages} "
                          f"(round {r + 1}/{rounds})")
                 runs: list[float] = []
@@ -94,7 +95,8 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
                     runs.append(time.perf_counter() - t0)
                 predicted.append(batch / chosen.latency_s)  # one batch at a time, as run here
                 measured.append(batch / statistics.median(runs))
-        rows.append({"graph": graph.name, "plan": f"{chosen.replicas} x {chosen.stages}, "
+        rows.append({"graph": graph.name, "message_us": measured_profile.message_seconds * 1e6,
+                     "plan": f"{chosen.replicas} x {chosen.stages}, "
                      f"{chosen.micro_batches} mb, {layout.threads} thr",
                      "predicted": statistics.median(predicted),
                      "measured": statistics.median(measured),
@@ -102,3 +104,14 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
                      "rounds": [{"predicted": p, "measured": m}
                                 for p, m in zip(predicted, measured)]})
     return rows
+
+
+def _message_seconds(dep, rounds: int = 30) -> float:
+    """One message between live processes, as the deployment's ranks see it now: half the
+    median control round trip to every rank (they answer in parallel)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dep.control("health")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / 2

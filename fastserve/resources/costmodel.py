@@ -67,17 +67,21 @@ class Profile:
     dims: Mapping[str, int]
     node_times: Mapping[str, Sequence[Sequence[float]]] = field(default_factory=dict)
     call_seconds: float | None = None
+    # one message between two live processes of this host (send, wake the peer, receive),
+    # measured on running ranks; replaces the local link's latency
+    message_seconds: float | None = None
 
     def to_json(self) -> dict:
         return {"node_seconds": dict(self.node_seconds), "host_flops": dict(self.host_flops),
                 "dims": dict(self.dims),
-                "node_times": {n: [list(x) for x in t] for n, t in self.node_times.items()}}
+                "node_times": {n: [list(x) for x in t] for n, t in self.node_times.items()},
+                "message_seconds": self.message_seconds}
 
     @staticmethod
     def load(path: str | Path) -> Profile:
         doc = json.loads(Path(path).read_text())
         return Profile(doc["node_seconds"], doc["host_flops"], doc.get("dims", {}),
-                       doc.get("node_times", {}))
+                       doc.get("node_times", {}), message_seconds=doc.get("message_seconds"))
 
     @property
     def reference_flops(self) -> float:

@@ -32,7 +32,7 @@ from fastserve.partition import Sharding, weight_shards
 from fastserve.partition.weight import weight_objective
 from fastserve.partition.units import format_bytes
 from fastserve.resources import costmodel as cm
-from fastserve.resources.inventory import Host, Inventory
+from fastserve.resources.inventory import Host, Inventory, Link
 
 EXACT_LIMIT = 64  # packings enumerated exactly up to this many per rank count
 
@@ -241,6 +241,13 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
             stages_on.setdefault(slot.host, []).append(k)
     hosts = sorted(h.name for h in stages_on)
     coordinator = inventory.hosts[0].name  # the driver runs on the inventory's first host
+
+    def link(a: str, b: str) -> Link:
+        """A hop: the inventory's link, or the message cost measured between live processes
+        when the hop stays on one host and the profile measured it."""
+        measured = profile.message_seconds if profile is not None else None
+        ln = inventory.link(a, b)
+        return Link(ln.bandwidth, measured) if measured is not None and a == b else ln
     for m in ms:
         b = cm.micro_batch_size(c.batch, d, m)
         mem = [sc.memory(b) for sc in costs]
@@ -252,10 +259,10 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
         comp = [sc.seconds(b, slot.power) for sc, slot in zip(costs, slots)]
         # into stage k from the coordinator (k = 0) or from stage k - 1
         senders = [coordinator] + [slot.host.name for slot in slots[:-1]]
-        tran = [cm.transfer_seconds(sc.in_bytes, b, inventory.link(a, slot.host.name))
+        tran = [cm.transfer_seconds(sc.in_bytes, b, link(a, slot.host.name))
                 for sc, a, slot in zip(costs, senders, slots)]
         # back to the coordinator, which receives and merges for all d replicas
-        back = inventory.link(slots[-1].host.name, coordinator)
+        back = link(slots[-1].host.name, coordinator)
         output = d * (cm.transfer_seconds(costs[-1].out_bytes, b, back) +
                       (cm.merge_seconds(costs[-1].out_bytes, b) if d * m > 1 else 0.0))
         steps = [x + y for x, y in zip(comp, tran)] + [output]
