@@ -62,8 +62,8 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
                        s.threads, human_bytes(s.memory_bytes), f"{s.compute_s * 1e3:.2f}",
                        f"{s.transfer_s * 1e3:.3f}", "bottleneck" if s.bottleneck else "")
                       for s in chosen.stage_plans]
-                     + [("out", "outputs to the coordinator", inventory.hosts[0].name, "", "",
-                         "", f"{chosen.output_s * 1e3:.3f}",
+                     + [("coord", "inputs out, outputs back", inventory.hosts[0].name, "", "",
+                         "", f"{chosen.coordinator_s * 1e3:.3f}",
                          "" if any(s.bottleneck for s in chosen.stage_plans) else "bottleneck")],
                      "rllrrrrl"))
     click.echo(table(["rank", "replica", "stage", "host", "threads"],

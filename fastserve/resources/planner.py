@@ -87,8 +87,9 @@ class Plan:
     throughput: float  # samples per second
     bubble: float
     bounds: tuple[int, ...]  # cut positions in graph.order (end indices)
-    # per micro-batch round: the coordinator receiving and merging every replica's outputs
-    output_s: float = 0.0
+    # per micro-batch round: the coordinator sending every replica's inputs and receiving and
+    # merging its outputs
+    coordinator_s: float = 0.0
     alternatives: tuple[dict, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict:
@@ -265,9 +266,13 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
         back = link(slots[-1].host.name, coordinator)
         output = d * (cm.transfer_seconds(costs[-1].out_bytes, b, back) +
                       (cm.merge_seconds(costs[-1].out_bytes, b) if d * m > 1 else 0.0))
-        steps = [x + y for x, y in zip(comp, tran)] + [output]
+        stages = [x + y for x, y in zip(comp, tran)]
+        # the coordinator sends to the d replicas one after the other: the last starts
+        # (d - 1) sends late, and in steady state it also spends d sends per round
+        latency = cm.pipeline_latency([*stages, output], m) + (d - 1) * tran[0]
+        steps = [*stages, output + d * tran[0]]
         plans.append(_Candidate(graph, sharding, replicas, hosts, d, p, c, m, mem, comp, tran,
-                                steps, latency_s=cm.pipeline_latency(steps, m),
+                                steps, latency_s=latency,
                                 throughput=cm.steady_throughput(steps, b, d)))
     return plans
 
@@ -319,7 +324,8 @@ class _Candidate:
     mem: list[int]
     comp: list[float]
     tran: list[float]
-    steps: list[float]  # per micro-batch: each stage (compute + transfer in), then the output
+    steps: list[float]  # per micro-batch: each stage (compute + transfer in), then the
+    # coordinator (sending inputs, receiving and merging outputs of every replica)
     latency_s: float
     throughput: float
 
@@ -346,7 +352,7 @@ class _Candidate:
                     micro_batches=m, batch=c.batch, ranks=ranks, stage_plans=stages,
                     latency_s=self.latency_s, throughput=self.throughput,
                     bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)),
-                    output_s=self.steps[p])
+                    coordinator_s=self.steps[p])
 
 
 def _bounds(graph: Graph, sharding: Sharding) -> list[int]:

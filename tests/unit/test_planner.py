@@ -69,8 +69,9 @@ def brute_force(graph, inventory, batch):
                                  + cm.transfer_seconds(s.in_bytes, b, link)
                                  for s, slot in zip(sharding, stage_slots)]
                         out = sharding[-1].out_bytes
-                        steps.append(d * (cm.transfer_seconds(out, b, link) + (
-                            cm.merge_seconds(out, b) if d * m > 1 else 0.0)))
+                        steps.append(d * (cm.transfer_seconds(sharding[0].in_bytes, b, link)
+                                          + cm.transfer_seconds(out, b, link)
+                                          + (cm.merge_seconds(out, b) if d * m > 1 else 0.0)))
                         best = max(best, d * b / max(steps))
     return best
 
