@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -57,7 +58,8 @@ def _read_inputs(path: str) -> dict:
 @click.option("--threads", type=click.IntRange(1), help="Torch threads per rank (default: "
               "cores / ranks).")
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
-              help="Run the batch this many times (timings of the last run).")
+              help="After a warm-up run, send the batch this many times back to back as one "
+              "stream (no drain between batches); the summary is the stream's.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc",
               show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True,
@@ -83,6 +85,7 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     import torch
 
     from fastserve.engine import Deployment, Layout
+    from fastserve.engine.coordinator import RunStats
     from fastserve.graph import random_inputs, reference
     from fastserve.resources.inventory import load_inventory, local_inventory
 
@@ -140,22 +143,29 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
             inputs = _read_inputs(input_path)
         else:
             inputs = random_inputs(dep.graph, random_batch or 8)
-        for i in range(repeat):
-            say(f"running batch of {next(iter(inputs.values())).shape[0]} with {micro} "
-                f"micro-batch(es) per replica ({i + 1}/{repeat})")
-            dep.stats.__init__()  # keep the last run's timings only
-            outputs = dep.run(inputs, micro_batches=micro)
+        size = next(iter(inputs.values())).shape[0]
+        if repeat == 1:
+            say(f"running a batch of {size} with {micro} micro-batch(es) per replica")
+            results = [dep.run(inputs, micro_batches=micro)]
+        else:
+            say(f"warm-up: a batch of {size} with {micro} micro-batch(es) per replica")
+            dep.run(inputs, micro_batches=micro)
+            dep.stats = RunStats()  # the stream's timings only
+            say(f"running a stream of {repeat} batches of {size}")
+            results = dep.run_batches([inputs] * repeat, micro_batches=micro)
+        outputs = results[-1]
         stats = dep.stats.to_json()
         verdict = None
         if check:
             say("running the single-process reference")
             expected = reference(dep.graph, inputs)
-            for name, t in expected.items():
+            for (i, got), (name, t) in itertools.product(enumerate(results), expected.items()):
                 try:
-                    torch.testing.assert_close(outputs[name], t)
+                    torch.testing.assert_close(got[name], t)
                 except AssertionError as e:
                     detail = " ".join(str(e).split("\n")[1:3]).strip()
-                    raise EngineError(f"output '{name}' differs from the single-process "
+                    which = f" of batch {i + 1}" if len(results) > 1 else ""
+                    raise EngineError(f"output '{name}'{which} differs from the single-process "
                                       f"reference: {detail}") from None
             verdict = "outputs equal the single-process reference"
         shards = [{"stage": s.index, "nodes": f"{s.nodes[0]}..{s.nodes[-1]}",
@@ -184,7 +194,7 @@ def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
                      "rlrrr"))
     click.echo("(means per micro-batch over all replicas; transfer is the fastest hop of the "
                "run, queue the rest of each hop)")
-    click.echo(f"latency {stats['seconds'] * 1e3:.1f} ms for {stats['samples']} samples, "
+    click.echo(f"{stats['seconds'] * 1e3:.1f} ms for {stats['samples']} samples, "
                f"throughput {stats['throughput']:.1f} samples/s")
     if verdict:
         click.echo(f"check: {verdict}")

@@ -30,6 +30,7 @@ from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.partition import Sharding, load_manifest, partition, shards_from_bounds
 
 Progress = Callable[[str], None]
+RECONNECT_MS = 5  # retry a connection to a rank that has not bound its socket yet this often
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class Deployment:
                 rank += 1
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            # the first stage binds only once its shard is loaded; ZeroMQ's default 100 ms
+            # between connection attempts would delay the first batch by up to that much
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             sock.connect(stage_in[0])
             self._inputs.append(sock)
         self.progress(f"started {len(self.ranks)} ranks ({lay.replicas} replica(s) x "

@@ -119,6 +119,7 @@ def serve(cfg: RankConfig) -> int:
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, cfg.hwm)
     push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.RECONNECT_IVL, 5)  # the next stage may bind later: retry quickly
     push.connect(cfg.data_out)
     weights = sum(p.numel() * p.element_size() for p in shard.parameters())
     ctl.send_multipart(encode("control", meta={
