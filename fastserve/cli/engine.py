@@ -232,7 +232,7 @@ def bench_transport_cmd(transports, blocks, as_json) -> None:
 @click.option("--seq", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--stages", type=click.IntRange(2), default=2, show_default=True)
 @click.option("--replicas", type=click.IntRange(2), default=2, show_default=True)
-@click.option("--micro-batches", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--micro-batches", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--stream", type=click.IntRange(1), default=4, show_default=True,
               help="Batches sent back to back for the streamed throughput.")
 @click.option("--repeats", type=click.IntRange(1), default=2, show_default=True,

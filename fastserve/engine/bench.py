@@ -132,7 +132,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2,
-                   replicas: int = 2, micro_batches: int = 4, stream: int = 4, repeats: int = 2,
+                   replicas: int = 2, micro_batches: int = 8, stream: int = 4, repeats: int = 2,
                    progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Throughput of pipelines and replicas vs single processes, and rank memory vs weights.
 
