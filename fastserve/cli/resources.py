@@ -33,10 +33,13 @@ def _inventory(hosts: str | None):
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
               help="Measured node and host speeds from 'fastserve profile'.")
 @click.option("--explain", is_flag=True, help="Also list the alternatives and why they lost.")
+@click.option("--picture", type=click.Path(dir_okay=False),
+              help="Also draw the plan (graph coloured by stage, ranks on hosts) to this .svg "
+              "or .png; needs matplotlib (pip install 'fastserve[picture]').")
 @click.option("--json", "as_json", is_flag=True)
 @dim_option
 def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objective,
-             profile_path, explain, as_json, dims) -> None:
+             profile_path, explain, picture, as_json, dims) -> None:
     """Choose replicas, stages, the cut and where every rank runs, from the cost model.
 
     Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
@@ -50,6 +53,11 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
     profile = Profile.load(profile_path) if profile_path else None
     chosen = plan(graph, inventory, objective,
                   Constraints(parallel, replicas, stages, None, batch, latency_ms), profile)
+    if picture:
+        from fastserve.resources.drawing import draw_plan
+
+        draw_plan(graph, chosen, picture, inventory)
+        click.echo(f"drew the plan to {picture}", err=True)
     if as_json:
         click.echo(json.dumps(chosen.to_json(), indent=1))
         return
