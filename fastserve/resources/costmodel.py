@@ -10,19 +10,22 @@ where a node's seconds per sample come from ``fastserve profile`` when measured,
 FLOPs over the host's FLOP/s per thread (measured, or ``REFERENCE_FLOPS * host.speed``), and
 ``speedup(t) = 1 + (t - 1) * THREAD_EFFICIENCY``. The per-call part is what a node costs
 whatever the batch (Python and torch dispatch, about 10 us): it dominates small models and small
-micro-batches, and is measured by ``fastserve profile`` too.
+micro-batches. With a profile, a stage's time is instead interpolated from its nodes' measured
+times at batch 1, 4, 16, ... (which hold the per-call part), still times ``RANK_SLOWDOWN``.
 
 Transfers: a micro-batch enters stage 0 from the coordinator, crosses every cut, and its outputs
-return to the coordinator, which copies them into the merged result. The return is a pipeline
-step of its own (the coordinator receives while the stages compute), serving ``d`` replicas.
-A replica of ``p`` stages running ``m`` micro-batches (GPipe fill and drain) takes::
+return to the coordinator, which copies them into the merged result. The coordinator is a
+pipeline step of its own (it sends and receives while the stages compute), serving ``d``
+replicas one after another. A replica of ``p`` stages running ``m`` micro-batches (GPipe fill and drain) takes::
 
-    latency = sum_k(step_k) + (m - 1) * max_k(step_k)
-    step_k = compute_k + transfer into stage k;  step_p = d * (transfer out + merge copy)
+    latency = sum_k(step_k) + (m - 1) * max_k(step_k) + (d - 1) * transfer in
+    step_k = compute_k + transfer into stage k      (k < p)
+    step_p = d * (transfer out + merge copy)       (the coordinator; plus d * transfer in
+                                                     for the steady-state throughput)
 
 and ``d`` replicas run side by side, so a batch of ``B`` samples takes the latency of a replica
 given ``ceil(B / d)`` samples. With batches streaming back to back, each replica completes a
-micro-batch of ``b`` samples every ``max_k(stage_k)``: throughput = ``d * b / max_k(stage_k)``.
+micro-batch of ``b`` samples every ``max_k(step_k)``: throughput = ``d * b / max_k(step_k)``.
 The pipeline bubble of one batch is ``(p - 1) / (m + p - 1)``.
 """
 
@@ -55,8 +58,8 @@ ACTIVATION_FACTOR = 2.0  # live activations inside a node: its inputs plus its o
 class Profile:
     """Measured numbers, written by ``fastserve profile``: FLOP/s per thread of each host and,
     for each node on one thread, its seconds per call at a few batch sizes (``node_times``:
-    ``[[batch, seconds], ...]``, ascending) and its seconds per sample at the largest of them
-    (``node_seconds``). Time is not linear in the batch: a matmul of 4 rows is memory-bound,
+    ``[[batch, seconds], ...]``, ascending) and the lowest seconds per sample among them
+    (``node_seconds``, a lower bound the planner prunes with). Time is not linear in the batch: a matmul of 4 rows is memory-bound,
     one of 256 is not, and every call pays its dispatch; the cost model interpolates.
 
     ``call_seconds``: what a node without measured times costs per call (default
