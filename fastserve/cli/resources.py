@@ -80,6 +80,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
     click.echo(f"predicted: throughput {chosen.throughput:.4g} samples/s, latency "
                f"{_duration(chosen.latency_s)} per batch, bubble {chosen.bubble:.0%}"
                f"{' (measured node times)' if profile else ' (from FLOPs; see fastserve profile)'}")
+    click.echo(f"search: {chosen.search}")
     if explain:
         click.echo("alternatives (best of each shape):")
         for a in chosen.alternatives:

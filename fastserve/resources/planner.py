@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Sequence
 
 from fastserve.errors import PartitionError, PlanError
@@ -34,7 +34,8 @@ from fastserve.partition.units import format_bytes
 from fastserve.resources import costmodel as cm
 from fastserve.resources.inventory import Host, Inventory, Link
 
-EXACT_LIMIT = 64  # packings enumerated exactly up to this many per rank count
+EXACT_LIMIT = 64  # packings enumerated host by host up to this many per rank count
+GROUP_LIMIT = 512  # ... and group by group (identical hosts) up to this many
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Plan:
     # per micro-batch round: the coordinator sending every replica's inputs and receiving and
     # merging its outputs
     coordinator_s: float = 0.0
+    # how far the search was exhaustive: "exact", or how each range of rank counts was searched
+    search: str = "exact"
     alternatives: tuple[dict, ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict:
@@ -120,17 +123,49 @@ def _allowed(c: Constraints, d: int, p: int) -> bool:
                                                           ("data", "model"))
 
 
-def _packings(hosts: Sequence[Host], ranks: int) -> Iterator[tuple[int, ...]]:
+def _groups(inventory: Inventory) -> list[list[int]]:
+    """Indices of interchangeable hosts: same cores, speed and memory, and no link of their
+    own (a host named in a link entry is a group by itself)."""
+    linked = {name for pair in inventory.links for name in pair}
+    groups: dict[tuple, list[int]] = {}
+    for i, h in enumerate(inventory.hosts):
+        key = (i,) if h.name in linked else (h.cores, h.speed, h.flops, h.memory_bytes)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _packing_search(inventory: Inventory, ranks: int) -> str:
+    """How :func:`_packings` searches ``ranks`` ranks: ``hosts`` (every count per host),
+    ``groups`` (every count per group of identical hosts, spread evenly in the group) or
+    ``proportional`` (one packing, proportional to cores)."""
+    hosts = inventory.hosts
+    if math.comb(ranks + len(hosts) - 1, len(hosts) - 1) <= EXACT_LIMIT:
+        return "hosts"
+    g = len(_groups(inventory))
+    if g < len(hosts) and math.comb(ranks + g - 1, g - 1) <= GROUP_LIMIT:
+        return "groups"
+    return "proportional"
+
+
+def _packings(inventory: Inventory, ranks: int) -> Iterator[tuple[int, ...]]:
     """Rank counts per host summing to ``ranks``, none above the host's cores."""
+    hosts = inventory.hosts
     caps = [h.cores for h in hosts]
     if sum(caps) < ranks:
         return
-    count = math.comb(ranks + len(hosts) - 1, len(hosts) - 1)
-    if count <= EXACT_LIMIT:
-        for split in itertools.combinations(range(ranks + len(hosts) - 1), len(hosts) - 1):
-            counts = [b - a - 1 for a, b in zip((-1, *split), (*split, ranks + len(hosts) - 1))]
-            if all(n <= c for n, c in zip(counts, caps)):
-                yield tuple(counts)
+    search = _packing_search(inventory, ranks)
+    if search == "hosts":
+        yield from (c for c in _compositions(ranks, caps))
+        return
+    if search == "groups":
+        groups = _groups(inventory)
+        for per_group in _compositions(ranks, [sum(caps[i] for i in g) for g in groups]):
+            counts = [0] * len(hosts)
+            for members, n in zip(groups, per_group):
+                base, extra = divmod(n, len(members))  # evenly: threads stay balanced
+                for j, i in enumerate(members):
+                    counts[i] = base + (j < extra)
+            yield tuple(counts)
         return
     # proportional to cores (largest remainder), capped by cores
     total = sum(caps)
@@ -142,6 +177,15 @@ def _packings(hosts: Sequence[Host], ranks: int) -> Iterator[tuple[int, ...]]:
         if counts[i] < caps[i]:
             counts[i] += 1
     yield tuple(counts)
+
+
+def _compositions(total: int, caps: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every way to write ``total`` as ``len(caps)`` counts, count i at most ``caps[i]``."""
+    k = len(caps)
+    for split in itertools.combinations(range(total + k - 1), k - 1):
+        counts = tuple(b - a - 1 for a, b in zip((-1, *split), (*split, total + k - 1)))
+        if all(n <= c for n, c in zip(counts, caps)):
+            yield counts
 
 
 def _slots(hosts: Sequence[Host], counts: Sequence[int], d: int, p: int,
@@ -186,10 +230,12 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
                      for p in range(1, min(n_nodes, max_ranks // d) + 1)
                      if _allowed(c, d, p)), key=lambda t: (-t[0], t[1], t[2]))
     prune = objective == "throughput"
+    searched: dict[str, set[int]] = {}  # how each rank count's packings were searched
     for bound, d, p in shapes:
         if prune and best is not None and c.batch * bound / total_work <= best.throughput:
             break
-        for counts in _packings(hosts, d * p):
+        searched.setdefault(_packing_search(inventory, d * p), set()).add(d * p)
+        for counts in _packings(inventory, d * p):
             replicas = _slots(hosts, counts, d, p, profile)
             if replicas is None:
                 continue
@@ -210,7 +256,19 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
                             f"'{inventory.name}' offers in its best layout")
         raise PlanError("no plan satisfies the constraints "
                         f"{ {k: v for k, v in asdict(c).items() if v is not None} }")
+    best = replace(best, search=_describe(searched))
     return _with_alternatives(best, considered, objective, c)
+
+
+def _describe(searched: dict[str, set[int]]) -> str:
+    """Say how exhaustive the search was: the best of a partial search is not proven best."""
+    if set(searched) <= {"hosts"}:
+        return "exact"
+    what = {"hosts": "every packing on the hosts",
+            "groups": "every split between groups of identical hosts, even within a group",
+            "proportional": "one packing proportional to cores (not exhaustive)"}
+    return "; ".join(f"{len(r)} rank counts ({min(r)}..{max(r)}): {what[k]}"
+                     for k, r in sorted(searched.items()))
 
 
 def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d: int, p: int,

@@ -149,3 +149,17 @@ def test_per_call_costs_favour_fewer_larger_micro_batches():
     assert free.micro_batches == 8  # same throughput for every m; the least latency wins
     assert costly.micro_batches == 1  # every micro-batch pays 3 ms of calls per stage
     assert costly.stage_plans[0].compute_s > 3e-3 * cm.RANK_SLOWDOWN
+
+
+def test_plans_say_how_exhaustive_their_search_was():
+    from fastserve.resources.planner import _groups
+
+    cluster = load_inventory(ROOT / "runtime/hosts/cluster8.yaml")
+    # gpu-a and gpu-b have a link of their own; cpu-1/2 and cpu-3/4 differ in memory
+    assert sorted(len(g) for g in _groups(cluster)) == [1, 1, 2, 2, 2]
+    chosen = plan(G.compile_graph(G.load_spec(ROOT / "graphs/gpt2.yaml"), {"seq": 32}),
+                  cluster, constraints=Constraints(batch=32))
+    assert "groups of identical hosts" in chosen.search and "not exhaustive" in chosen.search
+    small = Inventory("two", (Host("a", "10.0.0.1", 2, 2**40, 1.0),
+                              Host("b", "10.0.0.2", 2, 2**40, 0.5)), FAST_LINKS)
+    assert plan(chain([8, 8, 8]), small).search == "exact"
