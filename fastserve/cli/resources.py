@@ -98,14 +98,21 @@ def _duration(seconds: float) -> str:
 
 @cli.command("profile")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--batch", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Largest batch timed; every node is also timed at 1, 4, 16, ... below it "
+              "and the planner interpolates. Use the micro-batch sizes you expect to run.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Where to write the profile (JSON).")
 @click.option("--host", default="local", show_default=True,
               help="Name of this host in the inventory.")
 @dim_option
 def profile_cmd(spec, batch, out, host, dims) -> None:
-    """Measure every node's time on one thread of this machine, and the machine's FLOP/s."""
+    """Measure every node's time on one thread of this machine, and the machine's FLOP/s.
+
+    The cost of a message between processes is not measured here (it needs running ranks;
+    'fastserve bench plan' measures it): plans from this profile use the inventory's link
+    latency for it.
+    """
     from fastserve.resources.profiling import profile_graph
 
     graph = load_graph(spec, dims)

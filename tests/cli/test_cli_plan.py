@@ -38,6 +38,7 @@ def test_profile_then_plan_with_measured_times(tmp_path, capsys):
     assert run_cli(["profile", str(ROOT / "graphs/mlp.yaml"), "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert len(doc["node_seconds"]) == 14 and doc["host_flops"]["local"] > 1e8
+    assert [b for b, _ in doc["node_times"]["head"]] == [1, 4, 16]  # timed at each batch
     capsys.readouterr()
     assert run_cli(["plan", str(ROOT / "graphs/mlp.yaml"), "--profile", str(out)]) == 0
     assert "(measured node times)" in capsys.readouterr().out

@@ -163,3 +163,11 @@ def test_plans_say_how_exhaustive_their_search_was():
     small = Inventory("two", (Host("a", "10.0.0.1", 2, 2**40, 1.0),
                               Host("b", "10.0.0.2", 2, 2**40, 0.5)), FAST_LINKS)
     assert plan(chain([8, 8, 8]), small).search == "exact"
+
+
+def test_measured_times_are_interpolated_between_batches_and_scaled_beyond():
+    table = [(1, 10.0), (4, 16.0), (16, 40.0)]
+    assert cm.interpolate(table, 1) == 10.0 and cm.interpolate(table, 0.5) == 10.0
+    assert cm.interpolate(table, 2) == pytest.approx(12.0)
+    assert cm.interpolate(table, 10) == pytest.approx(28.0)
+    assert cm.interpolate(table, 32) == pytest.approx(80.0)  # per sample as at the largest
