@@ -15,7 +15,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import zmq
@@ -248,71 +248,95 @@ class Deployment:
             per_batch.append([replace(w, key=len(items) + w.key) for w in work])
             items += per_batch[-1]
         merger = Merger(per_batch)
-        self._execute(items, merger.add)
+        for item, tensors in self._stream(items):
+            merger.add(item.key, tensors)
         return merger.results()
 
     def run_requests(self, requests: Sequence[Mapping[str, torch.Tensor]]
                      ) -> list[dict[str, torch.Tensor]]:
         """Run independent requests (any batch size and sequence length each), each routed
         whole to the least-loaded replica; results come back in request order."""
-        items = [WorkItem(i, None, dict(r), next(iter(r.values())).shape[0])
-                 for i, r in enumerate(requests)]
-        results: list[dict[str, torch.Tensor]] = [{} for _ in items]
-        self._execute(items, results.__setitem__)
-        return results
+        return list(self.serve(requests))
 
-    def _execute(self, items: list[WorkItem],
-                 deliver: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
-        """Send ``items``, hand each result to ``deliver(key, tensors)`` as it arrives."""
+    def serve(self, requests: Iterable[Mapping[str, torch.Tensor]]
+              ) -> Iterator[dict[str, torch.Tensor]]:
+        """Serve a stream of requests: yield each result, in request order, as soon as it and
+        every earlier one are done. ``requests`` is read only as fast as the replicas take
+        work, and finished results wait for an earlier slow one only up to a bound, so an
+        endless stream runs in bounded memory."""
+        items = (WorkItem(i, None, dict(r), next(iter(r.values())).shape[0])
+                 for i, r in enumerate(requests))
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        limit = 2 * self.layout.replicas * self.max_in_flight  # results held out of order
+        expected = 0
+        for item, tensors in self._stream(items, room=lambda: len(done) < limit):
+            done[item.key] = tensors
+            while expected in done:
+                yield done.pop(expected)
+                expected += 1
+
+    def _stream(self, items: Iterable[WorkItem], room: Callable[[], bool] = lambda: True
+                 ) -> Iterator[tuple[WorkItem, dict[str, torch.Tensor]]]:
+        """Send ``items`` and yield each with its result as results arrive. An item is taken
+        from the iterable only when its replica has fewer than ``max_in_flight`` in flight and
+        ``room()`` holds: bounded queues, back-pressure up to the caller."""
         request = self._next_request
         self._next_request += 1
-        pending = list(reversed(items))
+        source = iter(items)
+        upcoming = next(source, None)
         in_flight = [0] * self.layout.replicas
-        owner: dict[int, int] = {}
-        sent_at: dict[int, float] = {}
-        done: set[int] = set()
+        sent: dict[int, tuple[WorkItem, int, float]] = {}  # key -> item, replica, sent at
         t0 = time.perf_counter()
         last_progress = time.monotonic()
-        while len(done) < len(items):
-            # send while the target replica has room: bounded queues, back-pressure
-            while pending:
-                item = pending[-1]
-                replica = item.replica if item.replica is not None else \
-                    min(range(self.layout.replicas), key=lambda i: in_flight[i])
-                if in_flight[replica] >= self.max_in_flight:
-                    break
-                pending.pop()
-                sent_at[item.key] = time.time()
-                self._inputs[replica].send_multipart(
-                    encode("data", request=request, micro=item.key, tensors=item.tensors),
-                    copy=False)
-                in_flight[replica] += 1
-                owner[item.key] = replica
-            if not self._results.poll(100):
-                self._check_alive()
-                if time.monotonic() - last_progress > self.timeout:
-                    self.control("health")  # names a rank that stopped answering
-                    raise EngineError(f"no result for {self.timeout:.0f} s although every rank "
-                                      f"answers health checks; raise --timeout for slow runs")
-                continue
-            try:
-                msg = decode(self._results.recv_multipart(copy=False))
-            except WireError as e:
-                raise EngineError(f"the last stage sent a malformed result: {e}") from None
-            if msg.request != request or msg.micro in done:
-                continue  # a straggler of an earlier, failed run
-            last_progress = time.monotonic()
-            if msg.kind == "error":
-                err = msg.meta.get("error", {})
-                raise RankError(err.get("message", "unknown error"), rank=err.get("rank"),
-                                stage=err.get("stage"), node=err.get("node"))
-            in_flight[owner[msg.micro]] -= 1
-            done.add(msg.micro)
-            # the tensors live on the received ZeroMQ frames, which they keep alive
-            deliver(msg.micro, msg.tensors)
-            self.stats.add_timings(msg.meta.get("timings", []), sent_at[msg.micro])
-        self.stats.seconds += time.perf_counter() - t0
-        self.stats.samples += sum(i.samples for i in items)
+        try:
+            while upcoming is not None or sent:
+                while upcoming is not None and room():
+                    item = upcoming
+                    replica = item.replica if item.replica is not None else \
+                        min(range(self.layout.replicas), key=lambda i: in_flight[i])
+                    if in_flight[replica] >= self.max_in_flight:
+                        break
+                    sent[item.key] = (item, replica, time.time())
+                    self._inputs[replica].send_multipart(
+                        encode("data", request=request, micro=item.key, tensors=item.tensors),
+                        copy=False)
+                    in_flight[replica] += 1
+                    upcoming = next(source, None)
+                if not sent:  # room() only closes while results wait for an earlier one
+                    raise EngineError("internal error: no work in flight and no room to send")
+                if not self._results_socket_ready():
+                    if time.monotonic() - last_progress > self.timeout:
+                        self.control("health")  # names a rank that stopped answering
+                        raise EngineError(f"no result for {self.timeout:.0f} s although every "
+                                          f"rank answers health checks; raise --timeout for "
+                                          f"slow runs")
+                    continue
+                try:
+                    msg = decode(self._results.recv_multipart(copy=False))
+                except WireError as e:
+                    raise EngineError(f"the last stage sent a malformed result: {e}") from None
+                if msg.request != request or msg.micro not in sent:
+                    continue  # a straggler of an earlier, failed or abandoned run
+                last_progress = time.monotonic()
+                if msg.kind == "error":
+                    err = msg.meta.get("error", {})
+                    raise RankError(err.get("message", "unknown error"), rank=err.get("rank"),
+                                    stage=err.get("stage"), node=err.get("node"))
+                item, replica, at = sent.pop(msg.micro)
+                in_flight[replica] -= 1
+                self.stats.add_timings(msg.meta.get("timings", []), at)
+                self.stats.samples += item.samples
+                # the tensors live on the received ZeroMQ frames, which they keep alive
+                yield item, msg.tensors
+        finally:
+            self.stats.seconds += time.perf_counter() - t0
+
+    def _results_socket_ready(self) -> bool:
+        """Wait up to 100 ms for a result; in between, notice a rank that died."""
+        if self._results.poll(100):
+            return True
+        self._check_alive()
+        return False
 
 
 def _exported_sharding(graph: Graph, manifest: dict, layout: Layout) -> Sharding:

@@ -94,3 +94,21 @@ def test_runs_from_a_partition_export(tmp_path):
         Deployment(str(tmp_path / "exp"), Layout(1, 2), timeout=60).start()
     with pytest.raises(FastServeError, match="holds 2 shards"):
         Deployment(str(tmp_path / "exp"), Layout(1, 3))
+
+
+def test_serve_reads_a_stream_lazily_and_yields_in_order(tmp_path):
+    with Deployment(small_gpt2(tmp_path), Layout(2, 1), timeout=60, max_in_flight=2) as dep:
+        pulled = []
+
+        def requests():  # an endless source in spirit: count how far ahead it is read
+            for i in range(40):
+                pulled.append(i)
+                yield G.random_inputs(dep.graph, 1 + i % 3, {"seq": 2 + i % 5}, seed=i)
+
+        ahead = 0
+        for i, out in enumerate(dep.serve(requests())):
+            ahead = max(ahead, len(pulled) - i)
+            x = G.random_inputs(dep.graph, 1 + i % 3, {"seq": 2 + i % 5}, seed=i)
+            torch.testing.assert_close(out["lm_head"], G.reference(dep.graph, x)["lm_head"])
+        assert i == 39
+        assert ahead <= 2 * 2 + 2  # 2 replicas x 2 in flight, one peeked at, one yielded
