@@ -31,7 +31,7 @@ _EXPORTS = {
     # engine
     "Deployment": "fastserve.engine", "Layout": "fastserve.engine",
     # errors
-    "FastServeError": "fastserve.errors",
+    "FastServeError": "fastserve.errors", "Limits": "fastserve.limits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,6 +46,11 @@ class SpecError(FileError):
     exit_code = 2
 
 
+class TrustError(SpecError):
+    """A spec names Python code (a ``module:`` node or a ``source:`` factory) that the user has
+    not trusted; or the trust file itself is malformed. See :mod:`fastserve.trust`."""
+
+
 class GraphError(FastServeError):
     """A compiled graph is inconsistent (cycle, missing producer, shape/dtype mismatch)."""
 
@@ -80,8 +85,26 @@ class InventoryError(FileError):
     exit_code = 6
 
 
+class ProfileError(FileError):
+    """A profile file (``fastserve profile --out``) is malformed."""
+
+    exit_code = 7
+
+
 class PlanError(FastServeError):
     """No plan satisfies the constraints (e.g. the model does not fit in the cluster)."""
+
+    exit_code = 7
+
+
+class InputsError(FileError):
+    """An inputs file (``fastserve run --input``) is unreadable or does not fit the graph."""
+
+    exit_code = 8
+
+
+class PlanFileError(FileError):
+    """A plan file is malformed, damaged, or was made for another graph."""
 
     exit_code = 7
 
@@ -93,7 +116,14 @@ class EngineError(FastServeError):
 
 
 class WireError(EngineError):
-    """A message on the wire is malformed, truncated, oversized or of an unknown version."""
+    """A message on the wire is malformed, truncated, oversized or of an unknown version.
+
+    ``reason`` is a short fixed slug (``header``, ``shape``, ``meta``, ...) that ranks and the
+    coordinator count rejected messages by; the message text carries the details."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class RankError(EngineError):
@@ -124,7 +154,3 @@ class RankDeadError(EngineError):
         super().__init__(message)
 
 
-class ServiceError(FastServeError):
-    """The long-running service could not keep the deployment healthy."""
-
-    exit_code = 10

@@ -12,9 +12,10 @@ import torch
 torch.set_num_threads(1)
 
 
-def rank_processes() -> dict[int, str]:
-    """pid -> command line of every live FastServe rank process started by this test process
-    (its config names us as the parent; other test runs on the machine are not ours)."""
+def rank_processes(parent: int | None = None) -> dict[int, str]:
+    """pid -> command line of every live FastServe rank process started by ``parent`` (default:
+    this test process; its command line names its driver, so other test runs are not ours)."""
+    parent = os.getpid() if parent is None else parent
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -27,7 +28,7 @@ def rank_processes() -> dict[int, str]:
         except OSError:
             continue
         if ("fastserve.engine.rank" in cmd and state != "Z"
-                and f'"parent_pid": {os.getpid()}' in cmd):
+                and f"--parent {parent} " in cmd):
             found[int(entry)] = cmd
     return found
 

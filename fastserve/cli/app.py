@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 
 import click
 
@@ -32,17 +35,45 @@ def bench() -> None:
     """Benchmarks that print ratios measured side by side in one run."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no ``except
+    Exception`` on the way swallows it and every ``with Deployment`` on the way stops its
+    ranks and removes its socket directory."""
+
+
+@contextmanager
+def _terminate_as_exception():
+    """Turn SIGTERM into :class:`Terminated` while the CLI runs (main thread only: Python
+    delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(argv: list[str]) -> int:
     """Run the CLI on ``argv``; return the exit code. No traceback reaches the user unless
-    FASTSERVE_DEBUG is set."""
+    FASTSERVE_DEBUG is set. SIGTERM exits 143 and SIGINT 130, after the ranks have stopped."""
     try:
-        cli.main(args=argv, prog_name="fastserve", standalone_mode=False)
+        with _terminate_as_exception():
+            cli.main(args=argv, prog_name="fastserve", standalone_mode=False)
         return 0
+    except Terminated:
+        click.echo("terminated: stopped the ranks and removed their files", err=True)
+        return 143
     except FastServeError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (SIGINT)
+        click.echo("interrupted: stopped the ranks and removed their files", err=True)
         return 130
     except click.ClickException as e:
         e.show()
@@ -50,7 +81,7 @@ def run_cli(argv: list[str]) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("interrupted: stopped the ranks and removed their files", err=True)
         return 130
     except Exception as e:  # the last line of defence: one line, not a traceback
         if os.environ.get("FASTSERVE_DEBUG"):

@@ -9,7 +9,7 @@ import os
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, parse_dims
+from fastserve.cli.graph import dim_option, parse_dims, trust_option
 from fastserve.cli.render import table
 from fastserve.errors import EngineError
 
@@ -21,17 +21,6 @@ def _layout(parallel: str, stages: int | None, replicas: int | None, cores: int)
     if parallel == "data":
         return replicas or max(2, cores), 1
     return replicas or 2, stages or 2
-
-
-def _read_inputs(path: str) -> dict:
-    import numpy as np
-    import torch
-
-    try:
-        with np.load(path, allow_pickle=False) as data:  # no pickle, ever
-            return {k: torch.from_numpy(data[k].copy()) for k in data.files}
-    except (OSError, ValueError) as e:
-        raise EngineError(f"cannot read inputs from '{path}': {e}") from None
 
 
 @cli.command("run")
@@ -66,9 +55,10 @@ def _read_inputs(path: str) -> dict:
               help="Seconds without progress before a rank is declared dead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
+@trust_option
 def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, input_path,
             random_batch, output, check, threads, repeat, transport, timeout, as_json,
-            dims) -> None:
+            dims, trust_code) -> None:
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
@@ -87,8 +77,11 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     from fastserve.engine import Deployment, Layout
     from fastserve.engine.coordinator import RunStats
     from fastserve.graph import random_inputs, reference
+    from fastserve.graph.inputs import check_inputs, read_inputs
     from fastserve.resources.inventory import load_inventory, local_inventory
 
+    # a bad inputs file or inventory fails here, before any rank process starts
+    file_inputs = read_inputs(input_path) if input_path else None
     inventory = load_inventory(hosts) if hosts else local_inventory()
     remote = [h.name for h in inventory.hosts if not h.is_local]
     if remote:
@@ -120,7 +113,7 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
         from fastserve.cli.graph import load_graph
         from fastserve.resources.planner import Constraints, plan
 
-        chosen = plan(load_graph(spec_file, dims), inventory, constraints=Constraints(
+        chosen = plan(load_graph(spec_file, dims, trust_code), inventory, constraints=Constraints(
             replicas=replicas, stages=stages, micro_batches=micro_batches,
             batch=random_batch or 8))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
@@ -135,12 +128,15 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     layout = Layout(n_replicas, n_stages, strategy, threads)
     micro = micro_batches or (2 * n_stages if n_stages > 1 else 1)
 
+    deployment = Deployment(spec, layout, dims=parse_dims(dims), transport=transport,
+                            timeout=timeout, progress=say, trust_code=trust_code)
+    if file_inputs is not None:  # checked against the graph before the ranks start
+        check_inputs(deployment.graph, file_inputs, input_path)
     say(f"{n_replicas} replica(s) x {n_stages} stage(s) = {ranks} rank(s), {threads} "
         f"thread(s) each, on {inventory.name}")
-    with Deployment(spec, layout, dims=parse_dims(dims), transport=transport, timeout=timeout,
-                    progress=say) as dep:
-        if input_path:
-            inputs = _read_inputs(input_path)
+    with deployment as dep:
+        if file_inputs is not None:
+            inputs = file_inputs
         else:
             inputs = random_inputs(dep.graph, random_batch or 8)
         size = next(iter(inputs.values())).shape[0]

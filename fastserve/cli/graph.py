@@ -25,25 +25,31 @@ def parse_dims(values: tuple[str, ...]) -> dict[str, int]:
 
 dim_option = click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
                           help="Size of a symbolic dim, e.g. --dim seq=128 (repeatable).")
+# every command that loads a spec takes it: see fastserve.trust
+trust_option = click.option("--trust-code", is_flag=True,
+                            help="Allow the spec to import and run the Python code it names "
+                            "(module: nodes, a source: factory). Only for specs you trust; "
+                            "or list module prefixes in ~/.config/fastserve/trust.yaml.")
 
 
-def load_graph(spec: str, dims: tuple[str, ...] = ()):
+def load_graph(spec: str, dims: tuple[str, ...] = (), trust_code: bool = False):
     from fastserve.graph import compile_graph, load_spec
 
-    return compile_graph(load_spec(spec), parse_dims(dims))
+    return compile_graph(load_spec(spec, trust_code=trust_code), parse_dims(dims))
 
 
 @cli.command("compile")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @dim_option
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the graph as JSON.")
-def compile_cmd(spec: str, dims: tuple[str, ...], as_json: bool) -> None:
+def compile_cmd(spec: str, dims: tuple[str, ...], trust_code: bool, as_json: bool) -> None:
     """Compile SPEC into a costed graph, without allocating weights.
 
     Prints one row per node: op, parameters, FLOPs and output bytes per sample (batch 1 at the
     spec's dim sizes), then the totals.
     """
-    graph = load_graph(spec, dims)
+    graph = load_graph(spec, dims, trust_code)
     doc = graph.to_json()
     if as_json:
         click.echo(json.dumps(doc, indent=1))
@@ -63,9 +69,11 @@ def compile_cmd(spec: str, dims: tuple[str, ...], as_json: bool) -> None:
 @cli.command("check")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @dim_option
-@click.option("--batch", default=2, show_default=True, help="Batch size of the random inputs.")
+@click.option("--batch", type=click.IntRange(1), default=2, show_default=True,
+              help="Batch size of the random inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
-def check_cmd(spec: str, dims: tuple[str, ...], batch: int, seed: int) -> None:
+@trust_option
+def check_cmd(spec: str, dims: tuple[str, ...], batch: int, seed: int, trust_code: bool) -> None:
     """Build SPEC's weights and run the single-process reference on random inputs.
 
     Prints the output shapes and the time each step took.
@@ -73,12 +81,14 @@ def check_cmd(spec: str, dims: tuple[str, ...], batch: int, seed: int) -> None:
     import torch
 
     from fastserve.graph import build_reference, random_inputs
+    from fastserve.graph.module import ensure_activations
 
     with step(f"compiling {spec}"):
-        graph = load_graph(spec, dims)
+        graph = load_graph(spec, dims, trust_code)
     with step(f"building weights ({human_bytes(graph.params_bytes)})"):
         module = build_reference(graph)
     inputs = random_inputs(graph, batch, seed=seed)
+    ensure_activations(graph, batch)
     t0 = time.perf_counter()
     with step(f"running the reference (batch {batch})"), torch.inference_mode():
         outputs = module(inputs)

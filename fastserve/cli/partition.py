@@ -7,7 +7,7 @@ import json
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, load_graph
+from fastserve.cli.graph import dim_option, load_graph, trust_option
 from fastserve.cli.render import human_bytes, human_count, step, table
 from fastserve.errors import PartitionError
 
@@ -98,8 +98,10 @@ def _span(nodes: tuple[str, ...]) -> str:
               help="Write one safetensors file per shard and manifest.json to this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @dim_option
+@trust_option
 def partition_cmd(spec, strategy, shards, layers_per_shard, by, memory_cap, capacities,
-                  tolerance, batch, do_validate, seed, export_dir, as_json, dims) -> None:
+                  tolerance, batch, do_validate, seed, export_dir, as_json, dims,
+                  trust_code) -> None:
     """Cut SPEC into shards and print them: nodes, params, FLOPs, bytes in and out per sample.
 
     \b
@@ -115,7 +117,7 @@ def partition_cmd(spec, strategy, shards, layers_per_shard, by, memory_cap, capa
         raise click.BadParameter("must be at least 1", param_hint="'--batch'")
     policy = _policy(strategy, shards, layers_per_shard, by, memory_cap, capacities, batch,
                      tolerance)
-    graph = load_graph(spec, dims)
+    graph = load_graph(spec, dims, trust_code)
     sharding = partition(graph, strategy, **policy)
     balanced = policy.get("by", "flops")
     report = None
@@ -192,7 +194,9 @@ def _print_validation(sharding, report) -> None:
 @click.option("--gpt3-shards", default=16, show_default=True)
 @click.option("--repeat", default=3, show_default=True, help="Warm runs per case (best kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench_partition_cmd(nodes, shards, gpt3_spec, gpt3_shards, repeat, as_json) -> None:
+@trust_option
+def bench_partition_cmd(nodes, shards, gpt3_spec, gpt3_shards, repeat, as_json,
+                        trust_code) -> None:
     """Time every strategy on a synthetic chain (10,000 nodes into 64 shards) and on GPT-3 175B
     (16 shards), and show the peak memory of the process: no weights are allocated.
 
@@ -203,7 +207,7 @@ def bench_partition_cmd(nodes, shards, gpt3_spec, gpt3_shards, repeat, as_json) 
 
     if nodes < 2 or shards < 1:
         raise click.BadParameter("need --nodes >= 2 and --shards >= 1")
-    report = run_bench(nodes, shards, gpt3_spec, gpt3_shards, repeat)
+    report = run_bench(nodes, shards, gpt3_spec, gpt3_shards, repeat, trust_code)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
         return

@@ -8,7 +8,7 @@ import time
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, load_graph
+from fastserve.cli.graph import dim_option, load_graph, trust_option
 from fastserve.cli.render import human_bytes, step, table
 
 
@@ -38,8 +38,9 @@ def _inventory(hosts: str | None):
               "or .png; needs matplotlib (pip install 'fastserve[picture]').")
 @click.option("--json", "as_json", is_flag=True)
 @dim_option
+@trust_option
 def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objective,
-             profile_path, explain, picture, as_json, dims) -> None:
+             profile_path, explain, picture, as_json, dims, trust_code) -> None:
     """Choose replicas, stages, the cut and where every rank runs, from the cost model.
 
     Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
@@ -48,7 +49,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
     from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
 
-    graph = load_graph(spec, dims)
+    graph = load_graph(spec, dims, trust_code)
     inventory = _inventory(hosts)
     profile = Profile.load(profile_path) if profile_path else None
     chosen = plan(graph, inventory, objective,
@@ -106,7 +107,8 @@ def _duration(seconds: float) -> str:
 @click.option("--host", default="local", show_default=True,
               help="Name of this host in the inventory.")
 @dim_option
-def profile_cmd(spec, batch, out, host, dims) -> None:
+@trust_option
+def profile_cmd(spec, batch, out, host, dims, trust_code) -> None:
     """Measure every node's time on one thread of this machine, and the machine's FLOP/s.
 
     The cost of a message between processes is not measured here (it needs running ranks;
@@ -115,7 +117,7 @@ def profile_cmd(spec, batch, out, host, dims) -> None:
     """
     from fastserve.resources.profiling import profile_graph
 
-    graph = load_graph(spec, dims)
+    graph = load_graph(spec, dims, trust_code)
     measured = profile_graph(graph, host, batch, progress=lambda m: click.echo(m, err=True))
     with open(out, "w") as f:
         json.dump(measured.to_json(), f, indent=1)

@@ -3,17 +3,24 @@
 A core holds one shard module. ``handle(message)`` runs the shard on a data message and returns
 the message to send downstream: the shard's outputs, or an error naming this rank, its stage and
 the node that raised. Error messages from upstream pass through unchanged, so a failure anywhere
-in a pipeline reaches the coordinator in order with the other results.
+in a pipeline reaches the coordinator in order with the other results. ``command(message)``
+answers the coordinator's control commands (health, stats, stop).
+
+Whatever the core returns is encodable: an error's text is cut to the wire's bound, and a message
+that has already passed :data:`~fastserve.engine.wire.MAX_TIMINGS` stages is answered with an
+error instead of growing past what the next peer accepts.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from fastserve.engine.wire import Message
+from fastserve.engine.wire import COMMANDS, MAX_TEXT, MAX_TIMINGS, Message
 from fastserve.graph.module import SubgraphModule
 
 
@@ -23,17 +30,19 @@ class RankStats:
 
     processed: int = 0
     errors: int = 0
-    malformed: int = 0
+    malformed: Counter = field(default_factory=Counter)  # rejected messages by reason
+    refused: int = 0  # peers refused by authentication
     compute_s: float = 0.0
 
     def to_json(self) -> dict:
-        return {"processed": self.processed, "errors": self.errors, "malformed": self.malformed,
+        return {"processed": self.processed, "errors": self.errors,
+                "malformed": dict(self.malformed), "refused": self.refused,
                 "compute_s": self.compute_s}
 
 
 @dataclass
 class RankCore:
-    """One rank's logic: run ``shard`` on data messages."""
+    """One rank's logic: run ``shard`` on data messages, answer control commands."""
 
     rank: int
     stage: int
@@ -46,26 +55,48 @@ class RankCore:
         if msg.kind == "error":
             return msg
         if msg.kind != "data":
-            return self._error(msg, f"a data socket got a '{msg.kind}' message", None)
+            return self.error(msg, f"a data socket got a '{msg.kind}' message")
+        timings = msg.meta.get("timings", [])
+        if len(timings) >= MAX_TIMINGS:
+            return self.error(msg, f"the message has passed {len(timings)} stages already; "
+                                   f"at most {MAX_TIMINGS}")
         missing = [n for n in self.shard.input_names if n not in msg.tensors]
         if missing:
-            return self._error(msg, f"message lacks input tensors {missing}", None)
+            return self.error(msg, f"message lacks input tensors {missing}")
         start = time.time()
         try:
             with torch.inference_mode():
                 outputs = self.shard(msg.tensors)
         except Exception as e:  # a node failing must not take the rank down
-            node = getattr(self.shard, "current_node", None)
-            return self._error(msg, f"{type(e).__name__}: {e}", node)
+            return self.error(msg, f"{type(e).__name__}: {e}",
+                              getattr(self.shard, "current_node", None))
         end = time.time()
         self.stats.processed += 1
         self.stats.compute_s += end - start
-        timings = list(msg.meta.get("timings", []))
-        timings.append({"rank": self.rank, "stage": self.stage, "recv": received,
-                        "start": start, "end": end})
-        return Message("data", msg.request, msg.micro, outputs, {**msg.meta, "timings": timings})
+        timing = {"rank": self.rank, "stage": self.stage, "recv": received, "start": start,
+                  "end": end}
+        return Message("data", msg.request, msg.micro, outputs,
+                       {**msg.meta, "timings": [*timings, timing]})
 
-    def _error(self, msg: Message, text: str, node: str | None) -> Message:
+    def error(self, msg: Message, text: str, node: str | None = None) -> Message:
+        """An error message for ``msg`` naming this rank, its stage and ``node``."""
         self.stats.errors += 1
+        if len(text) > MAX_TEXT:
+            text = text[:MAX_TEXT - 3] + "..."
         error = {"rank": self.rank, "stage": self.stage, "node": node, "message": text}
-        return Message("error", msg.request, msg.micro, {}, {**msg.meta, "error": error})
+        return Message("error", msg.request, msg.micro, {}, {"error": error})
+
+    def command(self, msg: Message, **state: Any) -> tuple[Message, bool]:
+        """The reply to a control message, and whether the rank should stop. ``state`` adds
+        what only the process knows (resident memory, whether output is backed up)."""
+        cmd = msg.meta.get("cmd")
+        if msg.kind != "control" or cmd not in COMMANDS:
+            self.stats.malformed["command"] += 1
+            return Message("reply", meta={"cmd": "health", "rank": self.rank, "ok": False}), \
+                False
+        reply: dict[str, Any] = {"cmd": cmd, "rank": self.rank, "ok": True}
+        if cmd == "health":  # alive; busy when its output waits for a slow or absent reader
+            reply["busy"] = bool(state.get("pending"))
+        elif cmd == "stats":
+            reply.update(self.stats.to_json(), **state)
+        return Message("reply", meta=reply), cmd == "stop"

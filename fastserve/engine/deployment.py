@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -24,10 +26,13 @@ from fastserve.engine.coordinator import Merger, RunStats, WorkItem, plan_work
 from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop_processes
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
-from fastserve.engine.wire import WireError, decode, encode
+from fastserve.engine.security import Guard, KeyPair
+from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
+                                   decode, encode)
 from fastserve.errors import EngineError, RankDeadError, RankError
 from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.partition import Sharding, load_manifest, partition, shards_from_bounds
+from fastserve.partition.manifest import exported_spec
 
 Progress = Callable[[str], None]
 RECONNECT_MS = 5  # retry a connection to a rank that has not bound its socket yet this often
@@ -55,13 +60,18 @@ class Deployment:
     def __init__(self, spec: str, layout: Layout = Layout(), *, dims: Mapping[str, int] | None
                  = None, transport: str = "ipc", timeout: float = 60.0,
                  load_timeout: float = 120.0, max_in_flight: int | None = None,
-                 progress: Progress | None = None, retain_memory: bool = True) -> None:
+                 progress: Progress | None = None, retain_memory: bool = True,
+                 trust_code: bool = False) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
-        the whole process, and makes merging large outputs several times cheaper."""
+        the whole process, and makes merging large outputs several times cheaper.
+        ``trust_code``: run Python code the spec names (``module:``, ``source: torch:``).
+        ``transport``: ``ipc`` (sockets in a private directory) or ``tcp`` (every socket
+        CURVE-authenticated with keys made for this deployment)."""
         if retain_memory:
             retain_freed_memory()
         self.layout = layout
+        self.trust_code = trust_code
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.progress = progress or (lambda _msg: None)
@@ -72,14 +82,17 @@ class Deployment:
             if not manifest.get("spec"):
                 raise EngineError(f"export '{spec}' holds no graph spec (it was made from a "
                                   f"graph built in Python); export it from a spec file")
-            self.spec_path = os.path.join(self.export_dir, manifest["spec"]["file"])
+            # load_manifest has checked every path and hash; the spec is parsed from the bytes
+            # it checked, not read again
+            self.spec_path = manifest["spec"]["path"]
             self.dims = {**manifest["dims"], **(dims or {})}
-            self.graph: Graph = compile_graph(load_spec(self.spec_path), self.dims)
+            self.graph: Graph = compile_graph(exported_spec(manifest, trust_code=trust_code),
+                                              self.dims)
             self.sharding: Sharding = _exported_sharding(self.graph, manifest, layout)
         else:
             self.spec_path = os.path.abspath(spec)
             self.dims = dict(dims or {})
-            self.graph = compile_graph(load_spec(spec), self.dims)
+            self.graph = compile_graph(load_spec(spec, trust_code=trust_code), self.dims)
             self.sharding = self._cut()
         if len(self.sharding) != layout.stages:
             raise EngineError(f"strategy '{layout.strategy}' made {len(self.sharding)} shards, "
@@ -93,8 +106,13 @@ class Deployment:
         self.ranks: list[RankProcess] = []
         self.ready: dict[int, dict] = {}
         self._ctx = zmq.Context()
-        self._next_request = 1
         self.stats = RunStats()
+        # messages the coordinator received and dropped, by reason: malformed (the wire's
+        # reason), "unrequested" (a result for no request in flight), "control"
+        self.dropped: Counter = Counter()
+        secure = transport == "tcp"
+        self._keys = KeyPair.new() if secure else None
+        self._rank_keys = [KeyPair.new() if secure else None for _ in range(layout.ranks)]
 
     def _cut(self) -> Sharding:
         lay = self.layout
@@ -113,12 +131,22 @@ class Deployment:
     def start(self) -> Deployment:
         """Launch every rank and wait until each has loaded its shard."""
         ctx, addr, lay = self._ctx, self.addresses, self.layout
+        keys = self._rank_keys
+        public = [k.public if k else None for k in keys]
+        last = [public[r * lay.stages + lay.stages - 1] for r in range(lay.replicas)]
+        self._guard = Guard(ctx, self._keys)
+        me = self._keys.public if self._keys else None
         self._control = ctx.socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 64)
+        self._guard.serve(self._control, "control", filter(None, public))
         control = addr.new("control")
         self._control.bind(control)
         self._results = ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
+        self._results.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # results are accepted only from the last-stage ranks (on ipc: only this user's)
+        self._guard.serve(self._results, "results", filter(None, last))
         results = addr.new("results")
         self._results.bind(results)
         self._inputs: list[zmq.Socket] = []
@@ -126,14 +154,19 @@ class Deployment:
         for r in range(lay.replicas):
             stage_in = [addr.new(f"r{r}s{s}") for s in range(lay.stages)]
             for s, shard in enumerate(self.sharding):
+                k = keys[rank]
                 cfg = RankConfig(
                     rank=rank, stage=s, replica=r, spec=self.spec_path, nodes=list(shard.nodes),
                     inputs=list(shard.inputs), outputs=list(shard.outputs),
                     data_in=stage_in[s],
                     data_out=stage_in[s + 1] if s + 1 < lay.stages else results,
-                    control=control, parent_pid=os.getpid(), dims=self.dims,
-                    threads=lay.threads, export_dir=self.export_dir,
-                    shard_index=s if self.export_dir else None)
+                    control=control, dims=self.dims, threads=lay.threads,
+                    export_dir=self.export_dir, shard_index=s if self.export_dir else None,
+                    trust_code=self.trust_code, workdir=addr.dir,
+                    public_key=k and k.public, secret_key=k and k.secret,
+                    upstream_keys=[x for x in [me if s == 0 else public[rank - 1]] if x],
+                    downstream_key=public[rank + 1] if s + 1 < lay.stages else me,
+                    coordinator_key=me)
                 self.ranks.append(launch_local(cfg, addr.dir))
                 rank += 1
             sock = ctx.socket(zmq.PUSH)
@@ -141,6 +174,7 @@ class Deployment:
             # the first stage binds only once its shard is loaded; ZeroMQ's default 100 ms
             # between connection attempts would delay the first batch by up to that much
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            self._guard.connect_to(sock, public[r * lay.stages])
             sock.connect(stage_in[0])
             self._inputs.append(sock)
         self.progress(f"started {len(self.ranks)} ranks ({lay.replicas} replica(s) x "
@@ -157,20 +191,41 @@ class Deployment:
         while len(self.ready) < len(self.ranks):
             self._check_alive()
             if time.monotonic() > deadline:
-                missing = [r.name for r in self.ranks if r.config.rank not in self.ready]
-                raise RankDeadError(f"{', '.join(missing)} did not load within "
-                                    f"{self.load_timeout:.0f} s; is the machine overloaded?",
-                                    rank=self.ranks[0].config.rank)
+                missing = [r for r in self.ranks if r.config.rank not in self.ready]
+                said = "; ".join(f"rank {r.config.rank} last said: {r.last_words()}"
+                                 for r in missing if r.last_words())
+                raise RankDeadError(f"{', '.join(r.name for r in missing)} did not load "
+                                    f"within {self.load_timeout:.0f} s; is the machine "
+                                    f"overloaded?" + (f" ({said})" if said else ""),
+                                    rank=missing[0].config.rank)
             if not self._control.poll(100):
                 continue
-            _, *frames = self._control.recv_multipart(copy=False)
-            meta = decode(frames).meta
+            msg = self._receive_control()
+            if msg is None or msg.kind != "control":
+                continue
+            meta = msg.meta
             if meta.get("event") == "failed":
-                raise EngineError(f"rank {meta.get('rank')} could not load its shard: "
-                                  f"{meta.get('error')}")
+                raise EngineError(f"rank {meta['rank']} could not load its shard: "
+                                  f"{meta.get('error', 'no reason given')}")
             if meta.get("event") == "ready":
                 self.ready[meta["rank"]] = meta
-                self.progress(f"rank {meta['rank']} ready ({meta['load_s']:.1f} s)")
+                self.progress(f"rank {meta['rank']} ready ({meta.get('load_s', 0):.1f} s)")
+
+    def _receive_control(self) -> Message | None:
+        """One message from the control socket, or None (counted in ``dropped``) when it is
+        malformed or claims to be from a rank that is not the one that sent it."""
+        identity, *frames = self._control.recv_multipart(copy=False)
+        try:
+            msg = decode(frames)
+        except WireError as e:
+            self.dropped[e.reason] += 1
+            return None
+        rank = msg.meta.get("rank")
+        if rank is None or identity.bytes != f"rank{rank}".encode() or \
+                not 0 <= rank < len(self.ranks):
+            self.dropped["control"] += 1
+            return None
+        return msg
 
     def stop(self) -> None:
         """Ask every rank to stop, then make sure each process is gone."""
@@ -187,11 +242,19 @@ class Deployment:
                 except zmq.ZMQError:
                     pass
         stop_processes(self.ranks)
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.close()
         for s in [control, getattr(self, "_results", None), *getattr(self, "_inputs", [])]:
             if s is not None:
                 s.close(linger=0)
         self._ctx.term()
         self.addresses.close()
+
+    def refused(self) -> int:
+        """Peers refused by authentication on this coordinator's sockets so far (tcp)."""
+        guard = getattr(self, "_guard", None)
+        return guard.count() if guard is not None else 0
 
     def __enter__(self) -> Deployment:
         return self.start()
@@ -218,10 +281,9 @@ class Deployment:
         deadline = time.monotonic() + timeout
         while len(replies) < len(self.ranks) and time.monotonic() < deadline:
             if self._control.poll(50):
-                _, *frames = self._control.recv_multipart(copy=False)
-                meta = decode(frames).meta
-                if meta.get("cmd") == cmd:
-                    replies[meta["rank"]] = meta
+                msg = self._receive_control()
+                if msg is not None and msg.kind == "reply" and msg.meta["cmd"] == cmd:
+                    replies[msg.meta["rank"]] = msg.meta
         silent = [r for r in self.ranks if r.config.rank not in replies]
         if silent:
             self._check_alive()
@@ -280,8 +342,8 @@ class Deployment:
         """Send ``items`` and yield each with its result as results arrive. An item is taken
         from the iterable only when its replica has fewer than ``max_in_flight`` in flight and
         ``room()`` holds: bounded queues, back-pressure up to the caller."""
-        request = self._next_request
-        self._next_request += 1
+        # an unguessable id: a result is taken only for the request and micro-batch in flight
+        request = secrets.randbits(62)
         source = iter(items)
         upcoming = next(source, None)
         in_flight = [0] * self.layout.replicas
@@ -297,14 +359,13 @@ class Deployment:
                     if in_flight[replica] >= self.max_in_flight:
                         break
                     sent[item.key] = (item, replica, time.time())
-                    self._inputs[replica].send_multipart(
-                        encode("data", request=request, micro=item.key, tensors=item.tensors),
-                        copy=False)
+                    self._send(replica, encode("data", request=request, micro=item.key,
+                                               tensors=item.tensors))
                     in_flight[replica] += 1
                     upcoming = next(source, None)
                 if not sent:  # room() only closes while results wait for an earlier one
                     raise EngineError("internal error: no work in flight and no room to send")
-                if not self._results_socket_ready():
+                if not self._results_socket_ready(last_progress):
                     if time.monotonic() - last_progress > self.timeout:
                         self.control("health")  # names a rank that stopped answering
                         raise EngineError(f"no result for {self.timeout:.0f} s although every "
@@ -314,9 +375,13 @@ class Deployment:
                 try:
                     msg = decode(self._results.recv_multipart(copy=False))
                 except WireError as e:
-                    raise EngineError(f"the last stage sent a malformed result: {e}") from None
-                if msg.request != request or msg.micro not in sent:
-                    continue  # a straggler of an earlier, failed or abandoned run
+                    self.dropped[e.reason] += 1
+                    continue
+                if msg.request != request or msg.micro not in sent or \
+                        msg.kind not in ("data", "error"):
+                    # a straggler of an earlier, failed or abandoned run
+                    self.dropped["unrequested"] += 1
+                    continue
                 last_progress = time.monotonic()
                 if msg.kind == "error":
                     err = msg.meta.get("error", {})
@@ -331,12 +396,33 @@ class Deployment:
         finally:
             self.stats.seconds += time.perf_counter() - t0
 
-    def _results_socket_ready(self) -> bool:
-        """Wait up to 100 ms for a result; in between, notice a rank that died."""
-        if self._results.poll(100):
-            return True
-        self._check_alive()
-        return False
+    def _send(self, replica: int, frames: list) -> None:
+        """Send to a replica's first stage without blocking past ``timeout``: its queue is full
+        only when the rank has stopped taking work, which names it."""
+        sock = self._inputs[replica]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+            if time.monotonic() > deadline:
+                self.control("health")
+                raise EngineError(f"replica {replica}'s first stage took no work for "
+                                  f"{self.timeout:.0f} s although it answers health checks")
+            if not sock.poll(100, zmq.POLLOUT):
+                self._check_alive()
+
+    def _results_socket_ready(self, last_progress: float) -> bool:
+        """Wait up to 100 ms for a result; in between, notice a rank that died. Messages that
+        keep arriving without progress (junk, strays) postpone neither check: once a tenth of
+        a second has passed without a result of ours, every wake-up checks the ranks, and past
+        the timeout the socket counts as quiet."""
+        ready = self._results.poll(100)
+        if not ready or time.monotonic() - last_progress > 0.1:
+            self._check_alive()
+        return bool(ready) and time.monotonic() - last_progress <= self.timeout
 
 
 def _exported_sharding(graph: Graph, manifest: dict, layout: Layout) -> Sharding:

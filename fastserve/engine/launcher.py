@@ -28,7 +28,8 @@ class Addresses:
         if transport not in ("ipc", "tcp"):
             raise EngineError(f"unknown transport '{transport}'; expected ipc or tcp")
         self.transport = transport
-        # ipc socket files and rank logs live here; removed on close
+        # ipc socket files and rank logs live here; removed on close. mkdtemp makes it 0700:
+        # only this user can reach the ipc sockets in it
         self.dir = tempfile.mkdtemp(prefix="fastserve-")
 
     def new(self, name: str) -> str:
@@ -61,12 +62,19 @@ class RankProcess:
         if code is None:
             return None
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        words = self.last_words()
+        return how + (f": {words}" if words else "")
+
+    def last_words(self) -> str | None:
+        """The last line of the rank's log (its last error), if it wrote any."""
         try:
-            with open(self.log, errors="replace") as f:
-                lines = f.read().strip().splitlines()
+            with open(self.log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))  # only the end: a log can be long
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
-            lines = []
-        return how + (f": {lines[-1]}" if lines else "")
+            return None
+        return lines[-1] if lines else None
 
 
 def launch_local(config: RankConfig, log_dir: str) -> RankProcess:
@@ -77,9 +85,19 @@ def launch_local(config: RankConfig, log_dir: str) -> RankProcess:
     env.update(OMP_NUM_THREADS=str(config.threads), MKL_NUM_THREADS=str(config.threads))
     log = os.path.join(log_dir, f"rank{config.rank}.log")
     with open(log, "wb") as err:
+        # the config (with the rank's secret key) goes on stdin, and stdin stays open: its end
+        # of file tells the rank that this process is gone (see rank.watch_parent)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fastserve.engine.rank", config.to_json()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            [sys.executable, "-m", "fastserve.engine.rank", "--parent", str(os.getpid()),
+             "--rank", str(config.rank)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            # a terminal's Ctrl-C goes to the driver alone, which stops the ranks in order
+            start_new_session=True)
+    try:
+        proc.stdin.write(config.to_json().encode() + b"\n")
+        proc.stdin.flush()
+    except OSError:  # it died at once; exit_reason() will tell why
+        pass
     return RankProcess(config, proc, log)
 
 
@@ -91,3 +109,8 @@ def stop_processes(ranks: list[RankProcess], grace_s: float = 3.0) -> None:
         except subprocess.TimeoutExpired:
             r.process.kill()
             r.process.wait(timeout=5)
+        if r.process.stdin is not None:
+            try:
+                r.process.stdin.close()
+            except OSError:
+                pass

@@ -1,32 +1,34 @@
 """The rank process: ZeroMQ sockets and a loop around a :class:`RankCore`.
 
-Started as ``python -m fastserve.engine.rank '<RankConfig JSON>'``. The rank
+Started as ``python -m fastserve.engine.rank --parent PID --rank N`` with its
+:class:`RankConfig` as one JSON line on stdin (secret keys never appear on a command line). The
+rank
 
+* keeps reading stdin after the config: end of file means the driver process is gone (killed,
+  crashed or exited), whichever thread started the rank, and the rank removes the deployment's
+  private directory and exits. This watch is armed before torch is imported;
 * builds only its own shard (from the spec with seeded weights, or from a partition export);
-* binds a PULL socket for data, PUSHes results to the next stage (or to the coordinator);
+* binds a PULL socket for data, PUSHes results to the next stage (or to the coordinator); on tcp
+  both are CURVE-authenticated (:mod:`fastserve.engine.security`);
 * talks to the coordinator on a separate DEALER control socket: ``ready`` (or ``failed`` with
   the reason) once loaded, then answers ``health``, ``stats`` and ``stop``;
-* rejects and counts malformed messages and keeps serving;
-* exits by itself when its parent process disappears (PR_SET_PDEATHSIG plus a parent-pid check),
-  so a killed driver never leaves orphan ranks.
+* never blocks on a send: a result the next peer cannot take yet waits in an outbox while the
+  rank stops reading new data (back-pressure) but keeps answering control;
+* rejects and counts malformed messages by reason and keeps serving.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
+import shutil
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-import zmq
-
-from fastserve.engine.memory import retain_freed_memory
-from fastserve.engine.wire import WireError, decode, encode
-
-POLL_MS = 250  # also the period of the parent-alive check
+POLL_MS = 250
+ORPHANED = 3  # exit code of a rank whose driver disappeared
 
 
 @dataclass(frozen=True)
@@ -43,19 +45,31 @@ class RankConfig:
     data_in: str  # address this rank binds for data
     data_out: str  # address it connects to: the next stage, or the coordinator's results
     control: str  # the coordinator's control ROUTER
-    parent_pid: int
     dims: dict[str, int] = field(default_factory=dict)
     threads: int = 1
     export_dir: str | None = None
     shard_index: int | None = None
+    trust_code: bool = False  # the user trusts code the spec names (module:, source:)
+    workdir: str | None = None  # the deployment's private directory, removed if orphaned
     hwm: int = 64  # ZeroMQ high-water mark: bounded queues, back-pressure upstream
+    # CURVE (tcp only): this rank's key pair, the keys allowed to send it data, and the
+    # servers it connects to
+    public_key: str | None = None
+    secret_key: str | None = None
+    upstream_keys: list[str] = field(default_factory=list)
+    downstream_key: str | None = None
+    coordinator_key: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @staticmethod
     def from_json(text: str) -> RankConfig:
-        return RankConfig(**json.loads(text))
+        doc = json.loads(text)
+        known = {f.name for f in fields(RankConfig)}
+        if not isinstance(doc, dict) or not doc.keys() <= known:
+            raise ValueError(f"a rank config must be a map with keys from {sorted(known)}")
+        return RankConfig(**doc)
 
 
 def resident_bytes() -> int:
@@ -64,12 +78,22 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the parent-pid check in the loop still applies
-        pass
+def watch_parent(workdir: str | None) -> None:
+    """Exit as soon as stdin reaches end of file: the driver holding its write end is gone.
+
+    A pipe follows the process, unlike PR_SET_PDEATHSIG, which fires when the *thread* that
+    started the rank ends (a Deployment started from a worker thread lost its ranks)."""
+    def wait() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        if workdir and os.path.isdir(workdir):  # nobody else is left to remove it
+            shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(ORPHANED)
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
 def build_shard(cfg: RankConfig, before_weights=lambda: None):
@@ -79,97 +103,166 @@ def build_shard(cfg: RankConfig, before_weights=lambda: None):
         from fastserve.partition import load_shard
 
         before_weights()
-        return load_shard(cfg.export_dir, cfg.shard_index)
+        return load_shard(cfg.export_dir, cfg.shard_index, trust_code=cfg.trust_code)
     from fastserve.graph import compile_graph, load_spec
     from fastserve.graph.module import build_subgraph
 
-    graph = compile_graph(load_spec(cfg.spec), cfg.dims)
+    graph = compile_graph(load_spec(cfg.spec, trust_code=cfg.trust_code), cfg.dims)
     before_weights()
     return build_subgraph(graph, cfg.nodes, cfg.inputs, cfg.outputs)
 
 
 def serve(cfg: RankConfig) -> int:
-    """Run the rank until told to stop or orphaned; return the exit code."""
+    """Run the rank until told to stop; return the exit code."""
     import torch
+    import zmq
 
     from fastserve.engine.core import RankCore
+    from fastserve.engine.memory import retain_freed_memory
+    from fastserve.engine.security import Guard, KeyPair
+    from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, WireError, decode,
+                                       encode)
 
-    _die_with_parent()
     retain_freed_memory()  # activations of every micro-batch reuse the last one's pages
     torch.set_num_threads(cfg.threads)
     ctx = zmq.Context()
+    keys = KeyPair(cfg.public_key, cfg.secret_key) if cfg.secret_key else None
+    guard = Guard(ctx, keys)
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.IDENTITY, f"rank{cfg.rank}".encode())
     ctl.setsockopt(zmq.LINGER, 1000)
+    ctl.setsockopt(zmq.SNDHWM, cfg.hwm)
+    ctl.setsockopt(zmq.SNDTIMEO, 10_000)
+    ctl.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 64)  # control carries no tensors
+    guard.connect_to(ctl, cfg.coordinator_key)
     ctl.connect(cfg.control)
-    idle = {}  # an idle rank: code and compiled graph loaded, no weights
-    t0 = time.time()
-    try:
-        shard = build_shard(cfg, lambda: idle.setdefault("rss", resident_bytes()))
-    except Exception as e:  # report why instead of dying silently
-        ctl.send_multipart(encode("control", meta={"event": "failed", "rank": cfg.rank,
-                                                   "error": f"{type(e).__name__}: {e}"}))
-        ctl.close()
-        ctx.term()
-        return 1
-    core = RankCore(cfg.rank, cfg.stage, shard)
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, cfg.hwm)
-    pull.bind(cfg.data_in)
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, cfg.hwm)
-    push.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.RECONNECT_IVL, 5)  # the next stage may bind later: retry quickly
-    push.connect(cfg.data_out)
-    weights = sum(p.numel() * p.element_size() for p in shard.parameters())
-    ctl.send_multipart(encode("control", meta={
-        "event": "ready", "rank": cfg.rank, "pid": os.getpid(), "load_s": time.time() - t0,
-        "rss": resident_bytes(), "rss_before_load": idle["rss"], "weight_bytes": weights}))
+    sockets = [ctl]
 
-    poller = zmq.Poller()
-    poller.register(pull, zmq.POLLIN)
-    poller.register(ctl, zmq.POLLIN)
+    def tell(meta: dict) -> None:
+        """Send an event to the coordinator: waits up to 10 s for the connection (a CURVE
+        handshake under load takes a while), then gives up rather than block for ever."""
+        try:
+            ctl.send_multipart(encode("control", meta=meta))
+        except zmq.Again:
+            print(f"rank {cfg.rank}: the coordinator took no '{meta['event']}' event within "
+                  f"10 s", file=sys.stderr)
+
     try:
+        idle = {}  # an idle rank: code and compiled graph loaded, no weights
+        t0 = time.time()
+        try:
+            shard = build_shard(cfg, lambda: idle.setdefault("rss", resident_bytes()))
+        except Exception as e:  # report why instead of dying silently
+            print(f"rank {cfg.rank}: could not load its shard: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            tell({"event": "failed", "rank": cfg.rank,
+                  "error": f"{type(e).__name__}: {e}"[:2000]})
+            return 1
+        core = RankCore(cfg.rank, cfg.stage, shard)
+        pull = ctx.socket(zmq.PULL)
+        push = ctx.socket(zmq.PUSH)
+        sockets += [pull, push]  # closed on the way out whatever fails below
+        pull.setsockopt(zmq.RCVHWM, cfg.hwm)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger one drops its peer
+        guard.serve(pull, "data", cfg.upstream_keys)
+        try:
+            pull.bind(cfg.data_in)
+        except zmq.ZMQError as e:  # e.g. another process took the port meanwhile
+            print(f"rank {cfg.rank}: cannot bind its data socket {cfg.data_in}: {e}",
+                  file=sys.stderr)
+            tell({"event": "failed", "rank": cfg.rank,
+                  "error": f"cannot bind its data socket {cfg.data_in}: {e}"})
+            return 1
+        push.setsockopt(zmq.SNDHWM, cfg.hwm)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.RECONNECT_IVL, 5)  # the next stage may bind later: retry quickly
+        guard.connect_to(push, cfg.downstream_key)
+        push.connect(cfg.data_out)
+        weights = sum(p.numel() * p.element_size() for p in shard.parameters())
+        tell({"event": "ready", "rank": cfg.rank, "pid": os.getpid(),
+              "load_s": time.time() - t0, "rss": resident_bytes(),
+              "rss_before_load": idle["rss"], "weight_bytes": weights})
+
+        def frames_of(out) -> list:
+            try:
+                return encode(out.kind, request=out.request, micro=out.micro,
+                              tensors=out.tensors, meta=out.meta)
+            except WireError as e:  # e.g. an output dtype the wire does not carry
+                err = core.error(out, f"could not send the result: {e}")
+                return encode(err.kind, request=err.request, micro=err.micro, meta=err.meta)
+
+        outbox: list | None = None  # a result the next peer could not take yet
+        poller = zmq.Poller()
+        poller.register(ctl, zmq.POLLIN)
+        for m in guard.monitors:
+            poller.register(m, zmq.POLLIN)
         while True:
+            poller.register(pull, zmq.POLLIN if outbox is None else 0)
+            poller.register(push, zmq.POLLOUT if outbox is not None else 0)
             events = dict(poller.poll(POLL_MS))
-            if os.getppid() != cfg.parent_pid:
-                return 3  # orphaned: the driver is gone
-            if pull in events:
+            if outbox is not None and push in events:
+                try:
+                    push.send_multipart(outbox, flags=zmq.NOBLOCK, copy=False)
+                    outbox = None
+                except zmq.Again:
+                    pass
+            if outbox is None and pull in events:
                 frames = pull.recv_multipart(copy=False)
                 received = time.time()
                 try:
                     msg = decode(frames)
-                except WireError:
-                    core.stats.malformed += 1
+                except WireError as e:
+                    core.stats.malformed[e.reason] += 1
                     continue
                 out = core.handle(msg, received)
                 if out.meta.get("timings"):
                     out.meta["timings"][-1]["sent"] = time.time()
-                push.send_multipart(encode(out.kind, request=out.request, micro=out.micro,
-                                           tensors=out.tensors, meta=out.meta), copy=False)
+                frames = frames_of(out)
+                try:
+                    push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # downstream is full: hold it, stop reading, keep answering
+                    outbox = frames
+            for m in guard.monitors:
+                if m in events:
+                    core.stats.refused = guard.count(m)
             if ctl in events:
                 try:
-                    cmd = decode(ctl.recv_multipart(copy=False)).meta.get("cmd")
-                except WireError:
-                    core.stats.malformed += 1
+                    msg = decode(ctl.recv_multipart(copy=False))
+                except WireError as e:
+                    core.stats.malformed[e.reason] += 1
                     continue
-                reply = {"cmd": cmd, "rank": cfg.rank, "ok": True}
-                if cmd == "stats":
-                    reply.update(core.stats.to_json(), rss=resident_bytes())
-                ctl.send_multipart(encode("reply", meta=reply))
-                if cmd == "stop":
+                reply, stop = core.command(msg, pending=int(outbox is not None),
+                                           rss=resident_bytes())
+                try:
+                    ctl.send_multipart(encode(reply.kind, meta=reply.meta), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                if stop:
                     return 0
     finally:
-        for s in (pull, push, ctl):
-            s.close(linger=0 if s is not ctl else 500)
+        guard.close()
+        for s in sockets:
+            s.close(linger=500 if s is ctl else 0)
         ctx.term()
 
 
+USAGE = "usage: python -m fastserve.engine.rank --parent PID --rank N  (RankConfig JSON on stdin)"
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m fastserve.engine.rank '<RankConfig JSON>'", file=sys.stderr)
+    # argv only names the rank for `ps` and the test suite's leak check; the config is on stdin
+    if len(argv) != 4 or argv[0] != "--parent" or argv[2] != "--rank":
+        print(USAGE, file=sys.stderr)
         return 2
-    return serve(RankConfig.from_json(argv[0]))
+    line = sys.stdin.buffer.readline()
+    try:
+        cfg = RankConfig.from_json(line.decode())
+    except (ValueError, TypeError) as e:
+        print(f"rank: a malformed config on stdin: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    watch_parent(cfg.workdir)
+    return serve(cfg)
 
 
 if __name__ == "__main__":

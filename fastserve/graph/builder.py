@@ -91,7 +91,10 @@ class GraphBuilder(_Nodes):
     def spec(self) -> GraphSpec:
         from fastserve.graph.loader import spec_from_dict
 
-        return spec_from_dict(self.document(), file=None)
+        # trusted: every ``module(...)`` target here was written in the caller's own Python
+        # program, which could import and run it directly; the trust check exists for code
+        # named by files, which a user may load without reading them
+        return spec_from_dict(self.document(), file=None, trust_code=True)
 
     def compile(self, dims: dict[str, int] | None = None) -> Graph:
         from fastserve.graph.compiler import compile_graph

@@ -51,7 +51,7 @@ from fastserve.graph.compiler import dtype_name, tensor_info
 from fastserve.graph.capture_weights import aliases, load_checkpoint, ownership
 from fastserve.graph.fxsplit import Part, split_parts, strip_guards
 from fastserve.graph.graph import Graph, verify
-from fastserve.graph.module import torch_dtype
+from fastserve.graph.module import ensure_memory, torch_dtype
 from fastserve.graph.spec import (GraphSpec, InputSpec, NodeSpec, SourceSpec, WeightsSpec,
                                   tensor_name)
 
@@ -95,7 +95,7 @@ def capture(module: nn.Module, example_inputs: Mapping[str, torch.Tensor] | tupl
     tuple). ``dynamic``: ``True`` makes dim 0 of every input ``batch`` and dim 1 of integer/bool
     inputs (token ids, masks) ``seq``; ``False`` makes only ``batch`` dynamic; a mapping
     ``{input name or position: {dim: name}}`` names the dynamic dims explicitly. The module is
-    captured in eval mode (its mode is restored afterwards).
+    captured in eval mode; afterwards every submodule's own train/eval flag is restored.
 
     Example::
 
@@ -119,12 +119,15 @@ def capture(module: nn.Module, example_inputs: Mapping[str, torch.Tensor] | tupl
                                f"or the model's config)")
     dims = _dynamic_dims(keyed, dynamic)
     padded = {k: _at_least_two(t, dims[k]) for k, t in keyed.items()}
-    was_training = module.training
+    # one flag per submodule: module.train(was_training) would set them all, turning an
+    # eval-mode submodule (a frozen encoder inside a training wrapper) back to train mode
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         cap = _capture(module, padded, dims, highs={k: _high(t) for k, t in keyed.items()})
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     sizes = _example_sizes(keyed, dims)
     decls = {d.name: {"shape": list(d.shape), "dtype": d.dtype, "high": d.high}
              for d in cap.inputs}
@@ -185,6 +188,8 @@ def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
     else:
         _shippable(graph.spec)
         factory = load_factory(source.factory, file=graph.spec.file)
+        # the whole model is rebuilt, then cut
+        ensure_memory(graph, graph.order, "the weights", lambda d: d["params_bytes"])
         model = _build_model(factory, source, seed=weights.seed, device="cpu")
         sizes = {k: v for k, v in graph.dims.items() if k != "batch"}
         cap = _capture_source(model, source, sizes, graph.spec.file)
@@ -198,7 +203,12 @@ def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
 
 
 def load_factory(target: str, *, file: str | None = None) -> Callable[..., nn.Module]:
-    """Resolve ``"package.module:factory"``, or raise a :class:`SpecError` naming what failed."""
+    """Resolve ``"package.module:factory"``, or raise a :class:`SpecError` naming what failed.
+
+    Imports and so runs code: a spec read from a file reaches here only after
+    :func:`fastserve.trust.check_code` accepted the factory while the spec was loaded; a
+    ``GraphSpec`` built in Python is the user's own code and is not checked again.
+    """
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise SpecError(f"'{target}' is not of the form 'package.module:factory'", file=file,

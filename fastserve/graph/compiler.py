@@ -54,7 +54,12 @@ def compile_graph(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> Gra
                 raise SpecError(f"input '{inp.name}' uses dim '{d}' with no size; give it one "
                                 f"under 'dims:'", file=spec.file, line=inp.line, key="dims")
             shape.append(sizes[d] if isinstance(d, str) else d)
-        env[inp.name] = torch.empty(shape, dtype=torch_dtype(inp.dtype), device="meta")
+        try:  # meta: no memory, but torch still refuses sizes whose element count overflows
+            env[inp.name] = torch.empty(shape, dtype=torch_dtype(inp.dtype), device="meta")
+        except (RuntimeError, ValueError, OverflowError) as e:
+            raise SpecError(f"input '{inp.name}' of shape {shape} is not a valid tensor: "
+                            f"{_first_line(e)}", file=spec.file, line=inp.line,
+                            key=f"inputs.{inp.name}.shape") from None
         inputs.append(tensor_info(inp.name, env[inp.name]))
 
     g = nx.DiGraph()
@@ -91,7 +96,7 @@ def compile_graph(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> Gra
                     e["bytes"] += env_bytes(env[r])
             else:
                 g.add_edge(src, node.id, tensors=(r,), bytes=env_bytes(env[r]))
-    outputs = tuple(_resolve(spec, None, o, producer) for o in spec.outputs)
+    outputs = tuple(_resolve(spec, None, o, producer, i) for i, o in enumerate(spec.outputs))
     graph = Graph(spec.name, g, tuple(inputs), outputs, spec, dict(sizes))
     try:
         return verify(graph)
@@ -104,8 +109,9 @@ def env_bytes(t: torch.Tensor) -> int:
 
 
 def _resolve(spec: GraphSpec, node: NodeSpec | None, ref: str,
-             producer: dict[str, str | None]) -> str:
-    """Canonical tensor name of a reference, or a SpecError naming the node's line."""
+             producer: dict[str, str | None], output: int = 0) -> str:
+    """Canonical tensor name of a reference, or a SpecError naming the node's line (or the
+    line of entry ``output`` of the spec's outputs)."""
     if ref in producer:
         return ref
     base, idx = split_ref(ref)
@@ -113,10 +119,13 @@ def _resolve(spec: GraphSpec, node: NodeSpec | None, ref: str,
         return base
     if f"{ref}:0" in producer:  # bare name of a multi-output node means its first output
         return f"{ref}:0"
-    where = f"node '{node.id}'" if node else "outputs"
-    raise SpecError(f"{where} reads '{ref}', which is not a graph input or the output of an "
-                    f"earlier node", file=spec.file, line=node.line if node else None,
-                    key="inputs" if node else "outputs")
+    if node is not None:
+        raise SpecError(f"node '{node.id}' reads '{ref}', which is not a graph input or the "
+                        f"output of an earlier node", file=spec.file, line=node.line,
+                        key="inputs")
+    line = spec.output_lines[output] if output < len(spec.output_lines) else None
+    raise SpecError(f"outputs[{output}] reads '{ref}', which is not a graph input or the output "
+                    f"of a node", file=spec.file, line=line, key=f"outputs[{output}]")
 
 
 def _cost(spec: GraphSpec, node: NodeSpec, args_in: list[torch.Tensor]):
@@ -132,8 +141,8 @@ def _cost(spec: GraphSpec, node: NodeSpec, args_in: list[torch.Tensor]):
     except SpecError as e:
         raise SpecError(f"node '{node.id}': {e.reason}", file=spec.file, line=node.line,
                         key="args") from None
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SpecError(f"node '{node.id}' (op '{node.op}'): bad arguments: {e}",
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        raise SpecError(f"node '{node.id}' (op '{node.op}'): bad arguments: {_first_line(e)}",
                         file=spec.file, line=node.line, key="args") from None
     if isinstance(module, LMHead) and module.tie is not None:
         tied = next((n for n in spec.nodes if n.id == module.tie), None)

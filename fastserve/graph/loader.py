@@ -21,50 +21,115 @@ A spec document::
     outputs: [out]
 
 Every error is a :class:`SpecError` naming the file, the line, the key and what was expected.
+The work a spec may cause is bounded by :class:`fastserve.limits.Limits` (file size, nesting,
+aliases, ``repeat`` counts, graph size, expressions, number magnitudes), and a spec that names
+Python code (``module:`` nodes, ``source:`` factories) loads only when that code is trusted
+(:mod:`fastserve.trust`).
 """
 
 from __future__ import annotations
 
-import ast
-import operator
 import re
 from pathlib import Path
 from typing import Any
 
 from fastserve.errors import SpecError
+from fastserve.graph.expr import ExprError, evaluate, number_problem
 from fastserve.graph.ops import OPS
-from fastserve.yamlio import Located, line_of, located_like, read_yaml
 from fastserve.graph.spec import (DTYPES, GraphSpec, InputSpec, NodeSpec, SourceSpec,
                                   WeightsSpec)
+from fastserve.limits import DEFAULT_LIMITS, Limits
+from fastserve.trust import check_code
+from fastserve.yamlio import Located, describe, line_of, located_like, read_text, read_yaml
 
 _ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# what YAML 1.1 reads as a string although it looks like a number: 1e11, 1_000.5e3
+_NUMERIC_TEXT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?([eE][-+]?[0-9]+)?$")
 
 
-def load_spec(path: str | Path) -> GraphSpec:
-    """Read and validate a YAML graph spec."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"spec file '{p}' does not exist") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
-        raise SpecError(f"cannot read spec file '{p}': {e}") from None
-    return parse_spec(text, file=str(p))
+def load_spec(path: str | Path, *, trust_code: bool = False,
+              limits: Limits | None = None) -> GraphSpec:
+    """Read and validate a YAML graph spec.
+
+    ``trust_code=True`` lets the spec name Python code (``module:`` nodes, a ``source:``
+    factory) that will be imported and run when the graph is built; without it only modules
+    listed in the trust file are accepted (see :mod:`fastserve.trust`). ``limits`` bounds the
+    work the file may cause (:class:`fastserve.limits.Limits`; generous defaults).
+    """
+    text = read_text(path, "spec file", SpecError, limits)
+    return parse_spec(text, file=str(path), trust_code=trust_code, limits=limits)
 
 
-def parse_spec(text: str, file: str | None = None) -> GraphSpec:
-    """Parse and validate a YAML graph spec given as text."""
-    return spec_from_dict(read_yaml(text, file), file=file)
+def parse_spec(text: str, file: str | None = None, *, trust_code: bool = False,
+               limits: Limits | None = None) -> GraphSpec:
+    """Parse and validate a YAML graph spec given as text (see :func:`load_spec`)."""
+    return spec_from_dict(read_yaml(text, file, SpecError, limits), file=file,
+                          trust_code=trust_code, limits=limits)
 
 
 # --- validation ----------------------------------------------------------------------------------
 
 
 class _Ctx:
-    """Where we are in the document, for error messages."""
+    """Where we are in the document, for error messages, and what the document may do."""
 
-    def __init__(self, file: str | None) -> None:
+    def __init__(self, file: str | None, trust_code: bool, limits: Limits) -> None:
         self.file = file
+        self.trust_code = trust_code
+        self.limits = limits
+        self.trusted: set[str] = set()  # code targets already checked (repeat bodies recur)
+        self.nodes = 0  # graph nodes so far, after unrolling
+        self.values = 0  # values in node arguments so far, with parameters expanded
+        # id of a parameter's list/mapping value -> (values it expands to, its depth); kept for
+        # the whole load, so the ids stay those of the live parameter values
+        self.weights: dict[int, tuple[int, int]] = {}
+        self.plain: dict[int, Any] = {}  # id of a parameter's value -> its plain copy, shared
+
+    def weigh(self, value: Any, container: Any, key: Any, path: str, remember: bool = False,
+              depth: int = 0) -> tuple[int, int]:
+        """(values, depth) of ``value`` once expanded, refusing more than the limits allow.
+
+        ``$name`` substitution shares one parameter object among its uses, so ``b: [$a, $a]``,
+        ``c: [$b, $b]``... doubles the expanded size at each step while the file stays small;
+        sizes of parameter values are memoised by id, so weighing is linear in the file.
+        """
+        if not isinstance(value, (dict, list)):
+            return 1, 0
+        known = self.weights.get(id(value))
+        if known is None:
+            if depth > self.limits.max_depth:
+                self.fail(f"nested more than {self.limits.max_depth} levels deep "
+                          f"(Limits.max_depth)", container, key, path)
+            size, deepest = 1, 0
+            for item in (value.values() if isinstance(value, dict) else value):
+                n, d = self.weigh(item, container, key, path, remember, depth + 1)
+                size, deepest = size + n, max(deepest, d)
+            known = (size, deepest + 1)
+            if remember:
+                self.weights[id(value)] = known
+        if depth + known[1] > self.limits.max_depth:
+            self.fail(f"nested more than {self.limits.max_depth} levels deep (Limits.max_depth)",
+                      container, key, path)
+        if known[0] > self.limits.max_yaml_nodes:
+            self.fail(f"expands to more than {self.limits.max_yaml_nodes} values "
+                      f"(Limits.max_yaml_nodes); are parameters ($name) repeating each other?",
+                      container, key, path)
+        return known
+
+    def count_values(self, value: Any, container: Any, key: Any, path: str) -> None:
+        """Add what ``value`` expands to to the document's total (every node copies its
+        arguments), refusing a total beyond ``Limits.max_yaml_nodes``."""
+        self.values += self.weigh(value, container, key, path)[0]
+        if self.values > self.limits.max_yaml_nodes:
+            self.fail(f"the arguments of all nodes expand to more than "
+                      f"{self.limits.max_yaml_nodes} values (Limits.max_yaml_nodes)", container,
+                      key, path)
+
+    def check_code(self, target: str, container: Any, key: Any, path: str) -> None:
+        if target not in self.trusted:
+            check_code(target, trust_code=self.trust_code, file=self.file,
+                       line=line_of(container, key), key=path)
+            self.trusted.add(target)
 
     def fail(self, msg: str, container: Any = None, key: Any = None, path: str | None = None):
         line = line_of(container, key) if container is not None else None
@@ -84,9 +149,9 @@ def _check_keys(ctx: _Ctx, m: dict, allowed: set[str], required: set[str], where
 
 def _expect(ctx: _Ctx, value: Any, types: type | tuple, what: str, container, key, path) -> Any:
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        ctx.fail(f"expected {what}, got a boolean ({value!r})", container, key, path)
+        ctx.fail(f"expected {what}, got {describe(value)}", container, key, path)
     if not isinstance(value, types):
-        ctx.fail(f"expected {what}, got {type(value).__name__} ({value!r})", container, key, path)
+        ctx.fail(f"expected {what}, got {describe(value)}", container, key, path)
     return value
 
 
@@ -94,18 +159,21 @@ _TOP_KEYS = {"name", "dims", "params", "inputs", "weights", "nodes", "outputs", 
              "description"}
 
 
-def spec_from_dict(doc: Any, file: str | None = None) -> GraphSpec:
-    """Validate a raw spec document (from YAML or the builder) and expand it."""
-    ctx = _Ctx(file)
+def spec_from_dict(doc: Any, file: str | None = None, *, trust_code: bool = False,
+                   limits: Limits | None = None) -> GraphSpec:
+    """Validate a raw spec document (from YAML or the builder) and expand it (see
+    :func:`load_spec` for ``trust_code`` and ``limits``)."""
+    ctx = _Ctx(file, trust_code, limits or DEFAULT_LIMITS)
     if not isinstance(doc, dict):
-        ctx.fail(f"a graph spec must be a mapping at the top level, got "
-                 f"{type(doc).__name__}", doc)
+        ctx.fail(f"a graph spec must be a mapping at the top level, got {describe(doc)}", doc)
     source = doc.get("source")
     _check_keys(ctx, doc, _TOP_KEYS, {"name"} | ({"nodes", "outputs", "inputs"} if source is None
                                                  else set()), "spec")
     name = _expect(ctx, doc["name"], str, "a string", doc, "name", "name")
     if not _ID.match(name.replace(".", "_")):
         ctx.fail(f"graph name '{name}' must be an identifier", doc, "name", "name")
+    if doc.get("description") is not None:
+        _expect(ctx, doc["description"], str, "a string", doc, "description", "description")
     params = _params(ctx, doc)
     dims = _dims(ctx, doc, params)
     weights = _weights(ctx, doc)
@@ -115,7 +183,10 @@ def spec_from_dict(doc: Any, file: str | None = None) -> GraphSpec:
     aliases: dict[str, str] = {}  # repeat id -> its last iteration's output
     nodes = _nodes(ctx, doc, params, {i.name for i in inputs}, aliases)
     outputs = tuple(_alias(o, aliases) for o in _outputs(ctx, doc))
-    return GraphSpec(name, inputs, nodes, outputs, dims, weights, None, file)
+    raw_outputs = doc["outputs"]
+    output_lines = tuple(line_of(raw_outputs, i) if isinstance(raw_outputs, list)
+                         else line_of(doc, "outputs") for i in range(len(outputs)))
+    return GraphSpec(name, inputs, nodes, outputs, dims, weights, None, file, output_lines)
 
 
 def _params(ctx: _Ctx, doc: dict) -> dict[str, Any]:
@@ -127,6 +198,9 @@ def _params(ctx: _Ctx, doc: dict) -> dict[str, Any]:
             ctx.fail(f"parameter name {k!r} is not an identifier", raw, k, f"params.{k}")
         # parameters may refer to earlier parameters: d_ff: ${4 * d_model}
         out[k] = _subst(ctx, v, out, raw, k, f"params.{k}")
+        ctx.weigh(out[k], raw, k, f"params.{k}", remember=True)
+        if isinstance(out[k], (dict, list)):
+            ctx.plain[id(out[k])] = _plain(out[k], ctx.plain)
     return out
 
 
@@ -151,6 +225,9 @@ def _weights(ctx: _Ctx, doc: dict) -> WeightsSpec:
     _check_keys(ctx, raw, {"seed", "checkpoint"}, set(), "weights")
     seed = raw.get("seed", 0)
     _expect(ctx, seed, int, "an integer seed", raw, "seed", "weights.seed")
+    if number_problem(seed, ctx.limits) or seed < 0:
+        ctx.fail(f"seed must be an integer from 0 to {ctx.limits.max_int}, got {seed}", raw,
+                 "seed", "weights.seed")
     ckpt = raw.get("checkpoint")
     if ckpt is not None:
         _expect(ctx, ckpt, str, "a checkpoint path", raw, "checkpoint", "weights.checkpoint")
@@ -169,8 +246,8 @@ def _tensor_decl(ctx: _Ctx, name: str, raw: Any, container, path: str, params: d
     for i, d in enumerate(shape):
         d = _subst(ctx, d, params, shape, i, f"{path}.shape[{i}]")
         if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d <= 0):
-            ctx.fail(f"bad shape: dim {i} must be a positive int or a dim name, got {d!r}", shape,
-                     i, f"{path}.shape")
+            ctx.fail(f"bad shape: dim {i} must be a positive int or a dim name, got "
+                     f"{describe(d)}", shape, i, f"{path}.shape")
         dims.append(d)
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -179,6 +256,9 @@ def _tensor_decl(ctx: _Ctx, name: str, raw: Any, container, path: str, params: d
     high = _subst(ctx, raw.get("high"), params, raw, "high", f"{path}.high")
     if high is not None:
         _expect(ctx, high, int, "an integer bound", raw, "high", f"{path}.high")
+        if high <= 0:
+            ctx.fail(f"high (the exclusive bound of random integer inputs) must be positive, "
+                     f"got {high}", raw, "high", f"{path}.high")
     return InputSpec(str(name), tuple(dims), dtype, high, raw.line if isinstance(raw, Located)
                      else None)
 
@@ -206,7 +286,9 @@ def _source(ctx: _Ctx, doc: dict, params: dict) -> SourceSpec:
     if ":" not in factory:
         ctx.fail(f"'{factory}' is not of the form 'package.module:factory'", raw, "torch",
                  "source.torch")
+    ctx.check_code(factory, raw, "torch", "source.torch")
     kwargs = _subst(ctx, raw.get("kwargs") or {}, params, raw, "kwargs", "source.kwargs")
+    ctx.count_values(kwargs, raw, "kwargs", "source.kwargs")
     _expect(ctx, kwargs, dict, "a mapping of keyword arguments", raw, "kwargs", "source.kwargs")
     ex = raw["example_inputs"]
     _expect(ctx, ex, dict, "a mapping of input names to {shape, dtype}", raw, "example_inputs",
@@ -215,7 +297,7 @@ def _source(ctx: _Ctx, doc: dict, params: dict) -> SourceSpec:
     for k, v in ex.items():
         spec = _tensor_decl(ctx, k, v, ex, f"source.example_inputs.{k}", params)
         examples[k] = {"shape": list(spec.shape), "dtype": spec.dtype, "high": spec.high}
-    return SourceSpec(factory, _plain(kwargs), examples)
+    return SourceSpec(factory, _plain(kwargs, ctx.plain), examples)
 
 
 def _outputs(ctx: _Ctx, doc: dict) -> tuple[str, ...]:
@@ -248,6 +330,9 @@ def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
     _expect(ctx, raw, list, "a list of nodes", doc, "nodes", "nodes")
     if not raw:
         ctx.fail("a graph needs at least one node", doc, "nodes", "nodes")
+    if len(raw) > ctx.limits.max_nodes:
+        ctx.fail(f"{len(raw)} nodes, more than {ctx.limits.max_nodes} (Limits.max_nodes)", doc,
+                 "nodes", "nodes")
     out: list[NodeSpec] = []
     seen: dict[str, int | None] = {n: None for n in input_names}
 
@@ -258,6 +343,7 @@ def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
             ctx.fail(f"duplicate id '{node.id}' (already used by {what})", container, key, path)
         seen[node.id] = node.line
         out.append(node)
+        ctx.nodes += 1
 
     for i, item in enumerate(raw):
         path = f"nodes[{i}]"
@@ -283,12 +369,14 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
     args = item.get("args") or {}
     _expect(ctx, args, dict, "a mapping of arguments", item, "args", f"{path}.args")
     args = _subst(ctx, args, params, item, "args", f"{path}.args")
+    ctx.count_values(args, item, "args", f"{path}.args")
     if "module" in item:
         target = _expect(ctx, item["module"], str, "'package.module:Name'", item, "module",
                          f"{path}.module")
         if ":" not in target:
             ctx.fail(f"module '{target}' is not of the form 'package.module:Name'", item,
                      "module", f"{path}.module")
+        ctx.check_code(target, item, "module", f"{path}.module")
         op, args = "module", {"target": target, "kwargs": args}
     else:
         op = _expect(ctx, item["op"], str, "an op name", item, "op", f"{path}.op")
@@ -306,6 +394,11 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
             if k not in args:
                 ctx.fail(f"op '{op}' needs argument '{k}'", item, "args" if "args" in item
                          else "op", f"{path}.args.{k}")
+        for k, v in args.items():
+            if isinstance(v, str) and _NUMERIC_TEXT.match(v):
+                ctx.fail(f"argument '{k}' is the text '{v}', not a number (YAML reads e-notation "
+                         f"as a number only with a '.' and a signed exponent, 1.0e+11); write "
+                         f"'${{{v.replace('_', '')}}}' or the digits", args, k, f"{path}.args.{k}")
     inputs = item.get("inputs", [])
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -322,7 +415,8 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
         base = local.get(base, aliases.get(base, base))
         refs.append(base + (f":{idx_s}" if sep else ""))
     line = item.lines.get("id") if isinstance(item, Located) else None
-    return NodeSpec(node_id or raw_id, op, _plain(args), tuple(refs), layer, group, line)
+    return NodeSpec(node_id or raw_id, op, _plain(args, ctx.plain), tuple(refs), layer, group,
+                    line)
 
 
 def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
@@ -332,12 +426,19 @@ def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
     _expect(ctx, count, int, "a positive repeat count", item, "repeat", f"{path}.repeat")
     if count <= 0:
         ctx.fail(f"repeat count must be positive, got {count}", item, "repeat", f"{path}.repeat")
+    if count > ctx.limits.max_repeat:
+        ctx.fail(f"repeat count {count} is more than {ctx.limits.max_repeat} "
+                 f"(Limits.max_repeat)", item, "repeat", f"{path}.repeat")
     rid = _expect(ctx, item["id"], str, "a string id", item, "id", f"{path}.id")
     if not _ID.match(rid):
         ctx.fail(f"repeat id '{rid}' is not an identifier", item, "id", f"{path}.id")
     body = _expect(ctx, item["nodes"], list, "a list of nodes", item, "nodes", f"{path}.nodes")
     if not body:
         ctx.fail("a repeat block needs at least one node", item, "nodes", f"{path}.nodes")
+    if ctx.nodes + count * len(body) > ctx.limits.max_nodes:  # refused before unrolling
+        ctx.fail(f"{count} x {len(body)} nodes would make the graph larger than "
+                 f"{ctx.limits.max_nodes} nodes (Limits.max_nodes)", item, "repeat",
+                 f"{path}.repeat")
     local_ids = []
     for j, b in enumerate(body):
         _expect(ctx, b, dict, "a node mapping", body, j, f"{path}.nodes[{j}]")
@@ -369,58 +470,45 @@ def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
 
 # --- $param substitution -------------------------------------------------------------------------
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.FloorDiv: operator.floordiv, ast.Div: operator.truediv, ast.Mod: operator.mod,
-           ast.Pow: operator.pow}
 
-
-def _eval(expr: str, params: dict[str, Any]) -> Any:
-    """Evaluate arithmetic over parameters without ``eval``: numbers, names, + - * / // % **."""
-
-    def ev(n: ast.AST) -> Any:
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)):
-            return n.value
-        if isinstance(n, ast.Name):
-            if n.id not in params:
-                raise KeyError(n.id)
-            return params[n.id]
-        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
-            return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
-        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
-            return -ev(n.operand)
-        raise ValueError(f"unsupported expression element '{ast.dump(n)[:40]}'")
-
-    value = ev(ast.parse(expr, mode="eval"))
-    if isinstance(value, float) and value.is_integer() and "/" not in expr.replace("//", ""):
-        value = int(value)
-    return value
-
-
-def _subst(ctx: _Ctx, value: Any, params: dict[str, Any], container, key, path: str) -> Any:
-    """Replace ``$name`` and ``${expr}`` strings (recursively) with parameter values."""
+def _subst(ctx: _Ctx, value: Any, params: dict[str, Any], container, key, path: str,
+           depth: int = 0) -> Any:
+    """Replace ``$name`` and ``${expr}`` strings (recursively) with parameter values, and
+    refuse numbers beyond ``Limits.max_int`` (see :mod:`fastserve.graph.expr`)."""
+    if depth > ctx.limits.max_depth:  # a document built in Python has no YAML depth check
+        ctx.fail(f"nested more than {ctx.limits.max_depth} levels deep (Limits.max_depth)",
+                 container, key, path)
     if isinstance(value, dict):
-        return located_like(value, {k: _subst(ctx, v, params, value, k, f"{path}.{k}")
-                                 for k, v in value.items()})
+        return located_like(value, {k: _subst(ctx, v, params, value, k, f"{path}.{k}", depth + 1)
+                                    for k, v in value.items()})
     if isinstance(value, list):
-        return [_subst(ctx, v, params, value, i, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_subst(ctx, v, params, value, i, f"{path}[{i}]", depth + 1)
+                for i, v in enumerate(value)]
     if isinstance(value, str) and value.startswith("$") and value != "$in":
         expr = value[2:-1] if value.startswith("${") and value.endswith("}") else value[1:]
+        shown = value if len(value) <= 60 else value[:57] + "..."
         try:
-            return _eval(expr, params)
+            return evaluate(expr, params, ctx.limits)
         except KeyError as e:
-            ctx.fail(f"undefined parameter '{e.args[0]}' in '{value}'; defined: "
+            ctx.fail(f"undefined parameter '{e.args[0]}' in '{shown}'; defined: "
                      f"{', '.join(sorted(params)) or 'none'}", container, key, path)
-        except (SyntaxError, ValueError, TypeError, ZeroDivisionError) as e:
-            ctx.fail(f"cannot evaluate '{value}': {e}", container, key, path)
+        except ExprError as e:
+            ctx.fail(f"cannot evaluate '{shown}': {e}", container, key, path)
+    problem = number_problem(value, ctx.limits)
+    if problem:
+        ctx.fail(problem, container, key, path)
     return value
 
 
-def _plain(value: Any) -> Any:
-    """Strip line-tracking types: specs hold plain dicts and lists."""
+def _plain(value: Any, shared: dict[int, Any] | None = None) -> Any:
+    """Strip line-tracking types: specs hold plain dicts and lists. ``shared`` maps the ids of
+    parameter values to their plain copies: every node using ``$p`` gets that one copy (no
+    code mutates node arguments), so a large parameter used by many nodes is copied once."""
+    if shared and id(value) in shared:
+        return shared[id(value)]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, shared) if isinstance(v, (dict, list)) else v
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, shared) if isinstance(v, (dict, list)) else v for v in value]
     return value

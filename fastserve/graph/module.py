@@ -9,6 +9,7 @@ nodes are read (``<node id>.<param name>`` keys; safetensors files are memory-ma
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -44,6 +45,7 @@ def build_nodes(graph: Graph, node_ids: Iterable[str] | None = None,
         from fastserve.graph.capture import build_captured_nodes
 
         return build_captured_nodes(graph, ids, weights)
+    ensure_memory(graph, ids, "the weights", lambda d: d["params_bytes"] + d["borrowed_bytes"])
     modules = {n: _seeded(graph, n, weights.seed) for n in ids}
     if weights.checkpoint:
         load_checkpoint(modules, weights.checkpoint, base=graph.spec.file)
@@ -51,6 +53,42 @@ def build_nodes(graph: Graph, node_ids: Iterable[str] | None = None,
     for m in modules.values():
         m.eval()
     return modules
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still allocate without swapping (Linux MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def ensure_memory(graph: Graph, node_ids: Iterable[str], what: str, size,
+                  factor: int = 1) -> None:
+    """Refuse, before allocating, to build ``what`` when ``factor`` x the sum of ``size(node
+    data)`` over ``node_ids`` exceeds this machine's available memory: torch's own failure is
+    an allocator message (or the kernel's OOM killer), not a pointer at the spec."""
+    sizes = {n: size(graph.node(n)) * factor for n in node_ids}
+    need, free = sum(sizes.values()), available_memory()
+    if free is None or need <= free:
+        return
+    big = max(sizes, key=sizes.__getitem__)
+    raise SpecError(f"{what} of graph '{graph.name}' need {_gb(need)}, more than the "
+                    f"{_gb(free)} this machine has available; the largest part is node '{big}' "
+                    f"({_gb(sizes[big])}): make its sizes smaller, or shard the graph over "
+                    f"several hosts (fastserve plan)", file=graph.spec.file,
+                    line=graph.node(big).get("line"), key="args")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"
 
 
 def _seeded(graph: Graph, node_id: str, seed: int) -> nn.Module:
@@ -208,8 +246,16 @@ def random_inputs(graph: Graph, batch: int, dims: Mapping[str, int] | None = Non
     sizes = {**graph.dims, **(dims or {}), "batch": batch}
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for spec in graph.spec.inputs:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+    shapes = [tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+              for spec in graph.spec.inputs]
+    need = sum(_numel(s) * torch_dtype(spec.dtype).itemsize
+               for s, spec in zip(shapes, graph.spec.inputs))
+    free = available_memory()
+    if free is not None and need > free:
+        raise SpecError(f"random inputs of batch {batch} need {_gb(need)}, more than the "
+                        f"{_gb(free)} this machine has available; use a smaller batch or "
+                        f"smaller input dims", file=graph.spec.file, key="inputs")
+    for spec, shape in zip(graph.spec.inputs, shapes):
         dtype = torch_dtype(spec.dtype)
         if dtype.is_floating_point:
             out[spec.name] = torch.randn(shape, generator=gen, dtype=dtype)
@@ -224,4 +270,23 @@ def random_inputs(graph: Graph, batch: int, dims: Mapping[str, int] | None = Non
 def reference(graph: Graph, inputs: Mapping[str, torch.Tensor],
               weights: WeightsSpec | None = None) -> dict[str, torch.Tensor]:
     """Run the whole graph in this process: the result every distributed run is checked against."""
-    return build_reference(graph, weights)(inputs)
+    module = build_reference(graph, weights)
+    batch = next((t.shape[0] for t in inputs.values() if t.dim()), 1)
+    ensure_activations(graph, batch)
+    return module(inputs)
+
+
+def ensure_activations(graph: Graph, batch: int) -> None:
+    """Refuse a run of ``batch`` samples whose largest single output would not fit in memory
+    (a lower bound on what the run needs; the live set is larger)."""
+    biggest = max(graph, key=lambda n: graph.node(n)["out_bytes"], default=None)
+    if biggest is not None:
+        ensure_memory(graph, [biggest], f"the activations at batch {batch}",
+                      lambda d: d["out_bytes"], factor=batch)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -194,7 +194,9 @@ def _activation(name: str) -> nn.Module:
 
 
 def _import(target: str) -> Any:
-    """Resolve ``"package.module:Name"``."""
+    """Resolve ``"package.module:Name"``. Imports and so runs code: a spec read from a file
+    reaches here only after :func:`fastserve.trust.check_code` accepted ``target`` while the
+    spec was loaded (a spec built in Python is the user's own code)."""
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise SpecError(f"'{target}' is not of the form 'package.module:Name'")

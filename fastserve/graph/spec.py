@@ -70,6 +70,7 @@ class GraphSpec:
     weights: WeightsSpec = field(default_factory=WeightsSpec)
     source: SourceSpec | None = None
     file: str | None = None
+    output_lines: tuple[int | None, ...] = ()  # line of each entry of ``outputs``, if read
 
     def node(self, node_id: str) -> NodeSpec:
         for n in self.nodes:

@@ -83,8 +83,9 @@ def default_gpt3_spec() -> Path | None:
 
 def run_bench(chain_nodes: int = 10_000, chain_shards: int = 64,
               gpt3_spec: str | Path | None = None, gpt3_shards: int = 16,
-              repeat: int = 3) -> BenchReport:
-    """Time the strategies on a synthetic chain and on GPT-3 175B (if its spec is found)."""
+              repeat: int = 3, trust_code: bool = False) -> BenchReport:
+    """Time the strategies on a synthetic chain and on GPT-3 175B (if its spec is found);
+    ``trust_code`` is passed to :func:`fastserve.graph.load_spec` for that spec."""
     from fastserve.graph import compile_graph, load_spec
     from fastserve.partition.synthetic import chain_spec
     from fastserve.graph.loader import spec_from_dict
@@ -101,7 +102,7 @@ def run_bench(chain_nodes: int = 10_000, chain_shards: int = 64,
         notes.append("graphs/gpt3-175b.yaml not found: GPT-3 175B skipped (pass --gpt3 PATH)")
     else:
         t0 = time.perf_counter()
-        gpt3 = compile_graph(load_spec(path))
+        gpt3 = compile_graph(load_spec(path, trust_code=trust_code))
         graphs.append(BenchGraph(gpt3.name, len(gpt3), gpt3.params_bytes,
                                  time.perf_counter() - t0))
         rows += _bench_graph(gpt3, gpt3_shards, repeat)

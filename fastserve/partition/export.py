@@ -4,7 +4,7 @@ An export directory holds one safetensors file per shard and ``manifest.json``::
 
     {"format": "fastserve-shards/1", "graph": "gpt2", "strategy": "weight", "policy": {...},
      "dims": {"seq": 16}, "seed": 0,
-     "spec": {"file": "graph.yaml", "sha256": "..."},          # a copy of the graph spec
+     "spec": {"file": "graph.yaml", "sha256": "...", "bytes": 1234},  # a copy of the spec
      "shards": [{"index": 0, "file": "shard-000.safetensors", "sha256": "...", "bytes": 123,
                  "nodes": [...], "inputs": [...], "outputs": [...],
                  "tensors": ["wte.weight", ...], "aliases": {"lm_head.weight": "wte.weight"}}]}
@@ -12,19 +12,21 @@ An export directory holds one safetensors file per shard and ``manifest.json``::
 A shard file holds the weights of that shard's nodes under ``<node id>.<name>`` keys, including
 a copy of any tied tensor owned by another shard, so a rank needs nothing but its own file (and
 the spec). A tensor reachable under several names within one shard is stored once; the other
-names are ``aliases``. :func:`load_shard` checks the file's sha256 against the manifest before
-reading it and refuses a mismatch with a :class:`WeightsError` naming the file.
+names are ``aliases``.
+
+Reading an export back is :mod:`fastserve.partition.manifest`'s job: :func:`load_manifest`
+validates the manifest, confines every path to the directory and verifies every hash before it
+returns; :func:`load_shard` hashes the bytes of its shard file that it then parses.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,11 +35,18 @@ from fastserve.errors import WeightsError
 from fastserve.graph.graph import Graph
 from fastserve.graph.module import SubgraphModule, build_nodes
 from fastserve.graph.spec import WeightsSpec
+from fastserve.partition.manifest import (FORMAT, MANIFEST, ManifestError, check_hash,
+                                          exported_spec, load_manifest, read_verified,
+                                          sha256_file)
 from fastserve.partition.sharding import Sharding
 
-FORMAT = "fastserve-shards/1"
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from fastserve.limits import Limits
+
 SPEC_COPY = "graph.yaml"
+# re-exported: these lived here before the manifest reader had a module of its own
+__all__ = ["FORMAT", "MANIFEST", "SPEC_COPY", "ManifestError", "check_hash", "export",
+           "load_manifest", "load_shard", "sha256_file"]
 
 
 def export(sharding: Sharding, directory: str | Path,
@@ -53,7 +62,8 @@ def export(sharding: Sharding, directory: str | Path,
     spec_entry = None
     if graph.spec.file and Path(graph.spec.file).is_file():
         shutil.copyfile(graph.spec.file, out / SPEC_COPY)
-        spec_entry = {"file": SPEC_COPY, "sha256": sha256_file(out / SPEC_COPY)}
+        spec_entry = {"file": SPEC_COPY, "sha256": sha256_file(out / SPEC_COPY),
+                      "bytes": (out / SPEC_COPY).stat().st_size}
     entries = []
     for shard in sharding.shards:
         modules = build_nodes(graph, shard.nodes, weights)
@@ -76,53 +86,54 @@ def export(sharding: Sharding, directory: str | Path,
     return path
 
 
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``manifest.json`` of an export directory."""
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"'{path}' does not exist; export shards first (fastserve partition "
-                           f"SPEC --export DIR)") from None
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read '{path}': {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise WeightsError(f"'{path}' is not a FastServe shard manifest (format {FORMAT})")
-    for key in ("graph", "shards", "dims", "seed"):
-        if key not in manifest:
-            raise WeightsError(f"'{path}' lacks the key '{key}'")
-    return manifest
-
-
-def load_shard(directory: str | Path, index: int, graph: Graph | None = None) -> SubgraphModule:
+def load_shard(directory: str | Path, index: int, graph: Graph | None = None, *,
+               trust_code: bool = False, limits: Limits | None = None) -> SubgraphModule:
     """Build shard ``index`` of an export alone: its nodes, with the weights of its own file.
 
-    ``graph`` defaults to the spec copied into the export, compiled at the exported dims. The
-    file's sha256 must match the manifest. Example::
+    ``graph`` defaults to the spec copied into the export (verified), compiled at the exported
+    dims; ``trust_code`` and ``limits`` apply to that spec as in
+    :func:`fastserve.graph.load_spec`. The shard file must stay inside the export and match the
+    manifest's sha256; it is read once and those very bytes are hashed and parsed (safetensors:
+    no code runs on load).
+    Example::
 
         module = load_shard("out/gpt2-4", 2)
         outputs = module({name: tensor for name in module.input_names})
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
 
-    directory = Path(directory)
-    manifest = load_manifest(directory)
+    # the driver hashed every shard already; this rank hashes the one it reads, below, on the
+    # bytes it uses, so a file replaced in between is still refused
+    manifest = load_manifest(directory, verify_shards=False)
+    where = manifest["directory"]
     shards = manifest["shards"]
-    if not isinstance(index, int) or not 0 <= index < len(shards):
-        raise WeightsError(f"export '{directory}' has {len(shards)} shards; there is no shard "
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(shards):
+        raise WeightsError(f"export '{where}' has {len(shards)} shards; there is no shard "
                            f"{index!r}")
     entry = shards[index]
+    path = Path(entry["path"])
+    # every file verified before anything is compiled; the tensors are parsed before the nodes
+    # are built and the raw bytes dropped at once, so the peak is two copies of the shard's
+    # weights (parsed tensors + module parameters), not three
+    data = read_verified(path, entry["sha256"], "shard file", size=entry["bytes"])
+    try:
+        tensors = load_safetensors(data)
+    except SafetensorError as e:
+        raise WeightsError(f"shard file '{path}' is not a valid safetensors file: {e}") from None
+    del data
     if graph is None:
-        graph = _exported_graph(directory, manifest)
+        from fastserve.graph.compiler import compile_graph
+
+        graph = compile_graph(exported_spec(manifest, trust_code=trust_code, limits=limits),
+                              manifest["dims"])
     if graph.name != manifest["graph"]:
-        raise WeightsError(f"export '{directory}' is of graph '{manifest['graph']}', not "
+        raise WeightsError(f"export '{where}' is of graph '{manifest['graph']}', not "
                            f"'{graph.name}'")
     unknown = [n for n in entry["nodes"] if n not in graph.nx]
     if unknown:
-        raise WeightsError(f"shard {index} of export '{directory}' holds nodes {unknown[:5]} that "
+        raise WeightsError(f"shard {index} of export '{where}' holds nodes {unknown[:5]} that "
                            f"graph '{graph.name}' does not have")
-    path = directory / entry["file"]
-    check_hash(path, entry["sha256"])
     # build the nodes (seeded; never from the spec's own checkpoint), then overwrite every
     # tensor from the shard file: the file is the source of truth
     seeded = dataclasses.replace(graph.spec.weights, seed=manifest["seed"], checkpoint=None)
@@ -131,41 +142,20 @@ def load_shard(directory: str | Path, index: int, graph: Graph | None = None) ->
         # an in-process capture hands out the captured model's own modules: do not overwrite
         # the user's model with the file's tensors (one deepcopy keeps tied tensors shared)
         modules = copy.deepcopy(modules)
-    aliases = entry.get("aliases", {})
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        with torch.no_grad():
-            for node, module in modules.items():
-                for name, dst in module.state_dict(keep_vars=True).items():
-                    key = aliases.get(f"{node}.{name}", f"{node}.{name}")
-                    if key not in keys:
-                        raise WeightsError(f"shard file '{path}' lacks tensor '{key}'")
-                    src = f.get_tensor(key)
-                    if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
-                        raise WeightsError(f"shard file '{path}' tensor '{key}' is "
-                                           f"{tuple(src.shape)} {src.dtype}, the graph expects "
-                                           f"{tuple(dst.shape)} {dst.dtype}")
-                    dst.copy_(src)
+    aliases = entry["aliases"]
+    with torch.no_grad():
+        for node, module in modules.items():
+            for name, dst in module.state_dict(keep_vars=True).items():
+                key = aliases.get(f"{node}.{name}", f"{node}.{name}")
+                src = tensors.get(key)
+                if src is None:
+                    raise WeightsError(f"shard file '{path}' lacks tensor '{key}'")
+                if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
+                    raise WeightsError(f"shard file '{path}' tensor '{key}' is "
+                                       f"{tuple(src.shape)} {src.dtype}, the graph expects "
+                                       f"{tuple(dst.shape)} {dst.dtype}")
+                dst.copy_(src)
     return SubgraphModule(graph, modules, entry["inputs"], entry["outputs"])
-
-
-def check_hash(path: Path, expected: str, what: str = "shard file") -> None:
-    """Refuse a file whose sha256 is not ``expected``, naming the file."""
-    if not path.is_file():
-        raise WeightsError(f"{what} '{path}' does not exist")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise WeightsError(f"{what} '{path}' has sha256 {actual[:16]}..., the manifest "
-                           f"records {expected[:16]}...: the file was modified or corrupted "
-                           f"after export; export the shards again")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_tensors(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor],
@@ -193,19 +183,6 @@ def _keys(path: Path) -> list[str]:
 
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
-
-
-def _exported_graph(directory: Path, manifest: dict[str, Any]) -> Graph:
-    from fastserve.graph.compiler import compile_graph
-    from fastserve.graph.loader import load_spec
-
-    spec = manifest.get("spec")
-    if not spec:
-        raise WeightsError(f"export '{directory}' holds no spec (its graph was not loaded from a "
-                           f"file); pass graph= to load_shard")
-    path = directory / spec["file"]
-    check_hash(path, spec["sha256"], "spec file")
-    return compile_graph(load_spec(path), manifest["dims"])
 
 
 def _jsonable(value: Any) -> Any:

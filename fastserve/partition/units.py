@@ -29,8 +29,12 @@ def parse_bytes(text: str | int | float, what: str = "size") -> int:
     if isinstance(text, bool):
         raise PartitionError(f"{what}: expected a size such as 2GB or 512MiB, got {text!r}")
     if isinstance(text, (int, float)):
+        if isinstance(text, int) and text.bit_length() > 100:  # float() would overflow
+            raise PartitionError(f"{what}: {text} is too large to be a size")
         value, unit = float(text), ""
     else:
+        if len(str(text)) > 64:  # also keeps the regex's backtracking short
+            raise PartitionError(f"{what}: {str(text)[:20]!r}... is too long to be a size")
         m = _SIZE.match(str(text))
         if not m:
             raise PartitionError(f"{what}: cannot read {text!r} as a size; write a number with "

@@ -35,11 +35,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from fastserve.errors import ProfileError
 from fastserve.graph import Graph
 from fastserve.partition.sharding import Shard
 from fastserve.resources.inventory import Host, Link
+from fastserve.yamlio import read_text
 
 REFERENCE_FLOPS = 20e9  # FLOP/s of one reference core (speed 1.0) when nothing is measured
 THREAD_EFFICIENCY = 0.8  # each extra thread adds this fraction of one thread's speed
@@ -82,14 +84,64 @@ class Profile:
 
     @staticmethod
     def load(path: str | Path) -> Profile:
-        doc = json.loads(Path(path).read_text())
-        return Profile(doc["node_seconds"], doc["host_flops"], doc.get("dims", {}),
-                       doc.get("node_times", {}), message_seconds=doc.get("message_seconds"))
+        """Read a profile written by ``fastserve profile``; anything malformed is a
+        :class:`ProfileError` naming the file (and the line of a JSON syntax error) and key."""
+        file = str(path)
+        text = read_text(path, "profile", ProfileError)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"invalid JSON: {e.msg}", file=file, line=e.lineno) from None
+        except RecursionError:
+            raise ProfileError("invalid JSON: nested too deeply", file=file) from None
+        if not isinstance(doc, dict):
+            raise ProfileError(f"expected a JSON object, got {type(doc).__name__}", file=file)
+        for key in ("node_seconds", "host_flops"):
+            if key not in doc:
+                raise ProfileError(f"missing key '{key}'; write profiles with fastserve "
+                                   f"profile", file=file, key=key)
+        node_seconds = _numbers(doc, "node_seconds", file)
+        host_flops = _numbers(doc, "host_flops", file, positive=True)
+        dims = _numbers(doc, "dims", file, positive=True)
+        if any(not isinstance(v, int) for v in dims.values()):
+            raise ProfileError("dim sizes must be integers", file=file, key="dims")
+        times = doc.get("node_times") or {}
+        if not isinstance(times, dict):
+            raise ProfileError("expected an object of node -> [[batch, seconds], ...]",
+                               file=file, key="node_times")
+        for node, pairs in times.items():
+            if not isinstance(pairs, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(_is_number(x) and x >= 0
+                                                                for x in p) for p in pairs):
+                raise ProfileError("expected a list of [batch, seconds] pairs", file=file,
+                                   key=f"node_times.{node}")
+        message = doc.get("message_seconds")
+        if message is not None and not (_is_number(message) and message >= 0):
+            raise ProfileError(f"expected seconds, got {str(message)[:40]}", file=file,
+                               key="message_seconds")
+        return Profile(node_seconds, host_flops, dims, times, message_seconds=message)
 
     @property
     def reference_flops(self) -> float:
         """FLOP/s per thread of the host the node times were measured on."""
         return max(self.host_flops.values()) if self.host_flops else REFERENCE_FLOPS
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(doc: dict, key: str, file: str, positive: bool = False) -> dict[str, float]:
+    """``doc[key]``, an object of names to finite non-negative (or positive) numbers."""
+    value = doc.get(key) or {}
+    if not isinstance(value, dict):
+        raise ProfileError(f"expected an object of names to numbers, got "
+                           f"{type(value).__name__}", file=file, key=key)
+    for name, x in value.items():
+        if not _is_number(x) or x < 0 or (positive and x == 0):
+            raise ProfileError(f"expected a {'positive' if positive else 'non-negative'} "
+                               f"number, got {str(x)[:40]}", file=file, key=f"{key}.{name}")
+    return value
 
 
 def speedup(threads: int) -> float:

@@ -19,14 +19,16 @@ machine. Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastserve.errors import InventoryError, PartitionError
+from fastserve.limits import DEFAULT_LIMITS, Limits
 from fastserve.partition.units import parse_bytes
-from fastserve.yamlio import line_of, read_yaml
+from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
 LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
 # ipc between processes of one machine, as `fastserve bench transport` measured a FastServe
@@ -98,25 +100,28 @@ def local_inventory() -> Inventory:
     return Inventory("local", (Host("local", "localhost", machine_cores(), machine_memory()),))
 
 
-def load_inventory(path: str | Path) -> Inventory:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except (FileNotFoundError, IsADirectoryError):
-        raise InventoryError(f"host inventory '{p}' does not exist") from None
-    return parse_inventory(read_yaml(text, str(p), InventoryError), str(p))
+def load_inventory(path: str | Path, limits: Limits | None = None) -> Inventory:
+    """Read and validate a host inventory YAML file (``limits`` bounds the work it may cause)."""
+    text = read_text(path, "host inventory", InventoryError, limits)
+    return parse_inventory(read_yaml(text, str(path), InventoryError, limits), str(path),
+                           limits)
 
 
 class _Reader:
-    def __init__(self, file: str | None) -> None:
+    def __init__(self, file: str | None, limits: Limits) -> None:
         self.file = file
+        self.limits = limits
 
     def fail(self, msg: str, container: Any, key: Any, path: str) -> None:
         raise InventoryError(msg, file=self.file, line=line_of(container, key), key=path)
 
-    def keys(self, m: Any, allowed: set[str], required: set[str], path: str) -> None:
+    def keys(self, m: Any, allowed: set[str], required: set[str], path: str,
+             parent: Any = None, index: Any = None) -> None:
+        """Check a mapping's keys; ``parent[index]`` is where it sits, for the line of a
+        value that is not a mapping at all."""
         if not isinstance(m, dict):
-            self.fail(f"expected a mapping, got {type(m).__name__}", m, None, path)
+            self.fail(f"expected a mapping, got {describe(m)}",
+                      parent if parent is not None else m, index, path or "inventory")
         for k in m:
             if k not in allowed:
                 self.fail(f"unknown key '{k}'; expected one of {', '.join(sorted(allowed))}",
@@ -128,23 +133,33 @@ class _Reader:
         try:
             return parse_bytes(m[key], path)
         except PartitionError as e:
-            self.fail(str(e), m, key, path)
+            self.fail(str(e).removeprefix(f"{path}: "), m, key, path)
             raise AssertionError("unreachable")
 
     def number(self, m: dict, key: str, path: str, positive: bool = True) -> float:
         v = m[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and v <= 0):
-            self.fail(f"expected a positive number, got {v!r}", m, key, path)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and v <= 0) \
+                or not math.isfinite(v) or abs(v) > self.limits.max_int:
+            self.fail(f"expected a positive number up to {self.limits.max_int}, got "
+                      f"{str(v)[:40]}", m, key, path)
         return float(v)
 
+    def text(self, m: dict, key: str, path: str) -> str:
+        v = m[key]
+        if isinstance(v, (dict, list)) or v is None:
+            self.fail(f"expected a name, got {describe(v)}", m, key, path)
+        return str(v)
 
-def parse_inventory(doc: Any, file: str | None = None) -> Inventory:
+
+def parse_inventory(doc: Any, file: str | None = None, limits: Limits | None = None) -> Inventory:
     """Validate a raw inventory document."""
-    r = _Reader(file)
+    r = _Reader(file, limits or DEFAULT_LIMITS)
     r.keys(doc, {"name", "defaults", "hosts", "links", "description"}, {"hosts"}, "")
-    name = str(doc.get("name", Path(file).stem if file else "inventory"))
+    name = r.text(doc, "name", "name") if "name" in doc else \
+        (Path(file).stem if file else "inventory")
     default = _link(r, doc.get("defaults") or {}, "defaults", Link(DEFAULT_BANDWIDTH,
-                                                                    DEFAULT_LATENCY))
+                                                                    DEFAULT_LATENCY), doc,
+                    "defaults")
     raw_hosts = doc["hosts"]
     if not isinstance(raw_hosts, list) or not raw_hosts:
         r.fail("expected a non-empty list of hosts", doc, "hosts", "hosts")
@@ -152,41 +167,51 @@ def parse_inventory(doc: Any, file: str | None = None) -> Inventory:
     for i, h in enumerate(raw_hosts):
         path = f"hosts[{i}]"
         r.keys(h, {"name", "address", "cores", "memory", "speed", "flops", "devices"},
-               {"name", "address"}, path)
-        if any(x.name == str(h["name"]) for x in hosts):
-            r.fail(f"duplicate host name '{h['name']}'", h, "name", f"{path}.name")
-        local = str(h["address"]) in LOCAL_ADDRESSES
+               {"name", "address"}, path, raw_hosts, i)
+        host_name = r.text(h, "name", f"{path}.name")
+        address = r.text(h, "address", f"{path}.address")
+        if any(x.name == host_name for x in hosts):
+            r.fail(f"duplicate host name '{host_name}'", h, "name", f"{path}.name")
+        local = address in LOCAL_ADDRESSES
         for key in ("cores", "memory"):
             if key not in h and not local:
-                r.fail(f"host '{h['name']}' at {h['address']} needs '{key}' (only local hosts "
+                r.fail(f"host '{host_name}' at {address} needs '{key}' (only local hosts "
                        f"are detected)", h, None, f"{path}.{key}")
         cores = int(r.number(h, "cores", f"{path}.cores")) if "cores" in h else machine_cores()
         memory = r.size(h, "memory", f"{path}.memory") if "memory" in h else machine_memory()
         speed = r.number(h, "speed", f"{path}.speed") if "speed" in h else 1.0
         flops = r.number(h, "flops", f"{path}.flops") if "flops" in h else None
         devices = []
-        for j, d in enumerate(h.get("devices") or []):
+        raw_devices = h.get("devices") or []
+        if not isinstance(raw_devices, list):
+            r.fail("expected a list of devices", h, "devices", f"{path}.devices")
+        for j, d in enumerate(raw_devices):
             dpath = f"{path}.devices[{j}]"
-            r.keys(d, {"name", "kind", "memory"}, {"name", "memory"}, dpath)
-            devices.append(Device(str(d["name"]), str(d.get("kind", "cuda")),
+            r.keys(d, {"name", "kind", "memory"}, {"name", "memory"}, dpath, raw_devices, j)
+            devices.append(Device(r.text(d, "name", f"{dpath}.name"),
+                                  r.text(d, "kind", f"{dpath}.kind") if "kind" in d else "cuda",
                                   r.size(d, "memory", f"{dpath}.memory")))
-        hosts.append(Host(str(h["name"]), str(h["address"]), cores, memory, speed, flops,
-                          tuple(devices)))
+        hosts.append(Host(host_name, address, cores, memory, speed, flops, tuple(devices)))
     names = {h.name for h in hosts}
     links: dict[frozenset[str], Link] = {}
-    for i, ln in enumerate(doc.get("links") or []):
+    raw_links = doc.get("links") or []
+    if not isinstance(raw_links, list):
+        r.fail("expected a list of links", doc, "links", "links")
+    for i, ln in enumerate(raw_links):
         path = f"links[{i}]"
-        r.keys(ln, {"between", "bandwidth", "latency_us"}, {"between"}, path)
+        r.keys(ln, {"between", "bandwidth", "latency_us"}, {"between"}, path, raw_links, i)
         pair = ln["between"]
-        if not (isinstance(pair, list) and len(pair) == 2 and all(p in names for p in pair)):
-            r.fail(f"'between' must name two hosts of this inventory, got {pair!r}", ln,
-                   "between", f"{path}.between")
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(p, str) and p in names for p in pair)):
+            r.fail(f"'between' must name two hosts of this inventory, got {str(pair)[:60]}",
+                   ln, "between", f"{path}.between")
         links[frozenset(pair)] = _link(r, ln, path, default)
     return Inventory(name, tuple(hosts), default, links, file)
 
 
-def _link(r: _Reader, m: dict, path: str, fallback: Link) -> Link:
-    r.keys(m, {"bandwidth", "latency_us", "between"}, set(), path)
+def _link(r: _Reader, m: dict, path: str, fallback: Link, parent: Any = None,
+          index: Any = None) -> Link:
+    r.keys(m, {"bandwidth", "latency_us", "between"}, set(), path, parent, index)
     bandwidth = r.size(m, "bandwidth", f"{path}.bandwidth") if "bandwidth" in m \
         else fallback.bandwidth
     latency = r.number(m, "latency_us", f"{path}.latency_us") * 1e-6 if "latency_us" in m \

@@ -151,7 +151,7 @@ def test_positional_example_inputs_and_explicit_dynamic_dims():
 
 @pytest.fixture(scope="module")
 def yaml_graph() -> Graph:
-    return compile_graph(load_spec(TINY_GPT2))
+    return compile_graph(load_spec(TINY_GPT2, trust_code=True))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_yaml_spec_compiles_and_matches_the_seeded_factory(yaml_graph, yaml_run)
 def test_yaml_shards_build_from_the_spec_alone(yaml_graph, yaml_run):
     inputs, want = yaml_run
     bounds = [3, 5, len(yaml_graph)]
-    fresh = compile_graph(load_spec(TINY_GPT2))  # what a rank does: spec in, shard out
+    fresh = compile_graph(load_spec(TINY_GPT2, trust_code=True))  # what a rank does
     out = _chain(shards_from_bounds(fresh, bounds, "layer"), inputs)
     torch.testing.assert_close(out["lm_head"], want["lm_head"])
 
@@ -189,7 +189,7 @@ from fastserve.graph import compile_graph, load_spec
 from fastserve.partition.sharding import shards_from_bounds
 torch.set_num_threads(1)
 spec, bounds, index, src, dst = sys.argv[1:]
-graph = compile_graph(load_spec(spec))
+graph = compile_graph(load_spec(spec, trust_code=True))
 shard = shards_from_bounds(graph, [int(b) for b in bounds.split(",")], "layer").module(int(index))
 with torch.inference_mode():
     save_file({k: v.contiguous() for k, v in shard(load_file(src)).items()}, dst)
@@ -238,7 +238,7 @@ def test_checkpoint_weights_load_into_shards_only(tmp_path):
     save_file(state, tmp_path / "gpt2.safetensors")
     (tmp_path / "spec.yaml").write_text(
         _spec_text(extra="weights: {checkpoint: gpt2.safetensors}"))
-    graph = compile_graph(load_spec(tmp_path / "spec.yaml"))
+    graph = compile_graph(load_spec(tmp_path / "spec.yaml", trust_code=True))
     inputs = random_inputs(graph, batch=2, seed=1)
     out = _chain(shards_from_bounds(graph, [3, len(graph)], "layer"), inputs)
     torch.testing.assert_close(out["lm_head"], _eager(model, inputs)[0])
@@ -281,7 +281,7 @@ def test_in_process_capture_without_a_factory_cannot_be_rebuilt():
     ("fastserve.graph.zoo:hf_gpt2", "{n_embd: 64, n_head: 3}", CaptureError, "raised"),
 ])
 def test_bad_factory_is_a_clear_error(factory, kwargs, error, match):
-    spec = parse_spec(_spec_text(factory, kwargs), file="bad.yaml")
+    spec = parse_spec(_spec_text(factory, kwargs), file="bad.yaml", trust_code=True)
     with pytest.raises(error, match=match) as info:
         compile_graph(spec)
     assert factory.partition(":")[0] in str(info.value) or "raised" in str(info.value)
@@ -289,7 +289,7 @@ def test_bad_factory_is_a_clear_error(factory, kwargs, error, match):
 
 def test_missing_dim_size_is_a_spec_error():
     with pytest.raises(SpecError, match="dim 'seq' with no size"):
-        compile_graph(parse_spec(_spec_text(dims=""), file="nodims.yaml"))
+        compile_graph(parse_spec(_spec_text(dims=""), file="nodims.yaml", trust_code=True))
 
 
 def test_compile_does_not_allocate_weights():
@@ -298,7 +298,7 @@ def test_compile_does_not_allocate_weights():
               "n_positions": 1024}
     text = _spec_text(kwargs=json.dumps(kwargs))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    graph = compile_graph(parse_spec(text))
+    graph = compile_graph(parse_spec(text, trust_code=True))
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     assert graph.params_bytes > 800e6
     assert grown < 200e6, f"compiling grew peak memory by {grown / 1e6:.0f} MB"

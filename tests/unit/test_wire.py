@@ -12,6 +12,9 @@ from fastserve.engine.wire import DTYPES, decode, encode
 from fastserve.errors import WireError
 
 
+TIMING = {"rank": 0, "stage": 0, "recv": 1.0, "start": 1.5, "end": 2.0}
+
+
 def frames_of(tensors, **kw):
     # as ZeroMQ hands them over: zmq.Frame objects owning their bytes
     return [zmq.Frame(bytes(memoryview(f))) for f in encode("data", tensors=tensors, **kw)]
@@ -21,9 +24,9 @@ def frames_of(tensors, **kw):
 def test_every_dtype_round_trips_exactly(dtype):
     x = (torch.randn(3, 5) * 100).to(dtype)
     msg = decode(frames_of({"x": x, "empty": torch.empty(0, 7, dtype=dtype)}, request=7,
-                           micro=3, meta={"timings": [{"stage": 0}]}))
+                           micro=3, meta={"timings": [TIMING]}))
     assert (msg.kind, msg.request, msg.micro, msg.meta) == ("data", 7, 3,
-                                                            {"timings": [{"stage": 0}]})
+                                                            {"timings": [TIMING]})
     assert msg.tensors["x"].dtype == dtype and torch.equal(msg.tensors["x"], x)
     assert msg.tensors["empty"].shape == (0, 7)
 
@@ -45,11 +48,11 @@ def test_non_contiguous_tensors_are_sent_in_their_logical_order():
     ([msgpack.packb([1, 2])], "not a map"),
     ([msgpack.packb({"v": 2, "kind": "data"})], "unknown wire version 2"),
     ([msgpack.packb({"v": 1, "kind": "sudo"})], "unknown message kind"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0,
+    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
                      "tensors": [["x", "float32", [2]]]})], "truncated or padded"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0,
+    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
                      "tensors": [["x", "float32", [4]]]}), b"x" * 8], "declares 16 bytes"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0,
+    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
                      "tensors": [["x", "complex64", [1]]]}), b"x" * 8], "unknown dtype"),
     ([b"\x00" * ((1 << 20) + 1)], "exceeds"),
 ])

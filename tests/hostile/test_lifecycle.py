@@ -1,0 +1,141 @@
+"""Process life cycle: ranks follow the driver process (not the thread that started them),
+signals stop everything and leave no files, a rank's log ends with its own last words."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastserve.graph as G
+from conftest import rank_processes
+from fastserve.engine import Deployment, Layout
+
+ROOT = Path(__file__).resolve().parents[2]
+MULTIPROC = ROOT / "tests/multiproc"
+pytestmark = pytest.mark.timeout(120)
+
+
+def ranks_of(parent: int) -> list[int]:
+    """Live rank processes whose driver is ``parent``."""
+    return list(rank_processes(parent))
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_deployment_started_in_a_thread_that_ends_keeps_its_ranks():
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "dep", Deployment(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30).start()))
+    t.start()
+    t.join()
+    dep = box["dep"]
+    try:
+        time.sleep(0.5)  # PR_SET_PDEATHSIG would have killed them by now
+        assert all(r.process.poll() is None for r in dep.ranks)
+        x = G.random_inputs(dep.graph, 4)
+        torch.testing.assert_close(dep.run(x, micro_batches=2)["head"],
+                                   G.reference(dep.graph, x)["head"])
+    finally:
+        dep.stop()
+
+
+SLOW = """\
+name: slow
+inputs:
+  x: {shape: [batch, 4], dtype: float32}
+nodes:
+  - {id: fc, op: linear, args: {in_features: 4, out_features: 4}, inputs: [x]}
+  - {id: wait, module: "faulty:Slow", args: {seconds: 0.5}, inputs: [fc]}
+outputs: [wait]
+"""
+
+
+@pytest.fixture
+def slow_run(tmp_path):
+    """Start `fastserve run` on a slow 2-stage spec, with its temporary files in a folder of
+    ours; return (process, temp dir) once both ranks are loaded."""
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(SLOW)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp),
+           "PYTHONPATH": os.pathsep.join([str(MULTIPROC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastserve.cli", "run", str(spec), "--parallel", "model",
+         "--stages", "2", "--threads", "1", "--repeat", "1000", "--trust-code"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any("running a stream" in ln for ln in lines), 60), lines
+        yield proc, tmp, lines, reader
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"),
+                                                (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_stops_the_ranks_and_removes_every_file(slow_run, signum, code, word):
+    proc, tmp, lines, reader = slow_run
+    assert len(ranks_of(proc.pid)) == 2 and os.listdir(tmp)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=20) == code
+    reader.join(timeout=5)
+    assert lines and lines[-1].startswith(word), lines[-3:]
+    assert not any("Traceback" in ln for ln in lines)
+    assert wait_until(lambda: not ranks_of(proc.pid), 5), "ranks outlived the driver"
+    assert os.listdir(tmp) == [], "the socket directory or rank logs were left behind"
+
+
+def test_a_killed_driver_leaves_no_ranks_and_no_files(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    driver = textwrap.dedent(f"""
+        import time
+        from fastserve.engine import Deployment, Layout
+        dep = Deployment({str(ROOT / 'graphs/mlp.yaml')!r}, Layout(1, 2)).start()
+        print("up", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert len(ranks_of(proc.pid)) == 2 and os.listdir(tmp)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not ranks_of(proc.pid), 5), "ranks outlived their driver"
+        assert wait_until(lambda: os.listdir(tmp) == [], 5), os.listdir(tmp)
+    finally:
+        proc.kill()
+
+
+def test_a_rank_log_ends_with_its_own_last_words():
+    with Deployment(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
+        victim = dep.ranks[1]
+        logs = [Path(r.log).read_text() for r in dep.ranks]
+        assert not any("Warning" in text for text in logs), logs  # no runpy warning
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
+        reason = victim.exit_reason()
+        assert reason == "killed by SIGKILL", reason
