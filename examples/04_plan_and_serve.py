@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import fastserve as fs
-from fastserve.engine import Deployment, Layout
+from fastserve.engine import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "graphs/unet.yaml")
@@ -24,12 +24,11 @@ print(f"plan: {chosen.mode}, {chosen.replicas} x {chosen.stages}, "
       f"{chosen.micro_batches} micro-batch(es); predicted from FLOPs (no profile): "
       f"{chosen.throughput:.0f} samples/s")
 
-layout = Layout(chosen.replicas, chosen.stages, threads=chosen.ranks[0].threads)
 batches = [fs.random_inputs(graph, batch=16, seed=i) for i in range(8)]
-with Deployment(SPEC, layout) as dep:
-    dep.run(batches[0], micro_batches=chosen.micro_batches)  # warm up
+with Deployment(graph, chosen) as dep:  # exactly that plan: cut, threads, micro-batches
+    dep.run(batches[0])  # warm up
     start = time.perf_counter()
-    results = dep.run_batches(batches, micro_batches=chosen.micro_batches)
+    results = dep.run_batches(batches)
     seconds = time.perf_counter() - start
 for inputs, outputs in zip(batches, results):
     for name, expected in fs.reference(graph, inputs).items():

@@ -21,13 +21,14 @@ _EXPORTS = {
     "load_spec": "fastserve.graph", "compile_graph": "fastserve.graph",
     "capture": "fastserve.graph", "reference": "fastserve.graph",
     "random_inputs": "fastserve.graph", "verify": "fastserve.graph",
-    # partition
-    # ``fastserve.partition`` is the package; its function is ``fastserve.partition.partition``
-    "Sharding": "fastserve.partition", "validate": "fastserve.partition",
+    # partition: ``fs.partition(graph, "weight", shards=4)``; ``fastserve.partition`` is also
+    # the package, made callable (see fastserve/partition/__init__.py)
+    "partition": "fastserve", "Sharding": "fastserve.partition", "validate": "fastserve.partition",
     "export": "fastserve.partition", "load_shard": "fastserve.partition",
     # resources
     "load_inventory": "fastserve.resources.inventory", "plan": "fastserve.resources.planner",
-    "Constraints": "fastserve.resources.planner",
+    "Constraints": "fastserve.resources.planner", "Plan": "fastserve.resources.plan",
+    "load_plan": "fastserve.resources.plan",
     # engine
     "Deployment": "fastserve.engine", "Layout": "fastserve.engine",
     # errors
@@ -41,4 +42,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fastserve' has no attribute '{name}'")
+    if name == "partition":  # importing the subpackage binds it here: the callable package
+        return importlib.import_module("fastserve.partition")
     return getattr(importlib.import_module(module), name)

@@ -69,6 +69,12 @@ class WeightsError(FastServeError):
     exit_code = 4
 
 
+class SizeError(FastServeError):
+    """A byte size (``2GB``, ``512MiB``) could not be read; callers name the file or flag."""
+
+    exit_code = 2
+
+
 class PartitionError(FastServeError):
     """A graph could not be cut as asked (too many shards, infeasible memory caps, ...)."""
 

@@ -13,14 +13,7 @@ import click
 from fastserve.cli.app import bench, cli, run_cli
 
 # importing registers the commands
-from fastserve.cli import graph as _graph  # noqa: F401,E402
-
-for _name in ("partition", "engine", "resources"):
-    try:
-        __import__(f"fastserve.cli.{_name}")
-    except ModuleNotFoundError as _e:  # a command family not built yet
-        if _e.name != f"fastserve.cli.{_name}":
-            raise
+from fastserve.cli import engine, graph, partition, resources  # noqa: F401,E402
 
 
 def main() -> None:

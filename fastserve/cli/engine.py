@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 
 import click
 
@@ -14,29 +13,25 @@ from fastserve.cli.render import table
 from fastserve.errors import EngineError
 
 
-def _layout(parallel: str, stages: int | None, replicas: int | None, cores: int):
-    """Stages and replicas for a parallel mode, filling in what the user did not fix."""
-    if parallel == "model":
-        return 1, stages or max(2, cores)
-    if parallel == "data":
-        return replicas or max(2, cores), 1
-    return replicas or 2, stages or 2
-
-
 @cli.command("run")
 @click.argument("spec", type=click.Path(exists=True))
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="Run exactly this plan (from 'fastserve plan SPEC --json > plan.json'); the "
+              "shape options below then may not be given.")
 @click.option("--hosts", type=click.Path(dir_okay=False),
               help="Host inventory YAML (default: this machine, detected).")
 @click.option("--parallel", type=click.Choice(["auto", "model", "data", "hybrid"]),
               default="auto", show_default=True,
               help="Pipeline stages, data-parallel replicas, or both; auto lets the planner "
-              "choose from the inventory and the cost model.")
+              "choose from the inventory and the cost model. Every option of the layout is a "
+              "constraint to the planner, which decides the rest as 'fastserve plan' does.")
 @click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
 @click.option("--replicas", type=click.IntRange(1), help="Data-parallel replicas.")
-@click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default="weight",
-              show_default=True, help="How the graph is cut into stages.")
+@click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default=None,
+              help="Cut the stages as 'fastserve partition --strategy' does (weight: by "
+              "parameter bytes); default: the planner's cut, balanced by predicted time.")
 @click.option("--micro-batches", type=click.IntRange(1), default=None,
-              help="Micro-batches per replica (default: 2 x stages, so stages overlap).")
+              help="Micro-batches per replica (default: the planner's choice).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
               help="Inputs as .npz, one array per graph input.")
 @click.option("--random", "random_batch", type=click.IntRange(1),
@@ -45,20 +40,20 @@ def _layout(parallel: str, stages: int | None, replicas: int | None, cores: int)
 @click.option("--check", is_flag=True, help="Compare with the single-process reference; fail "
               "if they differ.")
 @click.option("--threads", type=click.IntRange(1), help="Torch threads per rank (default: "
-              "cores / ranks).")
+              "the planner's, the cores shared evenly).")
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="After a warm-up run, send the batch this many times back to back as one "
               "stream (no drain between batches); the summary is the stream's.")
-@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc",
-              show_default=True)
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=None,
+              help="ipc (default) or tcp (CURVE-authenticated).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds without progress before a rank is declared dead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
 @trust_option
-def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, input_path,
-            random_batch, output, check, threads, repeat, transport, timeout, as_json,
-            dims, trust_code) -> None:
+def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_batches,
+            input_path, random_batch, output, check, threads, repeat, transport, timeout,
+            as_json, dims, trust_code) -> None:
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
@@ -69,71 +64,68 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
     Examples:
       fastserve run graphs/gpt2.yaml --parallel model --stages 2 --random 8 --check
       fastserve run graphs/mlp.yaml --parallel hybrid --replicas 2 --stages 2 --check
+      fastserve plan graphs/mlp.yaml --json > plan.json && fastserve run graphs/mlp.yaml --plan plan.json
       fastserve partition graphs/gpt2.yaml --shards 2 --export out/gpt2-2
       fastserve run out/gpt2-2 --replicas 1 --check
     """
     import torch
 
-    from fastserve.engine import Deployment, Layout
+    from fastserve.engine import Deployment
     from fastserve.engine.coordinator import RunStats
+    from fastserve.engine.deployment import load_graph
     from fastserve.graph import random_inputs, reference
     from fastserve.graph.inputs import check_inputs, read_inputs
     from fastserve.resources.inventory import load_inventory, local_inventory
+    from fastserve.resources.plan import load_plan
+    from fastserve.resources.planner import Constraints, plan
 
-    # a bad inputs file or inventory fails here, before any rank process starts
+    # a bad inputs file, inventory or plan fails here, before any rank process starts
     file_inputs = read_inputs(input_path) if input_path else None
     inventory = load_inventory(hosts) if hosts else local_inventory()
     remote = [h.name for h in inventory.hosts if not h.is_local]
     if remote:
         raise EngineError(f"hosts {', '.join(remote)} are remote; this version launches ranks "
                           f"on this machine only (use runtime/hosts/local.yaml)")
-    cores = sum(h.cores for h in inventory.hosts)
 
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
-    if os.path.isdir(spec):  # an export: its shards are the stages
-        from fastserve.partition import load_manifest
-
-        manifest = load_manifest(spec)
-        exported = len(manifest["shards"])
-        if stages not in (None, exported):
-            raise EngineError(f"the export '{spec}' holds {exported} shards; it runs as "
-                              f"{exported} stages, not --stages {stages}")
-        if parallel == "data" and exported > 1:
-            raise EngineError(f"the export '{spec}' holds {exported} shards: run it with "
-                              f"--parallel model or hybrid")
-        stages = exported
-        spec_file = os.path.join(spec, manifest["spec"]["file"]) if manifest.get("spec") \
-            else spec
+    graph, cut, export_dir = load_graph(spec, parse_dims(dims), trust_code)
+    if file_inputs is not None:  # checked against the graph before anything is planned
+        check_inputs(graph, file_inputs, input_path)
+    if plan_path:
+        given = {"--parallel": parallel != "auto", "--stages": stages, "--replicas": replicas,
+                 "--strategy": strategy, "--micro-batches": micro_batches,
+                 "--threads": threads, "--hosts": hosts}
+        clash = [k for k, v in given.items() if v]
+        if clash:
+            raise click.UsageError(f"{', '.join(clash)} cannot be combined with --plan: the "
+                                   f"plan fixes them (plan again with those constraints)")
+        chosen = load_plan(plan_path, graph)
+        if transport not in (None, chosen.transport):
+            raise click.UsageError(f"the plan's transport is {chosen.transport}, not "
+                                   f"{transport}")
+        say(f"running the plan {plan_path} ({chosen.mode}: {chosen.replicas} replica(s) x "
+            f"{chosen.stages} stage(s), {chosen.micro_batches} micro-batch(es))")
     else:
-        spec_file = spec
-
-    if parallel == "auto":
-        from fastserve.cli.graph import load_graph
-        from fastserve.resources.planner import Constraints, plan
-
-        chosen = plan(load_graph(spec_file, dims, trust_code), inventory, constraints=Constraints(
-            replicas=replicas, stages=stages, micro_batches=micro_batches,
-            batch=random_batch or 8))
+        if cut is not None and stages not in (None, len(cut)):
+            raise EngineError(f"the export '{spec}' holds {len(cut)} shards; it runs as "
+                              f"{len(cut)} stages, not --stages {stages}")
+        if cut is not None and parallel == "data" and len(cut) > 1:
+            raise EngineError(f"the export '{spec}' holds {len(cut)} shards: run it with "
+                              f"--parallel model or hybrid")
+        chosen = plan(graph, inventory, constraints=Constraints(
+            parallel=parallel, replicas=replicas, stages=len(cut) if cut else stages,
+            micro_batches=micro_batches, batch=random_batch or 8, strategy=strategy,
+            threads=threads, cut=cut, transport=transport or "ipc"))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
             f"stage(s), {chosen.micro_batches} micro-batch(es) (see fastserve plan --explain)")
-        n_replicas, n_stages = chosen.replicas, chosen.stages
-        threads = threads or chosen.ranks[0].threads
-        micro_batches = micro_batches or chosen.micro_batches
-    else:
-        n_replicas, n_stages = _layout(parallel, stages, replicas, cores)
-    ranks = n_replicas * n_stages
-    threads = threads or max(1, cores // ranks)
-    layout = Layout(n_replicas, n_stages, strategy, threads)
-    micro = micro_batches or (2 * n_stages if n_stages > 1 else 1)
-
-    deployment = Deployment(spec, layout, dims=parse_dims(dims), transport=transport,
-                            timeout=timeout, progress=say, trust_code=trust_code)
-    if file_inputs is not None:  # checked against the graph before the ranks start
-        check_inputs(deployment.graph, file_inputs, input_path)
-    say(f"{n_replicas} replica(s) x {n_stages} stage(s) = {ranks} rank(s), {threads} "
-        f"thread(s) each, on {inventory.name}")
+    deployment = Deployment(graph, chosen, timeout=timeout, progress=say,
+                            trust_code=trust_code, export_dir=export_dir)
+    micro = chosen.micro_batches
+    threads_used = sorted({r.threads for r in chosen.ranks})
+    say(f"{chosen.replicas} replica(s) x {chosen.stages} stage(s) = {len(chosen.ranks)} "
+        f"rank(s), {'/'.join(map(str, threads_used))} thread(s) each, on {inventory.name}")
     with deployment as dep:
         if file_inputs is not None:
             inputs = file_inputs
@@ -166,19 +158,23 @@ def run_cmd(spec, hosts, parallel, stages, replicas, strategy, micro_batches, in
             verdict = "outputs equal the single-process reference"
         shards = [{"stage": s.index, "nodes": f"{s.nodes[0]}..{s.nodes[-1]}",
                    "params_bytes": s.params_bytes} for s in dep.sharding]
+        # what each rank reported it built and runs with: compare with the plan
+        ranks = [{"rank": r, "nodes": m["nodes"], "threads": m["threads"]}
+                 for r, m in sorted(dep.ready.items())]
     if output:
         import numpy as np
 
         np.savez(output, **{k: v.numpy() for k, v in outputs.items()})
-    _summary(stats, shards, layout, micro, verdict, as_json)
+    _summary(stats, shards, deployment.layout, micro, verdict, as_json,
+             {"plan_hash": deployment.plan_hash, "ranks": ranks})
 
 
 def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
-             as_json: bool) -> None:
+             as_json: bool, ran: dict) -> None:
     if as_json:
         click.echo(json.dumps({"layout": {"replicas": layout.replicas, "stages": layout.stages,
                                           "threads": layout.threads, "micro_batches": micro},
-                               "shards": shards, **stats, "check": verdict}, indent=1))
+                               "shards": shards, **stats, "check": verdict, **ran}, indent=1))
         return
     rows = []
     for s in shards:
@@ -208,7 +204,7 @@ def bench_transport_cmd(transports, blocks, as_json) -> None:
     Targets: at 4 KiB the FastServe round trip is at most 1.5x raw; at 16 MiB its throughput
     is at least 70% of raw.
     """
-    from fastserve.engine.bench import bench_transport
+    from fastserve.bench.engine import bench_transport
 
     rows = bench_transport(transports or ("ipc", "tcp"), blocks=blocks,
                            progress=lambda m: click.echo(m, err=True))
@@ -245,7 +241,7 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
     Targets on GPT-2 small, batch 32: 2 stages >= 1.6x one 1-thread process; 2 replicas >= 1.7x
     one; a rank's memory above an idle rank at most its weights + 10%.
     """
-    from fastserve.engine.bench import bench_pipeline
+    from fastserve.bench.engine import bench_pipeline
 
     out = bench_pipeline(spec, batch=batch, seq=seq, stages=stages, replicas=replicas,
                          micro_batches=micro_batches, stream=stream, repeats=repeats,
@@ -260,11 +256,11 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
                       for k, v in out["seconds_per_batch"].items()], "lrr"))
     for k, v in out["ratios"].items():
         click.echo(f"{k}: {v:.2f}x")
-    click.echo(table(["rank", "weights MiB", "RSS over idle MiB (loaded)", "ratio",
-                      "after run MiB", "ratio"],
-                     [(m["rank"], f"{m['weight_bytes'] / 2**20:.1f}",
-                       f"{(m['rss_loaded'] - m['rss_idle']) / 2**20:.1f}",
-                       f"{m['loaded_over_weights']:.3f}",
-                       f"{(m['rss_after_run'] - m['rss_idle']) / 2**20:.1f}",
-                       f"{m['after_run_over_weights']:.3f}") for m in out["rank_memory"]],
+    click.echo(table(["rank", "weights MiB", "load s", "peak while loading", "loaded",
+                      "after run"],
+                     [(m["rank"], f"{m['weight_bytes'] / 2**20:.1f}", f"{m['load_s']:.2f}",
+                       f"{m['peak_loading_over_weights']:.3f}x",
+                       f"{m['loaded_over_weights']:.3f}x",
+                       f"{m['after_run_over_weights']:.3f}x") for m in out["rank_memory"]],
                      "rrrrrr"))
+    click.echo("(resident memory above an idle rank, over the rank's weight bytes)")

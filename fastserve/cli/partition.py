@@ -9,7 +9,7 @@ import click
 from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import dim_option, load_graph, trust_option
 from fastserve.cli.render import human_bytes, human_count, step, table
-from fastserve.errors import PartitionError
+from fastserve.errors import SizeError
 
 
 def parse_memory_caps(text: str | None) -> list[int] | None:
@@ -20,7 +20,7 @@ def parse_memory_caps(text: str | None) -> list[int] | None:
         return None
     try:
         return [parse_bytes(part.strip(), "--memory-cap") for part in text.split(",")]
-    except PartitionError as e:
+    except SizeError as e:
         raise click.BadParameter(str(e).removeprefix("--memory-cap: "),
                                  param_hint="'--memory-cap'") from None
 
@@ -203,7 +203,7 @@ def bench_partition_cmd(nodes, shards, gpt3_spec, gpt3_shards, repeat, as_json,
     cold = first call on a freshly compiled graph (topological order and cost arrays included);
     warm = best of --repeat further calls.
     """
-    from fastserve.partition.bench import run_bench
+    from fastserve.bench.partition import run_bench
 
     if nodes < 2 or shards < 1:
         raise click.BadParameter("need --nodes >= 2 and --shards >= 1")

@@ -8,13 +8,10 @@ from typing import Iterator, Sequence
 
 import click
 
+from fastserve.units import format_bytes
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+
+human_bytes = format_bytes  # the one byte formatter (fastserve.units)
 
 
 def human_count(n: float) -> str:

@@ -26,6 +26,13 @@ def _inventory(hosts: str | None):
               default="auto", show_default=True)
 @click.option("--replicas", type=click.IntRange(1), help="Fix the data-parallel degree.")
 @click.option("--stages", type=click.IntRange(1), help="Fix the number of pipeline stages.")
+@click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default=None,
+              help="Cut the stages as 'fastserve partition --strategy' does; default: the "
+              "planner's cut, balanced by predicted time.")
+@click.option("--micro-batches", type=click.IntRange(1), help="Fix the micro-batches.")
+@click.option("--threads", type=click.IntRange(1), help="Fix the torch threads per rank.")
+@click.option("--transport", type=click.Choice(["ipc", "tcp"]), default="ipc",
+              show_default=True, help="The transport the plan's ranks will use.")
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--latency-ms", type=float, help="Latency ceiling for one batch.")
 @click.option("--objective", type=click.Choice(["throughput", "latency"]),
@@ -36,15 +43,24 @@ def _inventory(hosts: str | None):
 @click.option("--picture", type=click.Path(dir_okay=False),
               help="Also draw the plan (graph coloured by stage, ranks on hosts) to this .svg "
               "or .png; needs matplotlib (pip install 'fastserve[picture]').")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan file: 'fastserve run SPEC --plan FILE' runs exactly it.")
 @dim_option
 @trust_option
-def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objective,
-             profile_path, explain, picture, as_json, dims, trust_code) -> None:
+def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, threads,
+             transport, batch, latency_ms, objective, profile_path, explain, picture, as_json,
+             dims, trust_code) -> None:
     """Choose replicas, stages, the cut and where every rank runs, from the cost model.
 
     Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
-    throughput, latency and pipeline bubble.
+    throughput, latency and pipeline bubble. The options are the same constraints 'fastserve
+    run' gives the planner, so both decide alike.
+
+    \b
+    Examples:
+      fastserve plan graphs/gpt2.yaml --hosts runtime/hosts/cluster8.yaml --explain
+      fastserve plan graphs/mlp.yaml --stages 2 --json > plan.json
+      fastserve run graphs/mlp.yaml --plan plan.json --check
     """
     from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
@@ -52,15 +68,17 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, batch, latency_ms, objecti
     graph = load_graph(spec, dims, trust_code)
     inventory = _inventory(hosts)
     profile = Profile.load(profile_path) if profile_path else None
-    chosen = plan(graph, inventory, objective,
-                  Constraints(parallel, replicas, stages, None, batch, latency_ms), profile)
+    chosen = plan(graph, inventory, objective, Constraints(
+        parallel=parallel, replicas=replicas, stages=stages, micro_batches=micro_batches,
+        batch=batch, latency_ms=latency_ms, strategy=strategy, threads=threads,
+        transport=transport), profile)
     if picture:
         from fastserve.resources.drawing import draw_plan
 
         draw_plan(graph, chosen, picture, inventory)
         click.echo(f"drew the plan to {picture}", err=True)
     if as_json:
-        click.echo(json.dumps(chosen.to_json(), indent=1))
+        click.echo(json.dumps(chosen.document(graph), indent=1))
         return
     click.echo(f"plan for '{graph.name}' on '{inventory.name}': {chosen.mode}, "
                f"{chosen.replicas} replica(s) x {chosen.stages} stage(s), "
@@ -135,7 +153,7 @@ def bench_plan_cmd(as_json, measure) -> None:
 
     Targets: under 1 s and under 5 s; predictions within 25% of measurements.
     """
-    from fastserve.engine.benchplan import measure_predictions, planning_times
+    from fastserve.bench.plan import measure_predictions, planning_times
 
     out = {"planning": planning_times(progress=lambda m: click.echo(m, err=True))}
     if measure:

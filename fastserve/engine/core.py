@@ -4,7 +4,7 @@ A core holds one shard module. ``handle(message)`` runs the shard on a data mess
 the message to send downstream: the shard's outputs, or an error naming this rank, its stage and
 the node that raised. Error messages from upstream pass through unchanged, so a failure anywhere
 in a pipeline reaches the coordinator in order with the other results. ``command(message)``
-answers the coordinator's control commands (health, stats, stop).
+answers the coordinator's control commands (health, stats, stop; a second "load" is refused).
 
 Whatever the core returns is encodable: an error's text is cut to the wire's bound, and a message
 that has already passed :data:`~fastserve.engine.wire.MAX_TIMINGS` stages is answered with an
@@ -94,7 +94,7 @@ class RankCore:
             self.stats.malformed["command"] += 1
             return Message("reply", meta={"cmd": "health", "rank": self.rank, "ok": False}), \
                 False
-        reply: dict[str, Any] = {"cmd": cmd, "rank": self.rank, "ok": True}
+        reply: dict[str, Any] = {"cmd": cmd, "rank": self.rank, "ok": cmd != "load"}
         if cmd == "health":  # alive; busy when its output waits for a slow or absent reader
             reply["busy"] = bool(state.get("pending"))
         elif cmd == "stats":

@@ -1,8 +1,11 @@
-"""A deployment: rank processes for ``replicas × stages`` shards, and the coordinator that feeds
-them, collects results in order, and turns every failure into a typed error instead of a hang.
+"""A deployment: rank processes for a plan's ``replicas × stages`` shards, and the coordinator
+that feeds them, collects results in order, and turns every failure into a typed error instead of
+a hang.
 
-    with Deployment("graphs/gpt2.yaml", Layout(replicas=1, stages=2)) as dep:
-        outputs = dep.run(inputs, micro_batches=4)
+    with Deployment(graph, plan) as dep:            # exactly the plan: cut, threads, ...
+        outputs = dep.run(inputs)
+    with Deployment.from_spec("graphs/gpt2.yaml", Layout(replicas=1, stages=2)) as dep:
+        outputs = dep.run(inputs, micro_batches=4)  # planned under those constraints
 
 Data flows rank to rank (stage k PUSHes to stage k+1's PULL); only the first stage's inputs and
 the last stage's outputs pass through the coordinator. Control (ready, health, stats, stop) uses
@@ -12,6 +15,7 @@ one ROUTER socket here and a DEALER in every rank.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import time
@@ -31,8 +35,12 @@ from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message,
                                    decode, encode)
 from fastserve.errors import EngineError, RankDeadError, RankError
 from fastserve.graph import Graph, compile_graph, load_spec
-from fastserve.partition import Sharding, load_manifest, partition, shards_from_bounds
+from fastserve.graph.records import shard_record
+from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
+from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.plan import Plan, check_plan
+from fastserve.resources.planner import Constraints, plan
 
 Progress = Callable[[str], None]
 RECONNECT_MS = 5  # retry a connection to a rank that has not bound its socket yet this often
@@ -40,69 +48,69 @@ RECONNECT_MS = 5  # retry a connection to a rank that has not bound its socket y
 
 @dataclass(frozen=True)
 class Layout:
-    """How a deployment is laid out: ``replicas`` copies of a ``stages``-stage pipeline."""
+    """The shape a user fixes for :meth:`Deployment.from_spec`: ``replicas`` copies of a
+    ``stages``-stage pipeline. Each field is a constraint to the planner, which decides
+    everything else (the cut, threads, micro-batches) by the same rules as ``fastserve plan``.
+    ``strategy`` None is the planner's own cut (balanced by predicted time); a name cuts as
+    ``fastserve partition --strategy NAME`` does."""
 
-    replicas: int = 1
-    stages: int = 1
-    strategy: str = "weight"
-    threads: int = 1  # torch threads per rank
-    memory_cap: int | str | None = None  # per rank, for the hybrid strategy; default: an even
-    # share of this machine's memory
+    replicas: int | None = 1
+    stages: int | None = 1
+    strategy: str | None = None
+    threads: int | None = None  # torch threads per rank; None: the cores shared evenly
 
     @property
     def ranks(self) -> int:
-        return self.replicas * self.stages
+        return (self.replicas or 1) * (self.stages or 1)
 
 
 class Deployment:
-    """Rank processes running one graph, and the coordinator in this process."""
+    """Rank processes running one graph by one plan, and the coordinator in this process.
 
-    def __init__(self, spec: str, layout: Layout = Layout(), *, dims: Mapping[str, int] | None
-                 = None, transport: str = "ipc", timeout: float = 60.0,
+    ``Deployment(graph, plan)`` runs ``plan`` exactly as given: its cut, its replicas, each
+    rank's threads, its micro-batches and transport; nothing is decided again. The graph stays
+    here: each rank receives the records of its own nodes over the control channel (or, for an
+    export, which shard file to load), never a spec path. :meth:`from_spec` plans for you."""
+
+    def __init__(self, graph: Graph, plan: Plan, *, timeout: float = 60.0,
                  load_timeout: float = 120.0, max_in_flight: int | None = None,
                  progress: Progress | None = None, retain_memory: bool = True,
-                 trust_code: bool = False) -> None:
+                 trust_code: bool = False, export_dir: str | None = None) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
-        ``trust_code``: run Python code the spec names (``module:``, ``source: torch:``).
-        ``transport``: ``ipc`` (sockets in a private directory) or ``tcp`` (every socket
-        CURVE-authenticated with keys made for this deployment)."""
+        ``trust_code``: the ranks may build ``module:`` nodes (the user's code) of the graph.
+        ``export_dir``: a verified partition export whose shard files the ranks load (its
+        shards must be the plan's stages)."""
+        if not isinstance(graph, Graph) or not isinstance(plan, Plan):
+            raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
+                              f"{type(graph).__name__} and {type(plan).__name__}; "
+                              f"Deployment.from_spec(path) plans a spec for you")
+        check_plan(plan, graph)
+        source = graph.spec.source
+        if export_dir is None and source is not None and graph.spec.file is None:
+            raise EngineError(f"graph '{graph.name}' was captured in Python, and its ranks "
+                              f"cannot rebuild it yet: capture it from a spec with a 'source:' "
+                              f"factory (see graphs/gpt2-hf-tiny.yaml)")
         if retain_memory:
             retain_freed_memory()
-        self.layout = layout
+        self.graph, self.plan = graph, plan
+        self.plan_hash = plan.hash(graph)
+        self.export_dir = export_dir
         self.trust_code = trust_code
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.progress = progress or (lambda _msg: None)
-        # ``spec`` is a graph spec, or a partition export whose shard files the ranks load
-        self.export_dir = os.path.abspath(spec) if os.path.isdir(spec) else None
-        if self.export_dir is not None:
-            manifest = load_manifest(self.export_dir)
-            if not manifest.get("spec"):
-                raise EngineError(f"export '{spec}' holds no graph spec (it was made from a "
-                                  f"graph built in Python); export it from a spec file")
-            # load_manifest has checked every path and hash; the spec is parsed from the bytes
-            # it checked, not read again
-            self.spec_path = manifest["spec"]["path"]
-            self.dims = {**manifest["dims"], **(dims or {})}
-            self.graph: Graph = compile_graph(exported_spec(manifest, trust_code=trust_code),
-                                              self.dims)
-            self.sharding: Sharding = _exported_sharding(self.graph, manifest, layout)
-        else:
-            self.spec_path = os.path.abspath(spec)
-            self.dims = dict(dims or {})
-            self.graph = compile_graph(load_spec(spec, trust_code=trust_code), self.dims)
-            self.sharding = self._cut()
-        if len(self.sharding) != layout.stages:
-            raise EngineError(f"strategy '{layout.strategy}' made {len(self.sharding)} shards, "
-                              f"{layout.stages} stages were asked for")
+        order = [n for nodes in plan.cut for n in nodes]
+        self.sharding: Sharding = shards_from_bounds(
+            graph, list(itertools.accumulate(len(nodes) for nodes in plan.cut)), "plan",
+            order=order)
         # batched inputs: those declared with a symbolic 'batch' first dim
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"] or \
                        [t.name for t in self.graph.inputs]
-        self.max_in_flight = max_in_flight or 2 * layout.stages + 1  # per replica
-        self.addresses = Addresses(transport)
+        self.max_in_flight = max_in_flight or 2 * plan.stages + 1  # per replica
+        self.addresses = Addresses(plan.transport)
         self.ranks: list[RankProcess] = []
         self.ready: dict[int, dict] = {}
         self._ctx = zmq.Context()
@@ -110,30 +118,60 @@ class Deployment:
         # messages the coordinator received and dropped, by reason: malformed (the wire's
         # reason), "unrequested" (a result for no request in flight), "control"
         self.dropped: Counter = Counter()
-        secure = transport == "tcp"
+        secure = plan.transport == "tcp"
         self._keys = KeyPair.new() if secure else None
-        self._rank_keys = [KeyPair.new() if secure else None for _ in range(layout.ranks)]
+        self._rank_keys = [KeyPair.new() if secure else None for _ in plan.ranks]
 
-    def _cut(self) -> Sharding:
-        lay = self.layout
-        if lay.stages == 1:
-            return partition(self.graph, "weight", shards=1)
-        if lay.strategy == "hybrid":
-            cap = lay.memory_cap or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") \
-                // lay.ranks
-            return partition(self.graph, "hybrid", shards=lay.stages, memory_caps=cap)
-        if lay.strategy == "weight":  # a pipeline runs at its slowest stage: balance compute
-            return partition(self.graph, "weight", shards=lay.stages, by="flops")
-        return partition(self.graph, lay.strategy, shards=lay.stages)
+    @classmethod
+    def from_spec(cls, spec: str, layout: Layout | None = None, *,
+                  dims: Mapping[str, int] | None = None, transport: str = "ipc",
+                  micro_batches: int | None = None, batch: int = 8,
+                  inventory: Inventory | None = None, trust_code: bool = False,
+                  **options) -> Deployment:
+        """Plan and deploy a spec file, or a partition export directory (its shards are the
+        stages). ``layout``, ``micro_batches`` and ``transport`` are constraints to the planner
+        (:func:`fastserve.resources.planner.plan`), which plans for ``batch`` samples on
+        ``inventory`` (default: this machine); ``options`` go to the constructor."""
+        layout = layout or Layout()
+        graph, cut, export_dir = load_graph(spec, dims, trust_code)
+        if cut is not None and layout.stages not in (None, len(cut)):
+            raise EngineError(f"the export '{spec}' holds {len(cut)} shards, so it runs as "
+                              f"{len(cut)} stages, not {layout.stages}; use --stages "
+                              f"{len(cut)} or export again")
+        constraints = Constraints(
+            replicas=layout.replicas, stages=len(cut) if cut else layout.stages,
+            strategy=layout.strategy, threads=layout.threads, cut=cut,
+            micro_batches=micro_batches, batch=batch, transport=transport)
+        chosen = plan(graph, inventory or local_inventory(), constraints=constraints)
+        return cls(graph, chosen, trust_code=trust_code, export_dir=export_dir, **options)
+
+    @property
+    def layout(self) -> Layout:
+        """The plan's shape (replicas, stages, threads of the first rank)."""
+        return Layout(self.plan.replicas, self.plan.stages, None, self.plan.ranks[0].threads)
 
     # --- life cycle --------------------------------------------------------------------------
 
+    def _record(self, stage: int) -> dict:
+        """What rank of ``stage`` is sent to build its shard."""
+        shard = self.sharding[stage]
+        if self.export_dir is not None:
+            return {"kind": "export", "dir": self.export_dir, "index": stage}
+        if self.graph.spec.source is not None:  # captured: the rank captures the spec again
+            return {"kind": "spec", "file": self.graph.spec.file, "dims": dict(self.graph.dims),
+                    "nodes": list(shard.nodes), "inputs": list(shard.inputs),
+                    "outputs": list(shard.outputs)}
+        return shard_record(self.graph, list(shard.nodes), list(shard.inputs),
+                            list(shard.outputs))
+
     def start(self) -> Deployment:
-        """Launch every rank and wait until each has loaded its shard."""
-        ctx, addr, lay = self._ctx, self.addresses, self.layout
+        """Launch every rank, send each its shard, and wait until each has loaded it."""
+        ctx, addr, plan = self._ctx, self.addresses, self.plan
+        p = plan.stages
+        self._records = [json.dumps(self._record(k)).encode() for k in range(p)]
         keys = self._rank_keys
         public = [k.public if k else None for k in keys]
-        last = [public[r * lay.stages + lay.stages - 1] for r in range(lay.replicas)]
+        last = [public[r * p + p - 1] for r in range(plan.replicas)]
         self._guard = Guard(ctx, self._keys)
         me = self._keys.public if self._keys else None
         self._control = ctx.socket(zmq.ROUTER)
@@ -150,35 +188,31 @@ class Deployment:
         results = addr.new("results")
         self._results.bind(results)
         self._inputs: list[zmq.Socket] = []
-        rank = 0
-        for r in range(lay.replicas):
-            stage_in = [addr.new(f"r{r}s{s}") for s in range(lay.stages)]
-            for s, shard in enumerate(self.sharding):
-                k = keys[rank]
+        for r in range(plan.replicas):
+            stage_in = [addr.new(f"r{r}s{k}") for k in range(p)]
+            for k in range(p):
+                rp = plan.rank(r, k)
+                key = keys[rp.rank]
                 cfg = RankConfig(
-                    rank=rank, stage=s, replica=r, spec=self.spec_path, nodes=list(shard.nodes),
-                    inputs=list(shard.inputs), outputs=list(shard.outputs),
-                    data_in=stage_in[s],
-                    data_out=stage_in[s + 1] if s + 1 < lay.stages else results,
-                    control=control, dims=self.dims, threads=lay.threads,
-                    export_dir=self.export_dir, shard_index=s if self.export_dir else None,
-                    trust_code=self.trust_code, workdir=addr.dir,
-                    public_key=k and k.public, secret_key=k and k.secret,
-                    upstream_keys=[x for x in [me if s == 0 else public[rank - 1]] if x],
-                    downstream_key=public[rank + 1] if s + 1 < lay.stages else me,
+                    rank=rp.rank, stage=k, replica=r, data_in=stage_in[k],
+                    data_out=stage_in[k + 1] if k + 1 < p else results,
+                    control=control, threads=rp.threads, trust_code=self.trust_code,
+                    workdir=addr.dir, public_key=key and key.public,
+                    secret_key=key and key.secret,
+                    upstream_keys=[x for x in [me if k == 0 else public[rp.rank - 1]] if x],
+                    downstream_key=public[rp.rank + 1] if k + 1 < p else me,
                     coordinator_key=me)
                 self.ranks.append(launch_local(cfg, addr.dir))
-                rank += 1
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             # the first stage binds only once its shard is loaded; ZeroMQ's default 100 ms
             # between connection attempts would delay the first batch by up to that much
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
-            self._guard.connect_to(sock, public[r * lay.stages])
+            self._guard.connect_to(sock, public[r * p])
             sock.connect(stage_in[0])
             self._inputs.append(sock)
-        self.progress(f"started {len(self.ranks)} ranks ({lay.replicas} replica(s) x "
-                      f"{lay.stages} stage(s)); loading shards")
+        self.progress(f"started {len(self.ranks)} ranks ({plan.replicas} replica(s) x "
+                      f"{p} stage(s)); sending each its shard")
         try:
             self._await_ready()
         except BaseException:
@@ -204,12 +238,28 @@ class Deployment:
             if msg is None or msg.kind != "control":
                 continue
             meta = msg.meta
+            rank = meta["rank"]
+            if meta.get("event") == "hello":  # connected: send it its shard and the plan hash
+                shard = torch.frombuffer(bytearray(self._records[rank % self.plan.stages]),
+                                         dtype=torch.uint8)
+                self._control.send_multipart([f"rank{rank}".encode(), *encode(
+                    "control", meta=self._load_meta(), tensors={"shard": shard})])
             if meta.get("event") == "failed":
-                raise EngineError(f"rank {meta['rank']} could not load its shard: "
+                raise EngineError(f"rank {rank} could not load its shard: "
                                   f"{meta.get('error', 'no reason given')}")
             if meta.get("event") == "ready":
-                self.ready[meta["rank"]] = meta
-                self.progress(f"rank {meta['rank']} ready ({meta.get('load_s', 0):.1f} s)")
+                if meta.get("plan") != self.plan_hash:
+                    raise EngineError(f"rank {rank} loaded plan {meta.get('plan')}, not this "
+                                      f"deployment's {self.plan_hash}: refused")
+                want = list(self.sharding[rank % self.plan.stages].nodes)
+                if meta.get("nodes") != want:
+                    raise EngineError(f"rank {rank} holds nodes {meta.get('nodes')}, the plan "
+                                      f"gives it {want}: refused")
+                self.ready[rank] = meta
+                self.progress(f"rank {rank} ready ({meta.get('load_s', 0):.1f} s)")
+
+    def _load_meta(self) -> dict:
+        return {"cmd": "load", "plan": self.plan_hash}
 
     def _receive_control(self) -> Message | None:
         """One message from the control socket, or None (counted in ``dropped``) when it is
@@ -293,20 +343,22 @@ class Deployment:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def run(self, inputs: Mapping[str, torch.Tensor], micro_batches: int = 1
+    def run(self, inputs: Mapping[str, torch.Tensor], micro_batches: int | None = None
             ) -> dict[str, torch.Tensor]:
-        """Run one batch: split over replicas and micro-batches, merge results in order."""
+        """Run one batch: split over replicas and micro-batches (default: the plan's), merge
+        results in order."""
         return self.run_batches([inputs], micro_batches)[0]
 
-    def run_batches(self, batches: Sequence[Mapping[str, torch.Tensor]], micro_batches: int = 1
-                    ) -> list[dict[str, torch.Tensor]]:
+    def run_batches(self, batches: Sequence[Mapping[str, torch.Tensor]],
+                    micro_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Run several batches as one stream: the micro-batches of batch i+1 enter the pipeline
         while those of batch i drain, so the fill-and-drain bubble is paid once per stream, not
         once per batch. Results come back per batch, merged in order."""
+        micro_batches = micro_batches or self.plan.micro_batches
         per_batch: list[list[WorkItem]] = []
         items: list[WorkItem] = []
         for inputs in batches:
-            work = plan_work(inputs, self.batched, self.layout.replicas, micro_batches)
+            work = plan_work(inputs, self.batched, self.plan.replicas, micro_batches)
             per_batch.append([replace(w, key=len(items) + w.key) for w in work])
             items += per_batch[-1]
         merger = Merger(per_batch)
@@ -329,7 +381,7 @@ class Deployment:
         items = (WorkItem(i, None, dict(r), next(iter(r.values())).shape[0])
                  for i, r in enumerate(requests))
         done: dict[int, dict[str, torch.Tensor]] = {}
-        limit = 2 * self.layout.replicas * self.max_in_flight  # results held out of order
+        limit = 2 * self.plan.replicas * self.max_in_flight  # results held out of order
         expected = 0
         for item, tensors in self._stream(items, room=lambda: len(done) < limit):
             done[item.key] = tensors
@@ -346,7 +398,7 @@ class Deployment:
         request = secrets.randbits(62)
         source = iter(items)
         upcoming = next(source, None)
-        in_flight = [0] * self.layout.replicas
+        in_flight = [0] * self.plan.replicas
         sent: dict[int, tuple[WorkItem, int, float]] = {}  # key -> item, replica, sent at
         t0 = time.perf_counter()
         last_progress = time.monotonic()
@@ -355,7 +407,7 @@ class Deployment:
                 while upcoming is not None and room():
                     item = upcoming
                     replica = item.replica if item.replica is not None else \
-                        min(range(self.layout.replicas), key=lambda i: in_flight[i])
+                        min(range(self.plan.replicas), key=lambda i: in_flight[i])
                     if in_flight[replica] >= self.max_in_flight:
                         break
                     sent[item.key] = (item, replica, time.time())
@@ -425,15 +477,18 @@ class Deployment:
         return bool(ready) and time.monotonic() - last_progress <= self.timeout
 
 
-def _exported_sharding(graph: Graph, manifest: dict, layout: Layout) -> Sharding:
-    """The cut an export was made with, in its own node order."""
-    shards = manifest["shards"]
-    if len(shards) != layout.stages:
-        raise EngineError(f"the export holds {len(shards)} shards, so it runs as "
-                          f"{len(shards)} stages, not {layout.stages}; use --stages "
-                          f"{len(shards)} or export again")
-    order = [n for s in shards for n in s["nodes"]]
-    if sorted(order) != sorted(graph.order):
-        raise EngineError("the export's shards do not cover its graph's nodes exactly once")
-    bounds = list(itertools.accumulate(len(s["nodes"]) for s in shards))
-    return shards_from_bounds(graph, bounds, manifest.get("strategy", "export"), order=order)
+def load_graph(spec: str, dims: Mapping[str, int] | None = None, trust_code: bool = False
+               ) -> tuple[Graph, tuple[tuple[str, ...], ...] | None, str | None]:
+    """The graph of a spec file; or of a partition export directory, verified (every path and
+    hash) before anything in it is read, with its cut and its real path."""
+    if os.path.isdir(spec):
+        manifest = load_manifest(spec)
+        if not manifest.get("spec"):
+            raise EngineError(f"export '{spec}' holds no graph spec (it was made from a graph "
+                              f"built in Python); export it from a spec file")
+        # parsed from the bytes load_manifest checked, not read again
+        graph = compile_graph(exported_spec(manifest, trust_code=trust_code),
+                              {**manifest["dims"], **(dims or {})})
+        cut = tuple(tuple(s["nodes"]) for s in manifest["shards"])
+        return graph, cut, manifest["directory"]
+    return compile_graph(load_spec(spec, trust_code=trust_code), dict(dims or {})), None, None

@@ -7,7 +7,10 @@ rank
 * keeps reading stdin after the config: end of file means the driver process is gone (killed,
   crashed or exited), whichever thread started the rank, and the rank removes the deployment's
   private directory and exits. This watch is armed before torch is imported;
-* builds only its own shard (from the spec with seeded weights, or from a partition export);
+* says ``hello`` on the control channel and receives its shard from the coordinator: the
+  records of its own nodes (or which export shard file to load) and the plan's hash. It never
+  reads the spec file nor compiles the whole graph; ``ready`` echoes the plan hash and the nodes
+  it built, and the coordinator refuses a rank whose hash or nodes differ from the plan;
 * binds a PULL socket for data, PUSHes results to the next stage (or to the coordinator); on tcp
   both are CURVE-authenticated (:mod:`fastserve.engine.security`);
 * talks to the coordinator on a separate DEALER control socket: ``ready`` (or ``failed`` with
@@ -26,9 +29,12 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 POLL_MS = 250
 ORPHANED = 3  # exit code of a rank whose driver disappeared
+LOAD_WAIT_S = 120.0  # how long a rank waits for its shard after saying hello
+MAX_RECORD_BYTES = 1 << 28  # a shard record (JSON); control messages carry nothing larger
 
 
 @dataclass(frozen=True)
@@ -38,17 +44,10 @@ class RankConfig:
     rank: int
     stage: int
     replica: int
-    spec: str
-    nodes: list[str]
-    inputs: list[str]
-    outputs: list[str]
     data_in: str  # address this rank binds for data
     data_out: str  # address it connects to: the next stage, or the coordinator's results
     control: str  # the coordinator's control ROUTER
-    dims: dict[str, int] = field(default_factory=dict)
     threads: int = 1
-    export_dir: str | None = None
-    shard_index: int | None = None
     trust_code: bool = False  # the user trusts code the spec names (module:, source:)
     workdir: str | None = None  # the deployment's private directory, removed if orphaned
     hwm: int = 64  # ZeroMQ high-water mark: bounded queues, back-pressure upstream
@@ -96,20 +95,36 @@ def watch_parent(workdir: str | None) -> None:
     threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
-def build_shard(cfg: RankConfig, before_weights=lambda: None):
-    """The shard module of this rank, built alone. ``before_weights`` runs once everything but
-    the weights is in memory (code, the compiled graph), to measure an idle rank."""
-    if cfg.export_dir is not None:
-        from fastserve.partition import load_shard
+def build_shard(record: Any, trust_code: bool, before_weights=lambda: None):
+    """The shard module a record from the coordinator describes, built alone.
+    ``before_weights`` runs once everything but the weights is in memory (to measure an idle
+    rank)."""
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if kind == "nodes":
+        from fastserve.graph.records import build_from_record
 
         before_weights()
-        return load_shard(cfg.export_dir, cfg.shard_index, trust_code=cfg.trust_code)
-    from fastserve.graph import compile_graph, load_spec
-    from fastserve.graph.module import build_subgraph
+        return build_from_record(record, trust_code=trust_code)
+    if kind == "export":
+        from fastserve.partition import load_shard
 
-    graph = compile_graph(load_spec(cfg.spec, trust_code=cfg.trust_code), cfg.dims)
-    before_weights()
-    return build_subgraph(graph, cfg.nodes, cfg.inputs, cfg.outputs)
+        if not isinstance(record.get("dir"), str) or type(record.get("index")) is not int:
+            raise ValueError("an export record needs 'dir' (a path) and 'index' (an int)")
+        before_weights()
+        return load_shard(record["dir"], record["index"], trust_code=trust_code)
+    if kind == "spec":  # a graph captured from a torch model: captured again, then cut
+        from fastserve.graph import compile_graph, load_spec
+        from fastserve.graph.module import build_subgraph
+
+        fields_ = {"file": str, "dims": dict, "nodes": list, "inputs": list, "outputs": list}
+        bad = [k for k, t in fields_.items() if not isinstance(record.get(k), t)]
+        if bad:
+            raise ValueError(f"a spec record needs {bad}")
+        graph = compile_graph(load_spec(record["file"], trust_code=trust_code),
+                              record["dims"])
+        before_weights()
+        return build_subgraph(graph, record["nodes"], record["inputs"], record["outputs"])
+    raise ValueError(f"unknown shard record kind {kind!r}")
 
 
 def serve(cfg: RankConfig) -> int:
@@ -120,8 +135,7 @@ def serve(cfg: RankConfig) -> int:
     from fastserve.engine.core import RankCore
     from fastserve.engine.memory import retain_freed_memory
     from fastserve.engine.security import Guard, KeyPair
-    from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, WireError, decode,
-                                       encode)
+    from fastserve.engine.wire import MAX_MESSAGE_BYTES, WireError, decode, encode
 
     retain_freed_memory()  # activations of every micro-batch reuse the last one's pages
     torch.set_num_threads(cfg.threads)
@@ -133,7 +147,7 @@ def serve(cfg: RankConfig) -> int:
     ctl.setsockopt(zmq.LINGER, 1000)
     ctl.setsockopt(zmq.SNDHWM, cfg.hwm)
     ctl.setsockopt(zmq.SNDTIMEO, 10_000)
-    ctl.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 64)  # control carries no tensors
+    ctl.setsockopt(zmq.MAXMSGSIZE, MAX_RECORD_BYTES)  # the largest is the shard record
     guard.connect_to(ctl, cfg.coordinator_key)
     ctl.connect(cfg.control)
     sockets = [ctl]
@@ -148,10 +162,16 @@ def serve(cfg: RankConfig) -> int:
                   f"10 s", file=sys.stderr)
 
     try:
-        idle = {}  # an idle rank: code and compiled graph loaded, no weights
+        tell({"event": "hello", "rank": cfg.rank})
+        load = _await_load(ctl, decode, WireError)
+        if load is None:
+            return 0  # told to stop before loading
         t0 = time.time()
+        idle = {}  # an idle rank: code loaded, no weights
         try:
-            shard = build_shard(cfg, lambda: idle.setdefault("rss", resident_bytes()))
+            record = json.loads(bytes(load.tensors["shard"].numpy()).decode("utf-8"))
+            shard = build_shard(record, cfg.trust_code,
+                                lambda: idle.setdefault("rss", resident_bytes()))
         except Exception as e:  # report why instead of dying silently
             print(f"rank {cfg.rank}: could not load its shard: {type(e).__name__}: {e}",
                   file=sys.stderr)
@@ -182,7 +202,9 @@ def serve(cfg: RankConfig) -> int:
         weights = sum(p.numel() * p.element_size() for p in shard.parameters())
         tell({"event": "ready", "rank": cfg.rank, "pid": os.getpid(),
               "load_s": time.time() - t0, "rss": resident_bytes(),
-              "rss_before_load": idle["rss"], "weight_bytes": weights})
+              "rss_before_load": idle.get("rss", 0), "rss_peak": peak_resident_bytes(),
+              "weight_bytes": weights, "plan": load.meta["plan"],
+              "nodes": list(shard.order), "threads": torch.get_num_threads()})
 
         def frames_of(out) -> list:
             try:
@@ -245,6 +267,34 @@ def serve(cfg: RankConfig) -> int:
         for s in sockets:
             s.close(linger=500 if s is ctl else 0)
         ctx.term()
+
+
+def _await_load(ctl, decode, WireError):
+    """Wait for the coordinator's ``load`` (None if told to stop first); anything else on the
+    control socket meanwhile is ignored."""
+    deadline = time.monotonic() + LOAD_WAIT_S
+    while time.monotonic() < deadline:
+        if not ctl.poll(POLL_MS):
+            continue
+        try:
+            msg = decode(ctl.recv_multipart(copy=False))
+        except WireError:
+            continue
+        cmd = msg.meta.get("cmd") if msg.kind == "control" else None
+        if cmd == "load" and "plan" in msg.meta and "shard" in msg.tensors:
+            return msg
+        if cmd == "stop":
+            return None
+    raise TimeoutError(f"no shard arrived within {LOAD_WAIT_S:.0f} s of saying hello")
+
+
+def peak_resident_bytes() -> int:
+    """The largest resident set this process has had (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 USAGE = "usage: python -m fastserve.engine.rank --parent PID --rank N  (RankConfig JSON on stdin)"

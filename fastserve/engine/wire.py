@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fastserve.errors import WireError
+from fastserve.graph.dtypes import DTYPES
 
 VERSION = 1
 KINDS = ("data", "error", "control", "reply")
@@ -46,11 +47,6 @@ MAX_TEXT = 2048  # characters in any string of meta (an error's text is cut to t
 MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the 513th
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 _NUMPY = {t: np.dtype(n if n != "bool" else "bool") for n, t in DTYPES.items() if n != "bfloat16"}
@@ -159,16 +155,20 @@ _TIMING = _record({"rank": _int, "stage": _int, "recv": _number, "start": _numbe
 _TIMINGS = _list_of(_TIMING, MAX_TIMINGS)
 _ERROR = _record({"rank": _optional(_int), "stage": _optional(_int), "node": _optional(_text),
                   "message": _text}, frozenset({"message"}))
-COMMANDS = ("health", "stats", "stop")
+COMMANDS = ("health", "stats", "stop", "load")
 
 # kind -> (fields, required keys). Control messages go both ways: commands to a rank, and the
 # rank's ready/failed events to the coordinator.
 META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
     "data": ({"timings": _TIMINGS}, frozenset()),
     "error": ({"timings": _TIMINGS, "error": _ERROR}, frozenset({"error"})),
-    "control": ({"cmd": _one_of(*COMMANDS), "event": _one_of("ready", "failed"),
+    # "load" carries the rank's shard record as a uint8 tensor and the plan hash; "ready"
+    # answers with the same hash and the nodes the rank built
+    "control": ({"cmd": _one_of(*COMMANDS), "event": _one_of("hello", "ready", "failed"),
                  "rank": _int, "pid": _int, "load_s": _number, "rss": _int,
-                 "rss_before_load": _int, "weight_bytes": _int, "error": _text},
+                 "rss_before_load": _int, "rss_peak": _int, "weight_bytes": _int,
+                 "error": _text, "plan": _text, "nodes": _list_of(_text, 1 << 16),
+                 "threads": _int},
                 frozenset()),
     "reply": ({"cmd": _one_of(*COMMANDS), "rank": _int, "ok": _bool, "busy": _bool,
                "processed": _int, "errors": _int, "malformed": _counts, "refused": _int,

@@ -47,11 +47,11 @@ from torch.utils._pytree import tree_unflatten  # no public pytree module in tor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from fastserve.errors import CaptureError, GraphError, SpecError
-from fastserve.graph.compiler import dtype_name, tensor_info
 from fastserve.graph.capture_weights import aliases, load_checkpoint, ownership
 from fastserve.graph.fxsplit import Part, split_parts, strip_guards
-from fastserve.graph.graph import Graph, verify
-from fastserve.graph.module import ensure_memory, torch_dtype
+from fastserve.graph.graph import Graph, tensor_info, verify
+from fastserve.graph.dtypes import dtype_name, torch_dtype
+from fastserve.graph.memory import ensure_memory
 from fastserve.graph.spec import (GraphSpec, InputSpec, NodeSpec, SourceSpec, WeightsSpec,
                                   tensor_name)
 

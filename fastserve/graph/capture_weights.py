@@ -16,7 +16,7 @@ from torch import nn
 
 from fastserve.errors import WeightsError
 from fastserve.graph.fxsplit import Part
-from fastserve.graph.module import resolve_path
+from fastserve.graph.checkpoint import open_checkpoint, resolve_path
 
 
 def ownership(part: Part, owner: dict[int, str], keep: list) -> tuple[int, int, int]:
@@ -59,21 +59,8 @@ def load_checkpoint(modules: Mapping[str, nn.Module], names: Mapping[str, list[s
     """Copy the tensors of ``modules`` (node id -> module) from a checkpoint, reading only those.
     ``names`` are the tensors' aliases (:func:`aliases`); ``path`` is relative to ``base``."""
     p = resolve_path(path, base)
-    if not p.exists():
-        raise WeightsError(f"checkpoint '{p}' does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            _copy_from(modules, names, set(f.keys()), f.get_tensor, p)
-        return
-    try:
-        tensors = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for a non-checkpoint file
-        raise WeightsError(f"cannot read checkpoint '{p}': {e}") from None
-    if not isinstance(tensors, dict):
-        raise WeightsError(f"checkpoint '{p}' holds a {type(tensors).__name__}, not a state dict")
-    _copy_from(modules, names, set(tensors), tensors.__getitem__, p)
+    with open_checkpoint(p) as (keys, get):
+        _copy_from(modules, names, keys, get, p)
 
 
 def _copy_from(modules, names, keys: set[str], get, path) -> None:

@@ -15,23 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastserve.errors import GraphError, SpecError
-from fastserve.graph.graph import Graph, TensorInfo, verify
-from fastserve.graph.module import torch_dtype
+from fastserve.graph.graph import Graph, tensor_info, verify
+from fastserve.graph.dtypes import dtype_name, torch_dtype
 from fastserve.graph.ops import LMHead, build_module, get_op
 from fastserve.graph.spec import GraphSpec, NodeSpec, split_ref, tensor_name
 
-_DTYPE_NAMES = {v: k for k, v in {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
-}.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def tensor_info(name: str, t: torch.Tensor) -> TensorInfo:
-    return TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size())
 
 
 def compile_graph(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> Graph:

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import networkx as nx
 
 from fastserve.errors import GraphError
+from fastserve.graph.dtypes import dtype_name
 from fastserve.graph.spec import GraphSpec
 
 
@@ -153,6 +154,12 @@ class Graph:
                        "params_bytes": self.params_bytes, "flops": self.flops,
                        "out_bytes": self.total("out_bytes")},
         }
+
+
+def tensor_info(name: str, t) -> TensorInfo:
+    """What a graph records of a tensor (a torch tensor, possibly on ``meta``): name, shape,
+    dtype name and bytes."""
+    return TensorInfo(name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size())
 
 
 def verify(graph: Graph) -> Graph:

@@ -16,7 +16,8 @@ import torch
 
 from fastserve.errors import InputsError
 from fastserve.graph.graph import Graph
-from fastserve.graph.module import available_memory, torch_dtype
+from fastserve.graph.dtypes import torch_dtype
+from fastserve.graph.memory import available_memory
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with entries, an empty zip
 

@@ -9,7 +9,6 @@ nodes are read (``<node id>.<param name>`` keys; safetensors files are memory-ma
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -17,17 +16,12 @@ import torch
 from torch import nn
 
 from fastserve.errors import SpecError, WeightsError
+from fastserve.graph.checkpoint import open_checkpoint, resolve_path
+from fastserve.graph.dtypes import torch_dtype
 from fastserve.graph.graph import Graph
+from fastserve.graph.memory import _gb, available_memory, ensure_memory
 from fastserve.graph.ops import LMHead, build_module
 from fastserve.graph.spec import WeightsSpec
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-                 "bool": torch.bool}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
 
 
 def node_seed(seed: int, node_id: str) -> int:
@@ -55,42 +49,6 @@ def build_nodes(graph: Graph, node_ids: Iterable[str] | None = None,
     return modules
 
 
-def available_memory() -> int | None:
-    """Bytes this machine can still allocate without swapping (Linux MemAvailable), if known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def ensure_memory(graph: Graph, node_ids: Iterable[str], what: str, size,
-                  factor: int = 1) -> None:
-    """Refuse, before allocating, to build ``what`` when ``factor`` x the sum of ``size(node
-    data)`` over ``node_ids`` exceeds this machine's available memory: torch's own failure is
-    an allocator message (or the kernel's OOM killer), not a pointer at the spec."""
-    sizes = {n: size(graph.node(n)) * factor for n in node_ids}
-    need, free = sum(sizes.values()), available_memory()
-    if free is None or need <= free:
-        return
-    big = max(sizes, key=sizes.__getitem__)
-    raise SpecError(f"{what} of graph '{graph.name}' need {_gb(need)}, more than the "
-                    f"{_gb(free)} this machine has available; the largest part is node '{big}' "
-                    f"({_gb(sizes[big])}): make its sizes smaller, or shard the graph over "
-                    f"several hosts (fastserve plan)", file=graph.spec.file,
-                    line=graph.node(big).get("line"), key="args")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB"
-
-
 def _seeded(graph: Graph, node_id: str, seed: int) -> nn.Module:
     d = graph.node(node_id)
     with torch.random.fork_rng(devices=[]):
@@ -111,32 +69,13 @@ def _bind_tied(graph: Graph, modules: dict[str, nn.Module], weights: WeightsSpec
             m.weight = src.weight
 
 
-def resolve_path(path: str, base: str | None) -> Path:
-    p = Path(path)
-    if not p.is_absolute() and base is not None:
-        p = Path(base).parent / p
-    return p
-
-
 def load_checkpoint(modules: Mapping[str, nn.Module], path: str, base: str | None = None) -> None:
     """Copy ``<node>.<param>`` tensors from a checkpoint into ``modules`` (only those nodes)."""
     p = resolve_path(path, base)
-    if not p.exists():
-        raise WeightsError(f"checkpoint '{p}' does not exist")
     wanted = {f"{n}.{k}": t for n, m in modules.items()
               for k, t in {**dict(m.named_parameters()), **dict(m.named_buffers())}.items()}
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            keys = set(f.keys())
-            _copy_into(wanted, keys, f.get_tensor, p)
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises several types for a non-checkpoint file
-            raise WeightsError(f"cannot read checkpoint '{p}': {e}") from None
-        _copy_into(wanted, set(state), state.__getitem__, p)
+    with open_checkpoint(p) as (keys, get):
+        _copy_into(wanted, keys, get, p)
 
 
 def _copy_into(wanted: dict[str, torch.Tensor], keys: set[str], get, path: Path) -> None:
@@ -174,12 +113,30 @@ class SubgraphModule(nn.Module):
 
     def __init__(self, graph: Graph, modules: dict[str, nn.Module], inputs: Iterable[str],
                  outputs: Iterable[str]) -> None:
+        steps = [(n, list(graph.node(n)["inputs"]), [t.name for t in graph.node(n)["outputs"]])
+                 for n in graph.order if n in modules]
+        self._setup(graph.name, steps, modules, inputs, outputs)
+
+    @classmethod
+    def from_steps(cls, name: str, steps: Iterable[tuple[str, list[str], list[str]]],
+                   modules: dict[str, nn.Module], inputs: Iterable[str],
+                   outputs: Iterable[str]) -> SubgraphModule:
+        """A subgraph without its graph: ``steps`` lists each node (in an order where every
+        tensor is produced before it is read) with the tensors it reads and writes. A rank
+        builds its shard this way from the node records it receives."""
+        self = cls.__new__(cls)
+        self._setup(name, list(steps), modules, inputs, outputs)
+        return self
+
+    def _setup(self, name: str, steps: list[tuple[str, list[str], list[str]]],
+               modules: dict[str, nn.Module], inputs: Iterable[str],
+               outputs: Iterable[str]) -> None:
         super().__init__()
-        self.graph_name = graph.name
-        self.order = [n for n in graph.order if n in modules]
+        self.graph_name = name
+        self.order = [n for n, _, _ in steps]
         self.nodes = nn.ModuleDict({_key(n): modules[n] for n in self.order})
-        self.node_inputs = {n: list(graph.node(n)["inputs"]) for n in self.order}
-        self.node_outputs = {n: [t.name for t in graph.node(n)["outputs"]] for n in self.order}
+        self.node_inputs = {n: list(ins) for n, ins, _ in steps}
+        self.node_outputs = {n: list(outs) for n, _, outs in steps}
         self.input_names = list(inputs)
         self.output_names = list(outputs)
         available = set(self.input_names)

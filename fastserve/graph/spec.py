@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+from fastserve.graph.dtypes import DTYPES as _DTYPE_TABLE
+
+DTYPES = tuple(_DTYPE_TABLE)  # the names a spec may declare
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ directly, so a new cut policy is a new function, never a new branch here.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 from fastserve.errors import PartitionError
 from fastserve.graph.graph import Graph
@@ -79,3 +79,16 @@ def _check_policy(fn: Strategy, name: str, graph: Graph, policy: dict[str, Any])
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         raise PartitionError(f"strategy '{name}': {e}; it takes {', '.join(takes) or 'nothing'}"
                              ) from None
+
+
+def strategy_cut(graph: Graph, strategy: str, shards: int,
+                 memory_caps: Sequence[int] | None = None) -> Sharding:
+    """``shards`` stages cut by the strategy named ``strategy`` with its defaults: the cut
+    ``fastserve partition --strategy NAME --shards N`` makes, so a strategy name means the same
+    cut in every command (the planner's ``Constraints.strategy`` included). ``memory_caps``
+    (bytes per shard) is what ``hybrid`` needs."""
+    if strategy == "hybrid":
+        if not memory_caps:
+            raise PartitionError("the hybrid strategy needs a memory cap per shard")
+        return partition(graph, "hybrid", shards=shards, memory_caps=list(memory_caps))
+    return partition(graph, strategy, shards=shards)

@@ -23,13 +23,13 @@ from typing import Sequence
 
 import numpy as np
 
-from fastserve.errors import PartitionError
+from fastserve.errors import PartitionError, SizeError
 from fastserve.graph.graph import Graph
 from fastserve.partition.chain import ChainCosts, chain_costs
 from fastserve.partition.search import (cheapest_cuts, feasible, first_fit, fit_prefix,
                                         smallest_budgets)
 from fastserve.partition.sharding import Sharding, shards_from_bounds
-from fastserve.partition.units import format_bytes, parse_bytes
+from fastserve.units import format_bytes, parse_bytes
 from fastserve.partition.weight import check_capacities, check_shard_count
 
 
@@ -86,14 +86,21 @@ def hybrid_shards(graph: Graph, shards: int, memory_caps: int | str | Sequence[i
     return shards_from_bounds(graph, bounds, "hybrid", policy=policy)
 
 
+def _cap(size: int | str | float) -> int:
+    try:
+        return parse_bytes(size, "memory cap")
+    except SizeError as e:
+        raise PartitionError(str(e)) from None
+
+
 def memory_cap_list(memory_caps, k: int) -> list[int]:
     """One cap in bytes per shard from a size, a text size, or a list of one or ``k`` of them."""
     if isinstance(memory_caps, (str, int, float)) and not isinstance(memory_caps, bool):
-        return [parse_bytes(memory_caps, "memory cap")] * k
+        return [_cap(memory_caps)] * k
     if memory_caps is None:
         raise PartitionError("the hybrid strategy needs memory_caps (e.g. '2GB' or one per "
                              "shard)")
-    caps = [parse_bytes(c, "memory cap") for c in memory_caps]
+    caps = [_cap(c) for c in memory_caps]
     if len(caps) == 1:
         return caps * k
     if len(caps) != k:

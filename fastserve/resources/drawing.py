@@ -22,7 +22,7 @@ import networkx as nx
 from fastserve.errors import PlanError
 from fastserve.graph import Graph
 from fastserve.resources.inventory import Inventory
-from fastserve.resources.planner import Plan
+from fastserve.resources.plan import Plan
 
 FORMATS = (".svg", ".png")
 MAX_BOXES = 60  # beyond this many nodes, consecutive nodes of a stage are drawn as one box

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastserve.errors import InventoryError, PartitionError
+from fastserve.errors import InventoryError, SizeError
 from fastserve.limits import DEFAULT_LIMITS, Limits
-from fastserve.partition.units import parse_bytes
+from fastserve.units import parse_bytes
 from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
 LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -132,7 +132,7 @@ class _Reader:
     def size(self, m: dict, key: str, path: str) -> int:
         try:
             return parse_bytes(m[key], path)
-        except PartitionError as e:
+        except SizeError as e:
             self.fail(str(e).removeprefix(f"{path}: "), m, key, path)
             raise AssertionError("unreachable")
 

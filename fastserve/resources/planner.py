@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
 from fastserve.errors import PartitionError, PlanError
 from fastserve.graph import Graph
-from fastserve.partition import Sharding, weight_shards
+from fastserve.partition import Sharding, shards_from_bounds, strategy_cut, weight_shards
 from fastserve.partition.weight import weight_objective
-from fastserve.partition.units import format_bytes
+from fastserve.units import format_bytes
 from fastserve.resources import costmodel as cm
 from fastserve.resources.inventory import Host, Inventory, Link
+from fastserve.resources.plan import Plan, RankPlan, StagePlan
 
 EXACT_LIMIT = 64  # packings enumerated host by host up to this many per rank count
 GROUP_LIMIT = 512  # ... and group by group (identical hosts) up to this many
@@ -48,57 +49,14 @@ class Constraints:
     micro_batches: int | None = None
     batch: int = 32
     latency_ms: float | None = None  # with the throughput objective: a ceiling
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    rank: int
-    replica: int
-    stage: int
-    host: str
-    threads: int
-    memory_bytes: int
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    stage: int
-    nodes: tuple[str, ...]
-    host: str
-    threads: int
-    compute_s: float
-    transfer_s: float
-    memory_bytes: int
-    bottleneck: bool
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A chosen allocation and its predictions (seconds for one batch of ``batch`` samples)."""
-
-    graph: str
-    mode: str
-    replicas: int
-    stages: int
-    micro_batches: int
-    batch: int
-    ranks: tuple[RankPlan, ...]
-    stage_plans: tuple[StagePlan, ...]
-    latency_s: float
-    throughput: float  # samples per second
-    bubble: float
-    bounds: tuple[int, ...]  # cut positions in graph.order (end indices)
-    # per micro-batch round: the coordinator sending every replica's inputs and receiving and
-    # merging its outputs
-    coordinator_s: float = 0.0
-    # how far the search was exhaustive: "exact", or how each range of rank counts was searched
-    search: str = "exact"
-    alternatives: tuple[dict, ...] = field(default_factory=tuple)
-
-    def to_json(self) -> dict:
-        doc = asdict(self)
-        doc["alternatives"] = list(self.alternatives)
-        return doc
+    # how stages are cut: None is the planner's own cut (min-max predicted time, sized to each
+    # stage's speed); a strategy name cuts exactly as `fastserve partition --strategy` does
+    # with the same shard count (weight: by parameter bytes; layer: equal layer counts;
+    # hybrid: compute balanced under each rank's share of its host's memory)
+    strategy: str | None = None
+    cut: tuple[tuple[str, ...], ...] | None = None  # the nodes of each stage, fixed (an export)
+    threads: int | None = None  # torch threads per rank; None: the host's cores shared evenly
+    transport: str = "ipc"
 
 
 @dataclass(frozen=True)
@@ -188,13 +146,25 @@ def _compositions(total: int, caps: Sequence[int]) -> Iterator[tuple[int, ...]]:
             yield counts
 
 
+def _oversubscribed(inventory: Inventory, ranks: int) -> tuple[int, ...]:
+    """More ranks than cores, as the user fixed them: dealt round-robin over the hosts in
+    proportion to their cores (the ranks then share cores, and predictions are optimistic)."""
+    hosts = inventory.hosts
+    counts = [0] * len(hosts)
+    for i in range(ranks):
+        j = min(range(len(hosts)), key=lambda k: (counts[k] / hosts[k].cores, k))
+        counts[j] += 1
+    return tuple(counts)
+
+
 def _slots(hosts: Sequence[Host], counts: Sequence[int], d: int, p: int,
-           profile: cm.Profile | None) -> list[list[_Slot]] | None:
+           profile: cm.Profile | None, fixed_threads: int | None = None
+           ) -> list[list[_Slot]] | None:
     """Deal the packing's slots into ``d`` replicas of ``p`` stages with the same mix each."""
     slots = []
     for h, n in zip(hosts, counts):
         if n:
-            threads = h.cores // n
+            threads = fixed_threads or max(1, h.cores // n)
             slots += [_Slot(h, threads, cm.host_flops(h, profile) * cm.speedup(threads))] * n
     slots.sort(key=lambda s: (-s.power, s.host.name))
     # every stage position takes d consecutive slots: identical replicas need identical slots
@@ -217,6 +187,12 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
     power_all = sum(cm.host_flops(h, profile) * h.cores for h in hosts)
     fastest_rank = max(cm.host_flops(h, profile) * cm.speedup(h.cores) for h in hosts)
     max_ranks = sum(h.cores for h in hosts)
+    # the smallest shape the constraints allow runs even with more ranks than cores (they
+    # then share cores): a fixed shape, or the least a mode needs (hybrid: 2 x 2)
+    fixed = (c.replicas or (2 if c.parallel in ("data", "hybrid") else 1)) * \
+        (c.stages or (2 if c.parallel in ("model", "hybrid") else 1))
+    oversubscribed = fixed > max_ranks
+    max_ranks = max(max_ranks, fixed)
     cuts: dict[tuple, tuple | None] = {}
     n_nodes = len(graph)
     best: Plan | None = None
@@ -234,9 +210,12 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
     for bound, d, p in shapes:
         if prune and best is not None and c.batch * bound / total_work <= best.throughput:
             break
-        searched.setdefault(_packing_search(inventory, d * p), set()).add(d * p)
-        for counts in _packings(inventory, d * p):
-            replicas = _slots(hosts, counts, d, p, profile)
+        how = "oversubscribed" if oversubscribed else _packing_search(inventory, d * p)
+        searched.setdefault(how, set()).add(d * p)
+        packings = [_oversubscribed(inventory, d * p)] if oversubscribed else \
+            _packings(inventory, d * p)
+        for counts in packings:
+            replicas = _slots(hosts, counts, d, p, profile, c.threads)
             if replicas is None:
                 continue
             # the same bound with this packing's FLOP/s
@@ -265,6 +244,7 @@ def _describe(searched: dict[str, set[int]]) -> str:
     if set(searched) <= {"hosts"}:
         return "exact"
     what = {"hosts": "every packing on the hosts",
+            "oversubscribed": "more ranks than cores, as fixed by the constraints",
             "groups": "every split between groups of identical hosts, even within a group",
             "proportional": "one packing proportional to cores (not exhaustive)"}
     return "; ".join(f"{len(r)} rank counts ({min(r)}..{max(r)}): {what[k]}"
@@ -277,10 +257,18 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
     slots = replicas[0]
     top = max(s.power for s in slots)
     key = tuple(round(s.power / top, 9) for s in slots)  # the cut only sees relative speeds
+    if c.strategy == "hybrid":  # the cut depends on each rank's memory share too
+        key = (*key, *(_memory_share(s.host, replicas) for s in slots))
     if key not in cuts:  # many packings give the same speeds: cut and cost once
         try:
-            cuts[key] = _Cut(graph, key, profile)
-        except PartitionError:  # more stages than nodes
+            if c.cut is not None:
+                cuts[key] = _FixedCut(graph, c.cut, profile)
+            elif c.strategy is None:
+                cuts[key] = _Cut(graph, key, profile)
+            else:
+                cuts[key] = _StrategyCut(graph, c.strategy, p, profile,
+                                         [_memory_share(s.host, replicas) for s in slots])
+        except PartitionError:  # more stages than nodes, or memory caps nothing fits in
             cuts[key] = None
     cut = cuts[key]
     if cut is None:
@@ -367,6 +355,39 @@ class _Cut:
         return self._costs
 
 
+def _memory_share(host: Host, replicas: list[list[_Slot]]) -> int:
+    """A rank's share of its host's memory: the host's memory over the ranks placed on it."""
+    on_host = sum(1 for rep in replicas for s in rep if s.host is host)
+    return host.memory_bytes // on_host
+
+
+class _StrategyCut(_Cut):
+    """The cut a partition strategy makes with ``p`` shards, the same one ``fastserve
+    partition --strategy NAME --shards p`` makes; no bound on it is known in advance."""
+
+    def __init__(self, graph: Graph, strategy: str, p: int, profile: cm.Profile | None,
+                 memory_caps: list[int]):
+        self.graph, self.profile, self.objective = graph, profile, None
+        self._costs = None
+        if p > len(graph):
+            raise PartitionError("more stages than nodes")
+        self._sharding = strategy_cut(graph, strategy, p, memory_caps)
+
+
+class _FixedCut(_Cut):
+    """A cut given in advance (the shards of an export): the nodes of each stage."""
+
+    def __init__(self, graph: Graph, cut: tuple[tuple[str, ...], ...],
+                 profile: cm.Profile | None):
+        self.graph, self.profile, self.objective = graph, profile, None
+        self._costs = None
+        order = [n for nodes in cut for n in nodes]
+        if sorted(order) != sorted(graph.order):
+            raise PlanError("the fixed cut does not cover the graph's nodes exactly once")
+        bounds = list(itertools.accumulate(len(nodes) for nodes in cut))
+        self._sharding = shards_from_bounds(graph, bounds, "fixed", order=order)
+
+
 @dataclass
 class _Candidate:
     """A plan's numbers; the Plan itself (every rank and stage) is built only for winners."""
@@ -410,7 +431,7 @@ class _Candidate:
                     micro_batches=m, batch=c.batch, ranks=ranks, stage_plans=stages,
                     latency_s=self.latency_s, throughput=self.throughput,
                     bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)),
-                    coordinator_s=self.steps[p])
+                    coordinator_s=self.steps[p], transport=c.transport)
 
 
 def _bounds(graph: Graph, sharding: Sharding) -> list[int]:

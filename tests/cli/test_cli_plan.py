@@ -21,7 +21,7 @@ def test_plan_explain_lists_stages_ranks_and_alternatives(capsys):
 def test_plan_json_fixed_layout(capsys):
     code = run_cli(["plan", str(ROOT / "graphs/mlp.yaml"), "--parallel", "model", "--stages",
                     "2", "--json"])
-    doc = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)["plan"]
     assert code == 0 and (doc["replicas"], doc["stages"]) == (1, 2)
     assert len(doc["ranks"]) == 2 and doc["bounds"][-1] == 14
 

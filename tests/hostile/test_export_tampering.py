@@ -296,7 +296,7 @@ def test_the_driver_refuses_before_parsing_the_spec_or_starting_a_rank(copy, spe
     d, outside = copy
     _replace_spec(d, outside)
     with pytest.raises(WeightsError, match=r"spec file '.*graph\.yaml' has sha256"):
-        Deployment(str(d), Layout(stages=2), retain_memory=False)
+        Deployment.from_spec(str(d), Layout(stages=2), retain_memory=False)
     code = run_cli(["run", str(d)])
     err = capsys.readouterr().err
     assert code == WeightsError.exit_code, err

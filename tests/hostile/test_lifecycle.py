@@ -41,7 +41,7 @@ def wait_until(condition, seconds: float = 10.0) -> bool:
 def test_a_deployment_started_in_a_thread_that_ends_keeps_its_ranks():
     box = {}
     t = threading.Thread(target=lambda: box.setdefault(
-        "dep", Deployment(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30).start()))
+        "dep", Deployment.from_spec(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30).start()))
     t.start()
     t.join()
     dep = box["dep"]
@@ -113,7 +113,7 @@ def test_a_killed_driver_leaves_no_ranks_and_no_files(tmp_path):
     driver = textwrap.dedent(f"""
         import time
         from fastserve.engine import Deployment, Layout
-        dep = Deployment({str(ROOT / 'graphs/mlp.yaml')!r}, Layout(1, 2)).start()
+        dep = Deployment.from_spec({str(ROOT / 'graphs/mlp.yaml')!r}, Layout(1, 2)).start()
         print("up", flush=True)
         time.sleep(120)
     """)
@@ -131,7 +131,7 @@ def test_a_killed_driver_leaves_no_ranks_and_no_files(tmp_path):
 
 
 def test_a_rank_log_ends_with_its_own_last_words():
-    with Deployment(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
+    with Deployment.from_spec(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
         victim = dep.ranks[1]
         logs = [Path(r.log).read_text() for r in dep.ranks]
         assert not any("Warning" in text for text in logs), logs  # no runpy warning

@@ -76,7 +76,7 @@ def malformed(rng: random.Random, n_in: int) -> list:
 
 
 def test_ten_thousand_hostile_messages_kill_no_rank(capsys):
-    with Deployment(MLP, Layout(1, 2), timeout=60) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 2), timeout=60) as dep:
         exact(dep)
         before = rss(dep)
         n_in = dep.graph.spec.inputs[0].shape[1]
@@ -118,7 +118,7 @@ def test_ten_thousand_hostile_messages_kill_no_rank(capsys):
 
 
 def test_stray_results_nobody_reads_do_not_look_like_death():
-    with Deployment(MLP, Layout(1, 2), timeout=60) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 2), timeout=60) as dep:
         first = dep.ranks[0]
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
@@ -144,7 +144,7 @@ def deep_header() -> bytes:
 
 
 def test_junk_and_forged_results_on_the_results_socket_are_dropped():
-    with Deployment(MLP, Layout(1, 1), timeout=60) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60) as dep:
         results = dep.ranks[0].config.data_out
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(results)
@@ -172,7 +172,7 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
 
 
 def test_a_trickle_of_junk_does_not_postpone_the_timeout_or_hide_a_dead_rank():
-    with Deployment(MLP, Layout(1, 2), timeout=3) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 2), timeout=3) as dep:
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(dep.ranks[-1].config.data_out)
         stop = threading.Event()
@@ -209,7 +209,7 @@ def test_a_taken_port_fails_the_start_at_once_naming_the_socket(monkeypatch):
     try:
         with pytest.raises(EngineError, match=f"rank 1 could not load.*cannot bind its data "
                                               f"socket tcp://127.0.0.1:{port}"):
-            Deployment(MLP, Layout(1, 2), transport="tcp", timeout=10, load_timeout=60).start()
+            Deployment.from_spec(MLP, Layout(1, 2), transport="tcp", timeout=10, load_timeout=60).start()
     finally:
         taken.close()
     assert time.monotonic() - t0 < 30
@@ -232,7 +232,7 @@ def _forge(ctx, address: str, keys: KeyPair | None, server: str | None, frames):
 
 
 def test_tcp_peers_without_the_key_are_refused_and_counted():
-    with Deployment(MLP, Layout(1, 2), transport="tcp", timeout=60) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 2), transport="tcp", timeout=60) as dep:
         assert all(r.config.data_in.startswith("tcp://") for r in dep.ranks)
         x = G.random_inputs(dep.graph, batch=2)
         work = encode("data", request=1, micro=0, tensors=x)

@@ -53,7 +53,7 @@ def faulty_spec(tmp_path, monkeypatch):
 
 
 def test_exception_in_a_rank_names_rank_stage_node_and_rank_keeps_serving(faulty_spec):
-    with Deployment(faulty_spec("FailOnNegative"), Layout(1, 3), timeout=30,
+    with Deployment.from_spec(faulty_spec("FailOnNegative"), Layout(1, 3), timeout=30,
                     trust_code=True) as dep:
         assert dep.sharding[1].nodes == ("risky",)
         bad = {"x": torch.full((2, 4), -100.0)}
@@ -73,7 +73,7 @@ def test_exception_in_a_rank_names_rank_stage_node_and_rank_keeps_serving(faulty
 
 
 def test_rank_killed_mid_run_is_named(faulty_spec):
-    with Deployment(faulty_spec("Slow"), Layout(1, 3), timeout=30, trust_code=True) as dep:
+    with Deployment.from_spec(faulty_spec("Slow"), Layout(1, 3), timeout=30, trust_code=True) as dep:
         victim = dep.ranks[1]
         x = {"x": torch.randn(8, 4)}
         with ThreadPoolExecutor(1) as pool:
@@ -90,7 +90,7 @@ def test_killed_driver_leaves_no_ranks(tmp_path):
     driver = textwrap.dedent(f"""
         import sys, time
         from fastserve.engine import Deployment, Layout
-        dep = Deployment({str(ROOT / 'graphs/mlp.yaml')!r}, Layout(2, 2)).start()
+        dep = Deployment.from_spec({str(ROOT / 'graphs/mlp.yaml')!r}, Layout(2, 2)).start()
         print(" ".join(str(r.process.pid) for r in dep.ranks), flush=True)
         time.sleep(120)
     """)
@@ -141,7 +141,7 @@ def garbage_messages(n: int):
 
 
 def test_thousand_malformed_messages_are_counted_and_the_rank_keeps_serving():
-    with Deployment(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
+    with Deployment.from_spec(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
         target = dep.ranks[0].config.data_in
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
@@ -169,4 +169,4 @@ def test_unloadable_shard_is_reported_not_hung(tmp_path):
     from fastserve.errors import EngineError
 
     with pytest.raises(EngineError, match="could not load its shard.*missing.safetensors"):
-        Deployment(str(spec), Layout(1, 2), load_timeout=60).start()
+        Deployment.from_spec(str(spec), Layout(1, 2), load_timeout=60).start()

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
                          ids=["2-stage", "2-replica", "4-stage-layer"])
 def test_gpt2_small_equals_the_reference(layout):
     dims = {"seq": 24}
-    with Deployment(str(ROOT / "graphs/gpt2.yaml"), layout, dims=dims, timeout=300) as dep:
+    with Deployment.from_spec(str(ROOT / "graphs/gpt2.yaml"), layout, dims=dims, timeout=300) as dep:
         inputs = G.random_inputs(dep.graph, 6, dims, seed=5)
         got = dep.run(inputs, micro_batches=3)["lm_head"]
         torch.testing.assert_close(got, G.reference(dep.graph, inputs)["lm_head"])

@@ -26,7 +26,7 @@ def small_gpt2(tmp_path: Path) -> str:
 
 def check(spec: str, layout: Layout, batch: int, micro_batches: int,
           trust_code: bool = False) -> None:
-    with Deployment(spec, layout, timeout=60, trust_code=trust_code) as dep:
+    with Deployment.from_spec(spec, layout, timeout=60, trust_code=trust_code) as dep:
         inputs = G.random_inputs(dep.graph, batch, seed=3)
         expected = G.reference(dep.graph, inputs)
         got = dep.run(inputs, micro_batches=micro_batches)
@@ -60,7 +60,7 @@ def test_captured_transformers_model():
 
 
 def test_variable_batch_and_sequence_lengths(tmp_path):
-    with Deployment(small_gpt2(tmp_path), Layout(2, 2), timeout=60) as dep:
+    with Deployment.from_spec(small_gpt2(tmp_path), Layout(2, 2), timeout=60) as dep:
         requests = [G.random_inputs(dep.graph, b, {"seq": s}, seed=b * s)
                     for b, s in [(1, 5), (4, 12), (2, 30), (3, 1), (6, 7)]]
         got = dep.run_requests(requests)
@@ -84,22 +84,22 @@ def test_runs_from_a_partition_export(tmp_path):
 
     graph = G.compile_graph(G.load_spec(small_gpt2(tmp_path)), {})
     export(partition(graph, "weight", shards=2), tmp_path / "exp")
-    with Deployment(str(tmp_path / "exp"), Layout(2, 2), timeout=60) as dep:
+    with Deployment.from_spec(str(tmp_path / "exp"), Layout(2, 2), timeout=60) as dep:
         assert dep.export_dir == str(tmp_path / "exp")
         x = G.random_inputs(dep.graph, 5, seed=4)
         torch.testing.assert_close(dep.run(x, micro_batches=2)["lm_head"],
                                    G.reference(graph, x)["lm_head"])
     with pytest.raises(FastServeError, match="holds 2 shards"):
-        Deployment(str(tmp_path / "exp"), Layout(1, 3))
+        Deployment.from_spec(str(tmp_path / "exp"), Layout(1, 3))
     # a corrupted shard file is refused before any rank starts, naming the file
     shard = tmp_path / "exp" / "shard-001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-8] + b"corrupt!")
     with pytest.raises(FastServeError, match="shard-001"):
-        Deployment(str(tmp_path / "exp"), Layout(1, 2), timeout=60)
+        Deployment.from_spec(str(tmp_path / "exp"), Layout(1, 2), timeout=60)
 
 
 def test_serve_reads_a_stream_lazily_and_yields_in_order(tmp_path):
-    with Deployment(small_gpt2(tmp_path), Layout(2, 1), timeout=60, max_in_flight=2) as dep:
+    with Deployment.from_spec(small_gpt2(tmp_path), Layout(2, 1), timeout=60, max_in_flight=2) as dep:
         pulled = []
 
         def requests():  # an endless source in spirit: count how far ahead it is read
@@ -113,4 +113,6 @@ def test_serve_reads_a_stream_lazily_and_yields_in_order(tmp_path):
             x = G.random_inputs(dep.graph, 1 + i % 3, {"seq": 2 + i % 5}, seed=i)
             torch.testing.assert_close(out["lm_head"], G.reference(dep.graph, x)["lm_head"])
         assert i == 39
-        assert ahead <= 2 * 2 + 2  # 2 replicas x 2 in flight, one peeked at, one yielded
+        # 2 replicas x 2 in flight, at most 2 x 2 x 2 results held out of order behind a slow
+        # one (Deployment.serve's bound), one peeked at, one yielded: never the whole stream
+        assert ahead <= 2 * 2 + 8 + 2

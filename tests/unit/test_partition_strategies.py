@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fastserve as fs
-from fastserve.errors import PartitionError
+from fastserve.errors import PartitionError, SizeError
 from fastserve.partition import (STRATEGIES, Sharding, layer_shards, layer_units, parse_bytes,
                                  partition, register_strategy, shards_from_bounds, synthetic,
                                  verify)
@@ -177,7 +177,7 @@ def test_parse_bytes_accepts_common_spellings_and_refuses_others():
     assert parse_bytes("1000") == 1000 == parse_bytes(1000)
     for bad, why in (("2XB", "unknown unit 'XB'"), ("-1GB", "cannot read"), ("0", "not a positive"),
                      ("GB", "cannot read"), ("", "cannot read")):
-        with pytest.raises(PartitionError, match=why):
+        with pytest.raises(SizeError, match=why):
             parse_bytes(bad, "--memory-cap")
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import fastserve
 
@@ -15,3 +16,10 @@ def test_import_fastserve_is_light():
     code = "import sys, fastserve; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_partition_and_plan_are_public():
+    graph = fastserve.load(str(Path(__file__).resolve().parents[2] / "graphs/mlp.yaml"))
+    assert len(fastserve.partition(graph, "weight", shards=2)) == 2
+    assert fastserve.partition.partition(graph, "layer", shards=3).strategy == "layer"
+    assert fastserve.Plan.__name__ == "Plan" and callable(fastserve.load_plan)

@@ -158,7 +158,7 @@ def _describe(options: dict[str, Any]) -> str:
         if k == "capacities":
             v = "1,2,3,1,2,3,..."
         elif k == "memory_caps":
-            from fastserve.partition.units import format_bytes
+            from fastserve.units import format_bytes
 
             v = format_bytes(v)
         out.append(f"{k}={v}")

@@ -156,7 +156,7 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     def deployed(layout: Layout, micro: int) -> tuple[float, float, list[dict]]:
         """Seconds for one batch alone, seconds per batch in a stream, rank memory."""
         progress(f"{layout.replicas} replica(s) x {layout.stages} stage(s)")
-        with Deployment(spec, layout, dims=dims, timeout=300) as dep:
+        with Deployment.from_spec(spec, layout, dims=dims, timeout=300) as dep:
             dep.run(inputs, micro_batches=micro)  # warm up: connections, allocator
             alone = min(_timed(lambda: dep.run(inputs, micro_batches=micro))
                         for _ in range(repeats))
@@ -165,15 +165,18 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
             after = dep.control("stats")
             memory = [{"rank": r, "weight_bytes": m["weight_bytes"],
                        "rss_idle": m["rss_before_load"], "rss_loaded": m["rss"],
+                       "rss_peak_loading": m["rss_peak"], "load_s": m["load_s"],
                        "rss_after_run": after[r]["rss"]} for r, m in sorted(dep.ready.items())]
         return alone, streamed, memory
 
-    pipe, pipe_stream, pipe_mem = deployed(Layout(1, stages, "weight", 1), micro_batches)
-    single, single_stream, _ = deployed(Layout(1, 1, "weight", 1), 1)
-    dp, dp_stream, _ = deployed(Layout(replicas, 1, "weight", 1), 1)
+    pipe, pipe_stream, pipe_mem = deployed(Layout(1, stages, None, 1), micro_batches)
+    single, single_stream, _ = deployed(Layout(1, 1, None, 1), 1)
+    dp, dp_stream, _ = deployed(Layout(replicas, 1, None, 1), 1)
     for m in pipe_mem:
         m["loaded_over_weights"] = (m["rss_loaded"] - m["rss_idle"]) / m["weight_bytes"]
         m["after_run_over_weights"] = (m["rss_after_run"] - m["rss_idle"]) / m["weight_bytes"]
+        m["peak_loading_over_weights"] = (m["rss_peak_loading"] - m["rss_idle"]) / \
+            m["weight_bytes"]
     return {
         "graph": graph.name, "batch": batch, "seq": seq, "stages": stages,
         "replicas": replicas, "micro_batches": micro_batches, "stream": stream,

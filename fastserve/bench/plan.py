@@ -58,7 +58,7 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
     the deployment kept up (its ranks idle while the profile runs); each round's prediction uses
     that round's profile, and the medians are reported.
     """
-    from fastserve.engine.deployment import Deployment, Layout
+    from fastserve.engine.deployment import Deployment
     from fastserve.graph import compile_graph, load_spec, random_inputs
     from fastserve.resources.profiling import profile_graph
 
@@ -71,12 +71,14 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
         progress(f"profiling {graph.name}")
         chosen = plan(graph, inventory, constraints=Constraints(batch=batch),
                       profile=profile_graph(graph, host, batch=batch))
+        # later rounds re-plan with the measured message cost, for the deployed cut and shape
+        threads = chosen.ranks[0].threads
         fixed = Constraints(replicas=chosen.replicas, stages=chosen.stages,
-                            micro_batches=chosen.micro_batches, batch=batch)
-        layout = Layout(chosen.replicas, chosen.stages, "weight", chosen.ranks[0].threads)
+                            micro_batches=chosen.micro_batches, batch=batch, cut=chosen.cut,
+                            threads=threads)
         inputs = random_inputs(graph, batch, dims)
         predicted, measured = [], []
-        with Deployment(path, layout, dims=dims, timeout=300) as dep:
+        with Deployment(graph, chosen, timeout=300) as dep:
             for _ in range(2):  # warm up: connections, allocator
                 dep.run(inputs, micro_batches=chosen.micro_batches)
             for r in range(rounds):
@@ -97,7 +99,7 @@ def measure_predictions(repeats: int = 3, min_seconds: float = 1.0, rounds: int 
                 measured.append(batch / statistics.median(runs))
         rows.append({"graph": graph.name, "message_us": measured_profile.message_seconds * 1e6,
                      "plan": f"{chosen.replicas} x {chosen.stages}, "
-                     f"{chosen.micro_batches} mb, {layout.threads} thr",
+                     f"{chosen.micro_batches} mb, {threads} thr",
                      "predicted": statistics.median(predicted),
                      "measured": statistics.median(measured),
                      "error": statistics.median(p / m - 1 for p, m in zip(predicted, measured)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from fastserve.errors import PartitionError
+from fastserve.errors import SizeError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -23,30 +23,30 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$
 def parse_bytes(text: str | int | float, what: str = "size") -> int:
     """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``1024`` -> 1024.
 
-    Raises :class:`PartitionError` naming ``what`` and the accepted forms for anything else
+    Raises :class:`SizeError` naming ``what`` and the accepted forms for anything else
     (negative, zero, unknown unit, not a number).
     """
     if isinstance(text, bool):
-        raise PartitionError(f"{what}: expected a size such as 2GB or 512MiB, got {text!r}")
+        raise SizeError(f"{what}: expected a size such as 2GB or 512MiB, got {text!r}")
     if isinstance(text, (int, float)):
         if isinstance(text, int) and text.bit_length() > 100:  # float() would overflow
-            raise PartitionError(f"{what}: {text} is too large to be a size")
+            raise SizeError(f"{what}: {text} is too large to be a size")
         value, unit = float(text), ""
     else:
         if len(str(text)) > 64:  # also keeps the regex's backtracking short
-            raise PartitionError(f"{what}: {str(text)[:20]!r}... is too long to be a size")
+            raise SizeError(f"{what}: {str(text)[:20]!r}... is too long to be a size")
         m = _SIZE.match(str(text))
         if not m:
-            raise PartitionError(f"{what}: cannot read {text!r} as a size; write a number with "
+            raise SizeError(f"{what}: cannot read {text!r} as a size; write a number with "
                                  f"an optional unit, e.g. 2GB, 512MiB, 1.5GiB or 1000000")
         value, unit = float(m.group(1)), m.group(2).lower()
         if unit not in _UNITS:
             known = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
-            raise PartitionError(f"{what}: unknown unit '{m.group(2)}' in {text!r}; use one of "
+            raise SizeError(f"{what}: unknown unit '{m.group(2)}' in {text!r}; use one of "
                                  f"{known}")
     size = value * _UNITS[unit]
     if not math.isfinite(size) or size < 1:
-        raise PartitionError(f"{what}: {text!r} is not a positive size")
+        raise SizeError(f"{what}: {text!r} is not a positive size")
     return int(size)
 
 
