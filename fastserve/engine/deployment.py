@@ -145,6 +145,15 @@ class Deployment:
         chosen = plan(graph, inventory or local_inventory(), constraints=constraints)
         return cls(graph, chosen, trust_code=trust_code, export_dir=export_dir, **options)
 
+    def endpoint(self, rank: int) -> str:
+        """Where ``rank``'s data socket is bound (known once it has said hello)."""
+        return self._endpoints[rank]
+
+    @property
+    def results_endpoint(self) -> str:
+        """Where the coordinator's results socket is bound."""
+        return self._results_at
+
     @property
     def layout(self) -> Layout:
         """The plan's shape (replicas, stages, threads of the first rank)."""
@@ -178,24 +187,23 @@ class Deployment:
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 64)
         self._guard.serve(self._control, "control", filter(None, public))
-        control = addr.new("control")
-        self._control.bind(control)
+        self._control.bind(addr.new("control"))
+        control = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
         self._results = ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
         self._results.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         # results are accepted only from the last-stage ranks (on ipc: only this user's)
         self._guard.serve(self._results, "results", filter(None, last))
-        results = addr.new("results")
-        self._results.bind(results)
+        self._results.bind(addr.new("results"))
+        self._results_at = self._results.getsockopt_string(zmq.LAST_ENDPOINT)
         self._inputs: list[zmq.Socket] = []
+        self._endpoints: dict[int, str] = {}  # rank -> where it bound, from its hello
         for r in range(plan.replicas):
-            stage_in = [addr.new(f"r{r}s{k}") for k in range(p)]
             for k in range(p):
                 rp = plan.rank(r, k)
                 key = keys[rp.rank]
                 cfg = RankConfig(
-                    rank=rp.rank, stage=k, replica=r, data_in=stage_in[k],
-                    data_out=stage_in[k + 1] if k + 1 < p else results,
+                    rank=rp.rank, stage=k, replica=r, data_in=addr.new(f"r{r}s{k}"),
                     control=control, threads=rp.threads, trust_code=self.trust_code,
                     workdir=addr.dir, public_key=key and key.public,
                     secret_key=key and key.secret,
@@ -205,12 +213,9 @@ class Deployment:
                 self.ranks.append(launch_local(cfg, addr.dir))
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            # the first stage binds only once its shard is loaded; ZeroMQ's default 100 ms
-            # between connection attempts would delay the first batch by up to that much
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             self._guard.connect_to(sock, public[r * p])
-            sock.connect(stage_in[0])
-            self._inputs.append(sock)
+            self._inputs.append(sock)  # connected once its first stage says where it is
         self.progress(f"started {len(self.ranks)} ranks ({plan.replicas} replica(s) x "
                       f"{p} stage(s)); sending each its shard")
         try:
@@ -239,11 +244,10 @@ class Deployment:
                 continue
             meta = msg.meta
             rank = meta["rank"]
-            if meta.get("event") == "hello":  # connected: send it its shard and the plan hash
-                shard = torch.frombuffer(bytearray(self._records[rank % self.plan.stages]),
-                                         dtype=torch.uint8)
-                self._control.send_multipart([f"rank{rank}".encode(), *encode(
-                    "control", meta=self._load_meta(), tensors={"shard": shard})])
+            if meta.get("event") == "hello" and rank not in self._endpoints:
+                self._endpoints[rank] = meta.get("endpoint", "")
+                if len(self._endpoints) == len(self.ranks):  # everyone bound: wire and load
+                    self._send_loads()
             if meta.get("event") == "failed":
                 raise EngineError(f"rank {rank} could not load its shard: "
                                   f"{meta.get('error', 'no reason given')}")
@@ -257,6 +261,20 @@ class Deployment:
                                       f"gives it {want}: refused")
                 self.ready[rank] = meta
                 self.progress(f"rank {rank} ready ({meta.get('load_s', 0):.1f} s)")
+
+    def _send_loads(self) -> None:
+        """Send each rank its shard, the plan hash and where its output goes (the next
+        stage's endpoint, or the results socket); connect the inputs to the first stages."""
+        p = self.plan.stages
+        for rank in range(len(self.ranks)):
+            k = rank % p
+            out = self._endpoints[rank + 1] if k + 1 < p else self._results_at
+            shard = torch.frombuffer(bytearray(self._records[k]), dtype=torch.uint8)
+            self._control.send_multipart([f"rank{rank}".encode(), *encode(
+                "control", meta={**self._load_meta(), "data_out": out},
+                tensors={"shard": shard})])
+        for r, sock in enumerate(self._inputs):
+            sock.connect(self._endpoints[r * p])
 
     def _load_meta(self) -> dict:
         return {"cmd": "load", "plan": self.plan_hash}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,11 +32,12 @@ class Addresses:
         self.dir = tempfile.mkdtemp(prefix="fastserve-")
 
     def new(self, name: str) -> str:
+        """Where to bind ``name``: a path in the private directory, or on tcp a port the kernel
+        picks at bind time (read back with ZMQ_LAST_ENDPOINT), never one chosen earlier and
+        left free for another process to take."""
         if self.transport == "ipc":
             return f"ipc://{self.dir}/{name}"
-        with socket.socket() as s:  # a free port now; the rank binds it right after
-            s.bind(("127.0.0.1", 0))
-            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        return "tcp://127.0.0.1:*"
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

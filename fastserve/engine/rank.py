@@ -11,10 +11,12 @@ rank
   records of its own nodes (or which export shard file to load) and the plan's hash. It never
   reads the spec file nor compiles the whole graph; ``ready`` echoes the plan hash and the nodes
   it built, and the coordinator refuses a rank whose hash or nodes differ from the plan;
-* binds a PULL socket for data, PUSHes results to the next stage (or to the coordinator); on tcp
-  both are CURVE-authenticated (:mod:`fastserve.engine.security`);
+* binds a PULL socket for data first (on tcp a port the kernel picks, reported in ``hello``),
+  and PUSHes results to where ``load`` says (the next stage, or the coordinator); on tcp both
+  are CURVE-authenticated (:mod:`fastserve.engine.security`);
 * talks to the coordinator on a separate DEALER control socket: ``ready`` (or ``failed`` with
-  the reason) once loaded, then answers ``health``, ``stats`` and ``stop``;
+  the reason) once loaded, then answers ``health``, ``stats`` and ``stop`` from a thread of its
+  own, so a long batch does not make a live rank look dead;
 * never blocks on a send: a result the next peer cannot take yet waits in an outbox while the
   rank stops reading new data (back-pressure) but keeps answering control;
 * rejects and counts malformed messages by reason and keeps serving.
@@ -44,8 +46,7 @@ class RankConfig:
     rank: int
     stage: int
     replica: int
-    data_in: str  # address this rank binds for data
-    data_out: str  # address it connects to: the next stage, or the coordinator's results
+    data_in: str  # where this rank binds for data (tcp: port *, the kernel picks one)
     control: str  # the coordinator's control ROUTER
     threads: int = 1
     trust_code: bool = False  # the user trusts code the spec names (module:, source:)
@@ -162,7 +163,25 @@ def serve(cfg: RankConfig) -> int:
                   f"10 s", file=sys.stderr)
 
     try:
-        tell({"event": "hello", "rank": cfg.rank})
+        # bind first, where the config says (on tcp, a port the kernel picks now, so no port
+        # is chosen early and left for another process to take), and say where in hello
+        pull = ctx.socket(zmq.PULL)
+        push = ctx.socket(zmq.PUSH)
+        sockets += [pull, push]  # closed on the way out whatever fails below
+        pull.setsockopt(zmq.RCVHWM, cfg.hwm)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger one drops its peer
+        guard.serve(pull, "data", cfg.upstream_keys)
+        try:
+            pull.bind(cfg.data_in)
+        except zmq.ZMQError as e:
+            print(f"rank {cfg.rank}: cannot bind its data socket {cfg.data_in}: {e}",
+                  file=sys.stderr)
+            tell({"event": "failed", "rank": cfg.rank,
+                  "error": f"cannot bind its data socket {cfg.data_in}: {e}"})
+            return 1
+        tell({"event": "hello", "rank": cfg.rank,
+              "endpoint": pull.getsockopt_string(zmq.LAST_ENDPOINT)})
         load = _await_load(ctl, decode, WireError)
         if load is None:
             return 0  # told to stop before loading
@@ -179,26 +198,11 @@ def serve(cfg: RankConfig) -> int:
                   "error": f"{type(e).__name__}: {e}"[:2000]})
             return 1
         core = RankCore(cfg.rank, cfg.stage, shard)
-        pull = ctx.socket(zmq.PULL)
-        push = ctx.socket(zmq.PUSH)
-        sockets += [pull, push]  # closed on the way out whatever fails below
-        pull.setsockopt(zmq.RCVHWM, cfg.hwm)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger one drops its peer
-        guard.serve(pull, "data", cfg.upstream_keys)
-        try:
-            pull.bind(cfg.data_in)
-        except zmq.ZMQError as e:  # e.g. another process took the port meanwhile
-            print(f"rank {cfg.rank}: cannot bind its data socket {cfg.data_in}: {e}",
-                  file=sys.stderr)
-            tell({"event": "failed", "rank": cfg.rank,
-                  "error": f"cannot bind its data socket {cfg.data_in}: {e}"})
-            return 1
         push.setsockopt(zmq.SNDHWM, cfg.hwm)
         push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.RECONNECT_IVL, 5)  # the next stage may bind later: retry quickly
+        push.setsockopt(zmq.RECONNECT_IVL, 5)
         guard.connect_to(push, cfg.downstream_key)
-        push.connect(cfg.data_out)
+        push.connect(load.meta["data_out"])  # the next stage's endpoint, or the results
         weights = sum(p.numel() * p.element_size() for p in shard.parameters())
         tell({"event": "ready", "rank": cfg.rank, "pid": os.getpid(),
               "load_s": time.time() - t0, "rss": resident_bytes(),
@@ -215,11 +219,17 @@ def serve(cfg: RankConfig) -> int:
                 return encode(err.kind, request=err.request, micro=err.micro, meta=err.meta)
 
         outbox: list | None = None  # a result the next peer could not take yet
+        # control is answered by its own thread from here on, so health is answered while a
+        # long batch computes (torch releases the GIL) or output waits: busy, not dead
+        state = {"busy": False}
+        stopping = threading.Event()
+        answering = threading.Thread(target=_answer_control, name="control", daemon=True,
+                                     args=(ctl, core, state, stopping))
+        answering.start()
         poller = zmq.Poller()
-        poller.register(ctl, zmq.POLLIN)
         for m in guard.monitors:
             poller.register(m, zmq.POLLIN)
-        while True:
+        while not stopping.is_set():
             poller.register(pull, zmq.POLLIN if outbox is None else 0)
             poller.register(push, zmq.POLLOUT if outbox is not None else 0)
             events = dict(poller.poll(POLL_MS))
@@ -227,6 +237,7 @@ def serve(cfg: RankConfig) -> int:
                 try:
                     push.send_multipart(outbox, flags=zmq.NOBLOCK, copy=False)
                     outbox = None
+                    state["busy"] = False
                 except zmq.Again:
                     pass
             if outbox is None and pull in events:
@@ -237,36 +248,51 @@ def serve(cfg: RankConfig) -> int:
                 except WireError as e:
                     core.stats.malformed[e.reason] += 1
                     continue
+                state["busy"] = True
                 out = core.handle(msg, received)
                 if out.meta.get("timings"):
                     out.meta["timings"][-1]["sent"] = time.time()
                 frames = frames_of(out)
                 try:
                     push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    state["busy"] = False
                 except zmq.Again:  # downstream is full: hold it, stop reading, keep answering
                     outbox = frames
             for m in guard.monitors:
                 if m in events:
                     core.stats.refused = guard.count(m)
-            if ctl in events:
-                try:
-                    msg = decode(ctl.recv_multipart(copy=False))
-                except WireError as e:
-                    core.stats.malformed[e.reason] += 1
-                    continue
-                reply, stop = core.command(msg, pending=int(outbox is not None),
-                                           rss=resident_bytes())
-                try:
-                    ctl.send_multipart(encode(reply.kind, meta=reply.meta), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-                if stop:
-                    return 0
+        return 0
     finally:
+        if "stopping" in locals():  # the control thread owns ctl until it is gone
+            stopping.set()
+            answering.join(timeout=5)
         guard.close()
         for s in sockets:
             s.close(linger=500 if s is ctl else 0)
         ctx.term()
+
+
+def _answer_control(ctl, core, state: dict, stopping: threading.Event) -> None:
+    """The control thread: answer health, stats and stop until told to stop."""
+    import zmq
+
+    from fastserve.engine.wire import WireError, decode, encode
+
+    while not stopping.is_set():
+        if not ctl.poll(POLL_MS):
+            continue
+        try:
+            msg = decode(ctl.recv_multipart(copy=False))
+        except WireError as e:
+            core.stats.malformed[e.reason] += 1
+            continue
+        reply, stop = core.command(msg, pending=int(state["busy"]), rss=resident_bytes())
+        try:
+            ctl.send_multipart(encode(reply.kind, meta=reply.meta), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if stop:
+            stopping.set()
 
 
 def _await_load(ctl, decode, WireError):
@@ -281,7 +307,7 @@ def _await_load(ctl, decode, WireError):
         except WireError:
             continue
         cmd = msg.meta.get("cmd") if msg.kind == "control" else None
-        if cmd == "load" and "plan" in msg.meta and "shard" in msg.tensors:
+        if cmd == "load" and {"plan", "data_out"} <= msg.meta.keys() and "shard" in msg.tensors:
             return msg
         if cmd == "stop":
             return None

@@ -168,7 +168,7 @@ META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
                  "rank": _int, "pid": _int, "load_s": _number, "rss": _int,
                  "rss_before_load": _int, "rss_peak": _int, "weight_bytes": _int,
                  "error": _text, "plan": _text, "nodes": _list_of(_text, 1 << 16),
-                 "threads": _int},
+                 "threads": _int, "endpoint": _text, "data_out": _text},
                 frozenset()),
     "reply": ({"cmd": _one_of(*COMMANDS), "rank": _int, "ok": _bool, "busy": _bool,
                "processed": _int, "errors": _int, "malformed": _counts, "refused": _int,

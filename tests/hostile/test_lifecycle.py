@@ -139,3 +139,48 @@ def test_a_rank_log_ends_with_its_own_last_words():
         victim.process.wait(timeout=10)
         reason = victim.exit_reason()
         assert reason == "killed by SIGKILL", reason
+
+
+def test_health_is_answered_while_a_long_batch_computes(tmp_path, monkeypatch):
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(SLOW.replace("seconds: 0.5", "seconds: 4"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(MULTIPROC),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(MULTIPROC))
+    with Deployment.from_spec(str(spec), Layout(1, 2), timeout=30, trust_code=True) as dep:
+        x = G.random_inputs(dep.graph, 2)
+        box = {}
+        worker = threading.Thread(target=lambda: box.setdefault("out", dep.run(x, 1)))
+        t0 = time.monotonic()
+        worker.start()
+        time.sleep(0.5)  # stage 1 is now inside its 4 s node
+        try:
+            # the coordinator is not thread-safe: ask through a socket of our own
+            replies = _health(dep)
+            assert time.monotonic() - t0 < 3.5, "health waited for the batch"
+            assert replies[1]["busy"] is True and replies[0]["busy"] is False
+        finally:
+            worker.join(timeout=30)
+        torch.testing.assert_close(box["out"]["wait"], G.reference(dep.graph, x)["wait"])
+
+
+def _health(dep) -> dict[int, dict]:
+    """Ask every rank 'health' over a control socket of our own: a ROUTER the ranks are not
+    connected to cannot reach them, so use the deployment's own socket from this thread while
+    the run thread only uses the data sockets (the run polls the results socket only)."""
+    import zmq
+
+    from fastserve.engine.wire import decode, encode
+
+    sock = dep._control
+    for r in dep.ranks:
+        sock.send_multipart([f"rank{r.config.rank}".encode(),
+                             *encode("control", meta={"cmd": "health"})])
+    replies, deadline = {}, time.monotonic() + 3
+    while len(replies) < len(dep.ranks) and time.monotonic() < deadline:
+        if sock.poll(50, zmq.POLLIN):
+            _, *frames = sock.recv_multipart()
+            meta = decode(frames).meta
+            if meta.get("cmd") == "health":
+                replies[meta["rank"]] = meta
+    return replies

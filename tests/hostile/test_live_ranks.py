@@ -84,7 +84,7 @@ def test_ten_thousand_hostile_messages_kill_no_rank(capsys):
         socks = [ctx.socket(zmq.PUSH) for _ in dep.ranks]
         for s, r in zip(socks, dep.ranks):
             s.setsockopt(zmq.SNDHWM, 100_000)
-            s.connect(r.config.data_in)
+            s.connect(dep.endpoint(r.config.rank))
         rng = random.Random(0)
         for i in range(10_000):
             socks[i % len(socks)].send_multipart(malformed(rng, n_in))
@@ -123,7 +123,7 @@ def test_stray_results_nobody_reads_do_not_look_like_death():
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.connect(first.config.data_in)
+        sock.connect(dep.endpoint(0))
         x = G.random_inputs(dep.graph, batch=1)
         for i in range(2_000):  # valid work, for a request nobody asked for
             sock.send_multipart(encode("data", request=12345, micro=i, tensors=x))
@@ -145,7 +145,7 @@ def deep_header() -> bytes:
 
 def test_junk_and_forged_results_on_the_results_socket_are_dropped():
     with Deployment.from_spec(MLP, Layout(1, 1), timeout=60) as dep:
-        results = dep.ranks[0].config.data_out
+        results = dep.results_endpoint
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(results)
         sock.send(b"junk")
@@ -157,7 +157,7 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         sock.close(linger=1000)
         # the same on the data and control sockets
         data = zmq.Context.instance().socket(zmq.PUSH)
-        data.connect(dep.ranks[0].config.data_in)
+        data.connect(dep.endpoint(0))
         data.send(deep_header())
         ctl = zmq.Context.instance().socket(zmq.DEALER)
         ctl.setsockopt(zmq.IDENTITY, b"rank0")
@@ -174,7 +174,7 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
 def test_a_trickle_of_junk_does_not_postpone_the_timeout_or_hide_a_dead_rank():
     with Deployment.from_spec(MLP, Layout(1, 2), timeout=3) as dep:
         sock = zmq.Context.instance().socket(zmq.PUSH)
-        sock.connect(dep.ranks[-1].config.data_out)
+        sock.connect(dep.results_endpoint)
         stop = threading.Event()
 
         def trickle():
@@ -240,9 +240,9 @@ def test_tcp_peers_without_the_key_are_refused_and_counted():
         first, last = dep.ranks[0].config, dep.ranks[-1].config
         stranger = KeyPair.new()
         forged = [
-            _forge(ctx, first.data_in, None, None, work),  # no CURVE at all
-            _forge(ctx, first.data_in, stranger, first.public_key, work),  # unknown key
-            _forge(ctx, last.data_out, stranger, last.downstream_key, work),  # results socket
+            _forge(ctx, dep.endpoint(0), None, None, work),  # no CURVE at all
+            _forge(ctx, dep.endpoint(0), stranger, first.public_key, work),  # unknown key
+            _forge(ctx, dep.results_endpoint, stranger, last.downstream_key, work),  # results socket
             _forge(ctx, first.control, None, None, encode("control", meta={"cmd": "stop"})),
         ]
         deadline = time.monotonic() + 10
@@ -259,7 +259,7 @@ def test_tcp_peers_without_the_key_are_refused_and_counted():
 
         # the same connection with the deployment's own key is accepted: the check can fail
         own = KeyPair(dep._keys.public, dep._keys.secret)
-        s = _forge(ctx, first.data_in, own, first.public_key,
+        s = _forge(ctx, dep.endpoint(0), own, first.public_key,
                    encode("data", request=99, micro=0, tensors=x))
         deadline = time.monotonic() + 10
         while dep.control("stats")[0]["processed"] == processed:

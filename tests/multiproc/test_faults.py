@@ -142,7 +142,7 @@ def garbage_messages(n: int):
 
 def test_thousand_malformed_messages_are_counted_and_the_rank_keeps_serving():
     with Deployment.from_spec(str(ROOT / "graphs/mlp.yaml"), Layout(1, 2), timeout=30) as dep:
-        target = dep.ranks[0].config.data_in
+        target = dep.endpoint(0)
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 2000)
