@@ -2,7 +2,8 @@
 noisy, so absolute times mean little; a ratio of two things measured together does).
 
 * transport: a FastServe hop (encode, send, receive, decode, and back) against a raw pyzmq
-  round trip of the same bytes over the same kind of socket, per size and transport;
+  round trip of the same bytes over the same kind of socket, per size and transport (on tcp the
+  FastServe hop is CURVE-encrypted, as every tcp socket of a deployment is; raw pyzmq is plain);
 * pipeline: a p-stage pipeline with one thread per rank against one process with one thread and
   with p threads; d data-parallel replicas against one; resident memory of each rank against its
   shard's weights.
@@ -10,6 +11,7 @@ noisy, so absolute times mean little; a ratio of two things measured together do
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -25,12 +27,18 @@ from fastserve.engine.wire import decode, encode
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
 
 _ECHO = """
-import sys, zmq
+import json, sys, zmq
 from fastserve.engine.wire import decode, encode
-inp, out, mode = sys.argv[1:4]
+cfg = json.loads(sys.stdin.readline())  # keys never on the command line
 ctx = zmq.Context()
-pull = ctx.socket(zmq.PULL); pull.bind(inp)
-push = ctx.socket(zmq.PUSH); push.connect(out)
+pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+for sock in (pull, push):
+    if cfg["keys"]:  # FastServe on tcp: CURVE, as a deployment's sockets are
+        sock.curve_publickey = cfg["keys"]["public"].encode()
+        sock.curve_secretkey = cfg["keys"]["secret"].encode()
+        sock.curve_serverkey = cfg["keys"]["server"].encode()
+pull.connect(cfg["inp"]); push.connect(cfg["out"])
+mode = cfg["mode"]
 while True:
     frames = pull.recv_multipart(copy=False)
     if len(frames) == 1 and frames[0].bytes == b"stop":
@@ -43,16 +51,29 @@ while True:
 
 
 class _Echo:
-    """A peer process that sends back what it gets (decoding and re-encoding in FastServe mode),
-    with the driver's PUSH/PULL pair connected to it."""
+    """A peer process that sends back what it gets (decoding and re-encoding in FastServe mode).
+    The driver binds both sockets and the echo connects; in FastServe mode on tcp both links
+    are CURVE-authenticated and encrypted, as every tcp socket of a deployment is."""
 
-    def __init__(self, ctx: zmq.Context, addresses: Addresses, mode: str) -> None:
-        self.there, self.back = addresses.new(f"echo-{mode}-in"), addresses.new(f"echo-{mode}-out")
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.bind(self.back)
-        self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, self.there, self.back, mode])
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.connect(self.there)
+    def __init__(self, addresses: Addresses, mode: str) -> None:
+        from fastserve.engine.security import Guard, KeyPair
+
+        self.ctx = zmq.Context()  # one authenticator per context
+        secure = mode == "fastserve" and addresses.transport == "tcp"
+        server, client = (KeyPair.new(), KeyPair.new()) if secure else (None, None)
+        self.guard = Guard(self.ctx, server)
+        self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+        ends = []
+        for sock, name in ((self.push, "in"), (self.pull, "out")):
+            self.guard.serve(sock, f"echo-{name}", [client.public] if client else [])
+            sock.bind(addresses.new(f"echo-{mode}-{name}"))
+            ends.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        keys = {"public": client.public, "secret": client.secret, "server": server.public} \
+            if secure else None
+        self.proc = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE)
+        self.proc.stdin.write(json.dumps({"inp": ends[0], "out": ends[1], "mode": mode,
+                                          "keys": keys}).encode() + b"\n")
+        self.proc.stdin.flush()
 
     def close(self) -> None:
         self.push.send(b"stop")
@@ -61,8 +82,11 @@ class _Echo:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.proc.stdin.close()
+        self.guard.close()
         self.push.close(linger=0)
         self.pull.close(linger=0)
+        self.ctx.term()
 
 
 def _time_block(fn: Callable[[], None], n: int) -> float:
@@ -76,10 +100,9 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
     """Round-trip time of a FastServe hop vs raw pyzmq; median of interleaved blocks."""
     rows = []
-    ctx = zmq.Context()
     for transport in transports:
         addresses = Addresses(transport)
-        raw, fs = _Echo(ctx, addresses, "raw"), _Echo(ctx, addresses, "fastserve")
+        raw, fs = _Echo(addresses, "raw"), _Echo(addresses, "fastserve")
         try:
             for label, size in sizes.items():
                 progress(f"transport {transport} {label}")
@@ -110,7 +133,6 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
             raw.close()
             fs.close()
             addresses.close()
-    ctx.term()
     return rows
 
 
