@@ -23,6 +23,20 @@ from fastserve.limits import DEFAULT_LIMITS, Limits
 _MAX_INT_LITERAL = 100
 
 
+def read_head(path: str | Path, size: int, what: str, error: type[FileError]) -> bytes:
+    """At most ``size`` bytes from the start of a file, or ``error`` saying why it cannot be
+    read (missing, a directory, no permission)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} '{path}' is a directory, not a file") from None
+    except OSError as e:
+        raise error(f"cannot read {what} '{path}': {e.strerror or e}") from None
+
+
 def read_text(path: str | Path, what: str, error: type[FileError] = SpecError,
               limits: Limits | None = None) -> str:
     """The text of a UTF-8 file, or ``error`` naming the file (and the line of a bad byte).
@@ -32,15 +46,7 @@ def read_text(path: str | Path, what: str, error: type[FileError] = SpecError,
     """
     limits = limits or DEFAULT_LIMITS
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            data = f.read(limits.max_file_bytes + 1)
-    except FileNotFoundError:
-        raise error(f"{what} '{p}' does not exist") from None
-    except IsADirectoryError:
-        raise error(f"{what} '{p}' is a directory, not a file") from None
-    except OSError as e:
-        raise error(f"cannot read {what} '{p}': {e.strerror or e}") from None
+    data = read_head(p, limits.max_file_bytes + 1, what, error)
     if len(data) > limits.max_file_bytes:
         raise error(f"{what} is larger than {limits.max_file_bytes} bytes (Limits.max_file_bytes)"
                     f"; is this the right file?", file=str(p))

@@ -202,12 +202,13 @@ class Deployment:
             for k in range(p):
                 rp = plan.rank(r, k)
                 key = keys[rp.rank]
+                upstream = me if k == 0 else public[rp.rank - 1]  # who may send it data
                 cfg = RankConfig(
                     rank=rp.rank, stage=k, replica=r, data_in=addr.new(f"r{r}s{k}"),
                     control=control, threads=rp.threads, trust_code=self.trust_code,
                     workdir=addr.dir, public_key=key and key.public,
                     secret_key=key and key.secret,
-                    upstream_keys=[x for x in [me if k == 0 else public[rp.rank - 1]] if x],
+                    upstream_keys=[upstream] if upstream else [],
                     downstream_key=public[rp.rank + 1] if k + 1 < p else me,
                     coordinator_key=me)
                 self.ranks.append(launch_local(cfg, addr.dir))

@@ -152,6 +152,8 @@ def serve(cfg: RankConfig) -> int:
     guard.connect_to(ctl, cfg.coordinator_key)
     ctl.connect(cfg.control)
     sockets = [ctl]
+    stopping = threading.Event()
+    answering: threading.Thread | None = None  # answers control once the rank is ready
 
     def tell(meta: dict) -> None:
         """Send an event to the coordinator: waits up to 10 s for the connection (a CURVE
@@ -182,7 +184,7 @@ def serve(cfg: RankConfig) -> int:
             return 1
         tell({"event": "hello", "rank": cfg.rank,
               "endpoint": pull.getsockopt_string(zmq.LAST_ENDPOINT)})
-        load = _await_load(ctl, decode, WireError)
+        load = _await_load(ctl)
         if load is None:
             return 0  # told to stop before loading
         t0 = time.time()
@@ -222,7 +224,6 @@ def serve(cfg: RankConfig) -> int:
         # control is answered by its own thread from here on, so health is answered while a
         # long batch computes (torch releases the GIL) or output waits: busy, not dead
         state = {"busy": False}
-        stopping = threading.Event()
         answering = threading.Thread(target=_answer_control, name="control", daemon=True,
                                      args=(ctl, core, state, stopping))
         answering.start()
@@ -263,7 +264,7 @@ def serve(cfg: RankConfig) -> int:
                     core.stats.refused = guard.count(m)
         return 0
     finally:
-        if "stopping" in locals():  # the control thread owns ctl until it is gone
+        if answering is not None:  # the control thread owns ctl until it is gone
             stopping.set()
             answering.join(timeout=5)
         guard.close()
@@ -295,9 +296,11 @@ def _answer_control(ctl, core, state: dict, stopping: threading.Event) -> None:
             stopping.set()
 
 
-def _await_load(ctl, decode, WireError):
+def _await_load(ctl):
     """Wait for the coordinator's ``load`` (None if told to stop first); anything else on the
     control socket meanwhile is ignored."""
+    from fastserve.engine.wire import WireError, decode
+
     deadline = time.monotonic() + LOAD_WAIT_S
     while time.monotonic() < deadline:
         if not ctl.poll(POLL_MS):

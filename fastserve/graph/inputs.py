@@ -18,6 +18,7 @@ from fastserve.errors import InputsError
 from fastserve.graph.graph import Graph
 from fastserve.graph.dtypes import torch_dtype
 from fastserve.graph.memory import available_memory
+from fastserve.yamlio import read_head
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with entries, an empty zip
 
@@ -27,15 +28,7 @@ def read_inputs(path: str | Path) -> dict[str, torch.Tensor]:
     import numpy as np
 
     p = str(path)
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise InputsError(f"inputs file '{p}' does not exist") from None
-    except IsADirectoryError:
-        raise InputsError(f"inputs file '{p}' is a directory, not a file") from None
-    except OSError as e:
-        raise InputsError(f"cannot read inputs file '{p}': {e.strerror or e}") from None
+    magic = read_head(p, 4, "inputs file", InputsError)
     if magic not in _ZIP_MAGIC:
         what = "empty" if not magic else "not a .npz archive"
         raise InputsError(f"the inputs file is {what}; write one array per graph input with "

@@ -95,16 +95,18 @@ class Plan:
         doc["alternatives"] = list(self.alternatives)
         return doc
 
-    def hash(self, graph: Graph) -> str:
-        """A content hash over ``graph`` and this plan's decisions (not its alternatives)."""
+    def hash(self, graph: Graph, digest: str | None = None) -> str:
+        """A content hash over ``graph`` and this plan's decisions (not its alternatives);
+        ``digest`` is :func:`graph_digest` of ``graph`` when the caller has it already."""
         doc = self.to_json()
         doc.pop("alternatives")
-        return _sha256({"graph": graph_digest(graph), "plan": doc})
+        return _sha256({"graph": digest or graph_digest(graph), "plan": doc})
 
     def document(self, graph: Graph) -> dict:
         """The plan file's content: the plan, the digest of its graph and its hash."""
-        return {"format": FORMAT, "version": VERSION, "graph_digest": graph_digest(graph),
-                "hash": self.hash(graph), "plan": self.to_json()}
+        digest = graph_digest(graph)
+        return {"format": FORMAT, "version": VERSION, "graph_digest": digest,
+                "hash": self.hash(graph, digest), "plan": self.to_json()}
 
     @staticmethod
     def from_json(doc: Any, file: str | None = None) -> Plan:
@@ -143,7 +145,7 @@ def load_plan(path: str, graph: Graph) -> Plan:
         raise PlanFileError(f"the plan was made for another graph than '{graph.name}' (or "
                             f"other dims); plan it again with 'fastserve plan'", file=path,
                             key="graph_digest")
-    if doc.get("hash") != plan.hash(graph):
+    if doc.get("hash") != plan.hash(graph, digest):
         raise PlanFileError("the plan's content does not match its hash: it was edited or "
                             "damaged; plan it again with 'fastserve plan'", file=path, key="hash")
     check_plan(plan, graph, path)
