@@ -264,3 +264,48 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
                        f"{m['after_run_over_weights']:.3f}x") for m in out["rank_memory"]],
                      "rrrrrr"))
     click.echo("(resident memory above an idle rank, over the rank's weight bytes)")
+
+
+@bench.command("load")
+@click.option("--model", "models", multiple=True, type=click.Choice(["bert", "llama"]),
+              help="Models to load (default: both).")
+@click.option("--layers", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--hidden", type=click.IntRange(64), default=768, show_default=True,
+              help="Hidden size (a multiple of 64: heads are 64 wide).")
+@click.option("--stages", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_load_cmd(models, layers, hidden, stages, replicas, as_json) -> None:
+    """Memory and time to ready of ranks loading a captured transformers model.
+
+    Writes a safetensors checkpoint of a BERT and a Llama model (12 layers, 768 wide by
+    default) and a spec naming it, deploys it, and prints per rank: resident memory above an
+    idle rank at its peak while loading and once ready, over its shard's weight bytes, and
+    seconds to ready (of which reading weights); plus the memory the driver adds while it
+    compiles and plans. The outputs are checked against one process.
+
+    Targets: peak at most 1.5x the shard's weights, ready at most 1.1x; ready within 3 s plus
+    the time to read the shard; the driver holds no weights.
+    """
+    from fastserve.bench.load import bench_load
+
+    rows = bench_load(models or ("bert", "llama"), layers=layers, hidden=hidden, stages=stages,
+                      replicas=replicas, progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        click.echo(f"{row['graph']}: {row['weight_bytes'] / 2**20:.1f} MiB of weights, "
+                   f"{row['replicas']} replica(s) x {row['stages']} stage(s); outputs "
+                   f"{'exact' if row['exact'] else 'DIFFER from one process'}; the driver "
+                   f"added {row['driver_added_bytes'] / 2**20:.1f} MiB "
+                   f"({row['driver_added_over_weights']:.2f}x the weights) in "
+                   f"{row['driver_compile_s']:.2f} s to compile and plan")
+        click.echo(table(["rank", "weights MiB", "idle MiB", "peak loading", "ready",
+                          "load s", "read s"],
+                         [(m["rank"], f"{m['weight_bytes'] / 2**20:.1f}",
+                           f"{m['rss_idle'] / 2**20:.0f}", f"{m['peak_over_weights']:.2f}x",
+                           f"{m['loaded_over_weights']:.2f}x", f"{m['load_s']:.2f}",
+                           "-" if m["read_s"] is None else f"{m['read_s']:.2f}")
+                          for m in row["ranks"]], "rrrrrrr"))
+    click.echo("(resident memory above an idle rank, over the rank's weight bytes)")

@@ -88,10 +88,15 @@ class Deployment:
                               f"Deployment.from_spec(path) plans a spec for you")
         check_plan(plan, graph)
         source = graph.spec.source
-        if export_dir is None and source is not None and graph.spec.file is None:
-            raise EngineError(f"graph '{graph.name}' was captured in Python, and its ranks "
-                              f"cannot rebuild it yet: capture it from a spec with a 'source:' "
-                              f"factory (see graphs/gpt2-hf-tiny.yaml)")
+        if export_dir is None and source is not None and source.factory.startswith("<") and (
+                not graph.spec.weights.checkpoint
+                or any(graph.node(n).get("program") is None for n in graph.order)):
+            raise EngineError(f"graph '{graph.name}' was captured in Python from a live model "
+                              f"without a checkpoint, so its ranks have no weights to load: "
+                              f"save the model (safetensors.torch.save_model) and capture "
+                              f"with weights=WeightsSpec(checkpoint=path), or capture with "
+                              f"source=SourceSpec('package.module:factory', kwargs) to build "
+                              f"seeded weights (see graphs/gpt2-hf-tiny.yaml)")
         if retain_memory:
             retain_freed_memory()
         self.graph, self.plan = graph, plan
@@ -166,10 +171,6 @@ class Deployment:
         shard = self.sharding[stage]
         if self.export_dir is not None:
             return {"kind": "export", "dir": self.export_dir, "index": stage}
-        if self.graph.spec.source is not None:  # captured: the rank captures the spec again
-            return {"kind": "spec", "file": self.graph.spec.file, "dims": dict(self.graph.dims),
-                    "nodes": list(shard.nodes), "inputs": list(shard.inputs),
-                    "outputs": list(shard.outputs)}
         return shard_record(self.graph, list(shard.nodes), list(shard.inputs),
                             list(shard.outputs))
 

@@ -101,11 +101,10 @@ def build_shard(record: Any, trust_code: bool, before_weights=lambda: None):
     ``before_weights`` runs once everything but the weights is in memory (to measure an idle
     rank)."""
     kind = record.get("kind") if isinstance(record, dict) else None
-    if kind == "nodes":
+    if kind in ("nodes", "captured"):
         from fastserve.graph.records import build_from_record
 
-        before_weights()
-        return build_from_record(record, trust_code=trust_code)
+        return build_from_record(record, trust_code=trust_code, before_weights=before_weights)
     if kind == "export":
         from fastserve.partition import load_shard
 
@@ -113,18 +112,6 @@ def build_shard(record: Any, trust_code: bool, before_weights=lambda: None):
             raise ValueError("an export record needs 'dir' (a path) and 'index' (an int)")
         before_weights()
         return load_shard(record["dir"], record["index"], trust_code=trust_code)
-    if kind == "spec":  # a graph captured from a torch model: captured again, then cut
-        from fastserve.graph import compile_graph, load_spec
-        from fastserve.graph.module import build_subgraph
-
-        fields_ = {"file": str, "dims": dict, "nodes": list, "inputs": list, "outputs": list}
-        bad = [k for k, t in fields_.items() if not isinstance(record.get(k), t)]
-        if bad:
-            raise ValueError(f"a spec record needs {bad}")
-        graph = compile_graph(load_spec(record["file"], trust_code=trust_code),
-                              record["dims"])
-        before_weights()
-        return build_subgraph(graph, record["nodes"], record["inputs"], record["outputs"])
     raise ValueError(f"unknown shard record kind {kind!r}")
 
 
@@ -189,10 +176,13 @@ def serve(cfg: RankConfig) -> int:
             return 0  # told to stop before loading
         t0 = time.time()
         idle = {}  # an idle rank: code loaded, no weights
+
+        def before_weights() -> None:
+            idle.update(rss=resident_bytes(), t=time.time())
+
         try:
             record = json.loads(bytes(load.tensors["shard"].numpy()).decode("utf-8"))
-            shard = build_shard(record, cfg.trust_code,
-                                lambda: idle.setdefault("rss", resident_bytes()))
+            shard = build_shard(record, cfg.trust_code, before_weights)
         except Exception as e:  # report why instead of dying silently
             print(f"rank {cfg.rank}: could not load its shard: {type(e).__name__}: {e}",
                   file=sys.stderr)
@@ -207,7 +197,8 @@ def serve(cfg: RankConfig) -> int:
         push.connect(load.meta["data_out"])  # the next stage's endpoint, or the results
         weights = sum(p.numel() * p.element_size() for p in shard.parameters())
         tell({"event": "ready", "rank": cfg.rank, "pid": os.getpid(),
-              "load_s": time.time() - t0, "rss": resident_bytes(),
+              "load_s": time.time() - t0, "read_s": time.time() - idle.get("t", t0),
+              "rss": resident_bytes(),
               "rss_before_load": idle.get("rss", 0), "rss_peak": peak_resident_bytes(),
               "weight_bytes": weights, "plan": load.meta["plan"],
               "nodes": list(shard.order), "threads": torch.get_num_threads()})
@@ -324,6 +315,17 @@ def peak_resident_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak_resident() -> bool:
+    """Start the peak (VmHWM) again from the current resident set, to measure one phase's peak;
+    False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 USAGE = "usage: python -m fastserve.engine.rank --parent PID --rank N  (RankConfig JSON on stdin)"

@@ -165,7 +165,8 @@ META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
     # "load" carries the rank's shard record as a uint8 tensor and the plan hash; "ready"
     # answers with the same hash and the nodes the rank built
     "control": ({"cmd": _one_of(*COMMANDS), "event": _one_of("hello", "ready", "failed"),
-                 "rank": _int, "pid": _int, "load_s": _number, "rss": _int,
+                 "rank": _int, "pid": _int, "load_s": _number, "read_s": _number,
+                 "rss": _int,
                  "rss_before_load": _int, "rss_peak": _int, "weight_bytes": _int,
                  "error": _text, "plan": _text, "nodes": _list_of(_text, 1 << 16),
                  "threads": _int, "endpoint": _text, "data_out": _text},

@@ -1,5 +1,9 @@
 """Graph: specs, the op library, the compiler with costs, torch capture and the reference run."""
 
+# the function, bound after its module is imported: ``fastserve.graph.capture`` must stay the
+# function however often the module is imported later
+from fastserve.graph.capture import capture
+from fastserve.graph.capture_weights import seed_weights
 from fastserve.graph.compiler import compile_graph
 from fastserve.graph.graph import Graph, TensorInfo, verify
 from fastserve.graph.loader import load_spec, parse_spec, spec_from_dict
@@ -19,13 +23,8 @@ def load(path: str, dims: dict[str, int] | None = None, *, trust_code: bool = Fa
     return compile_graph(load_spec(path, trust_code=trust_code, limits=limits), dims)
 
 
-def capture(module, example_inputs, **kwargs) -> Graph:
-    """Capture a ``torch.nn.Module`` into a graph (see :mod:`fastserve.graph.capture`)."""
-    from fastserve.graph.capture import capture as _capture
-
-    return _capture(module, example_inputs, **kwargs)
-
 
 __all__ = ["Graph", "GraphSpec", "InputSpec", "Limits", "NodeSpec", "TensorInfo", "WeightsSpec",
            "build_nodes", "build_reference", "build_subgraph", "capture", "compile_graph", "load",
-           "load_spec", "parse_spec", "random_inputs", "reference", "spec_from_dict", "verify"]
+           "load_spec", "parse_spec", "random_inputs", "reference", "seed_weights",
+           "spec_from_dict", "verify"]

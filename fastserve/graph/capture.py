@@ -5,14 +5,22 @@ Two ways in, one graph type out:
 * ``capture(module, example_inputs)`` captures a live module in this process. Its node modules
   (and so its weights) stay in memory with the graph: ``reference``, ``build_nodes`` and
   ``Sharding.module`` use them directly. Such a graph's ``spec.source.factory`` is
-  ``"<in-process>"``: it cannot be rebuilt in another process. Pass ``source=SourceSpec(factory,
-  kwargs)`` (with ``module`` built by that factory after ``torch.manual_seed(weights.seed)``) to
-  make it shippable.
+  ``"<in-process>"``: other processes run it from its programs and ``weights.checkpoint`` (save
+  the model with ``safetensors.torch.save_model`` and capture with
+  ``weights=WeightsSpec(checkpoint=path)``). Or pass ``source=SourceSpec(factory, kwargs)`` (with
+  ``module`` built by that factory and given ``seed_weights(module, weights.seed)``) to make its
+  seeded weights reproducible anywhere.
 * A YAML spec with ``source: {torch: "pkg.mod:factory", kwargs: {...}, example_inputs: {...}}``.
-  ``compile_captured`` builds the model on the ``meta`` device (no weights allocated) for the
-  costs; ``build_captured_nodes`` rebuilds it in any process, deterministically
-  (``torch.manual_seed(weights.seed)`` then ``factory(**kwargs)``), or loads ``weights.checkpoint``
-  into the requested nodes only, and returns just those nodes' modules.
+  ``compile_captured`` builds the model without weights
+  (:func:`~fastserve.graph.capture_weights.skeleton`) and captures it on ``meta``: nothing the
+  size of the model is ever allocated.
+
+Either way every node carries its **program** (:mod:`fastserve.graph.program`): its ATen ops as
+plain data. Any process rebuilds any subset of nodes from their programs in milliseconds
+(:func:`build_parts`, what a rank runs), without capturing the model again, and gives only those
+nodes their weights: read from ``weights.checkpoint``, or seeded per module (see
+:mod:`fastserve.graph.capture_weights`). With a checkpoint that holds every tensor, no model
+code runs there at all.
 
 Capture runs ``torch.export.export(strict=False)`` with dynamic batch and sequence dims (so the
 graph serves any batch size and sequence length) and cuts the exported graph with
@@ -21,9 +29,8 @@ graph serves any batch size and sequence length) and cuts the exported graph wit
 
 **Shared (tied) weights.** A tensor used by several nodes (GPT-2's ``lm_head`` uses the token
 embedding) is owned by the first node that uses it and *borrowed* by the others: counted in their
-``borrowed_bytes``, not in ``params``. Each node module holds a reference to the tensor, so a node
-runs standalone: a process that builds the borrowing node without the owner (a shard) gets its own
-copy; in one process the nodes share one tensor.
+``borrowed_bytes``, not in ``params``. A process that builds the borrowing node without the owner
+(a shard) gets the tensor too; in one process the nodes share one tensor.
 
 **Checkpoints** use the model's own ``state_dict`` names (``transformer.h.0.attn.c_attn.weight``);
 a tied tensor is found under any of its names, and ``<node id>.<name>`` keys (what
@@ -47,7 +54,8 @@ from torch.utils._pytree import tree_unflatten  # no public pytree module in tor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from fastserve.errors import CaptureError, GraphError, SpecError
-from fastserve.graph.capture_weights import aliases, load_checkpoint, ownership
+from fastserve.graph.capture_weights import aliases, materialise, ownership, skeleton
+from fastserve.graph import program
 from fastserve.graph.fxsplit import Part, split_parts, strip_guards
 from fastserve.graph.graph import Graph, tensor_info, verify
 from fastserve.graph.dtypes import dtype_name, torch_dtype
@@ -81,6 +89,8 @@ class _Capture:
     names: dict[fx.Node, str]  # exported value -> graph tensor name
     outputs: tuple[str, ...]
     aliases: dict[str, list[str]]  # state name -> every name of that tensor in the model
+    # buffer values of a model captured on meta (as built; see capture_weights.skeleton)
+    buffers: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 # --- public API -----------------------------------------------------------------------------------
@@ -145,21 +155,21 @@ def capture(module: nn.Module, example_inputs: Mapping[str, torch.Tensor] | tupl
 
 
 def compile_captured(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> Graph:
-    """Compile a spec with a ``source:`` factory: the model is built on ``meta`` for costs."""
+    """Compile a spec with a ``source:`` factory. The model is built without weights
+    (:func:`~fastserve.graph.capture_weights.skeleton`) and captured on ``meta``: costs come
+    from shapes alone, and no weight is ever allocated."""
     source = _shippable(spec)
     sizes = {**spec.dims, **(dims or {})}
-    factory = load_factory(source.factory, file=spec.file)
-    model = _build_model(factory, source, seed=spec.weights.seed, device="meta")
+    model, buffers = _skeleton(source, spec.file, seed=spec.weights.seed)
     try:
         cap = _capture_source(model, source, sizes, spec.file)
-    except CaptureError:
-        if next((p.is_meta for p in model.parameters()), False) is False:
-            raise
-        # some forwards read tensor values (meta tensors have none): capture a real model
-        model = _build_model(factory, source, seed=spec.weights.seed, device="cpu")
-        cap = _capture_source(model, source, sizes, spec.file)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return _graph(cap, spec, sizes, device)
+    except CaptureError as e:
+        raise CaptureError(f"{e}. A spec's model is captured without its weights (on the meta "
+                           f"device), so its forward may not read tensor values; capture such "
+                           f"a model in Python instead: fastserve.graph.capture(model, "
+                           f"example_inputs)") from None
+    cap = dataclasses.replace(cap, buffers=buffers)
+    return _graph(cap, spec, sizes, torch.device("meta"))
 
 
 def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
@@ -167,9 +177,8 @@ def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
     """The modules of ``node_ids`` of a captured graph, with weights, in eval mode.
 
     For an in-process capture these are the captured modules themselves (copies when a checkpoint
-    is given). Otherwise the model is rebuilt from ``graph.spec.source`` (seeded), captured
-    again, and only the requested nodes are kept; with ``weights.checkpoint`` only their tensors
-    are read from the file.
+    is given). Otherwise they are rebuilt from the programs the graph holds and only they get
+    their weights (see :func:`build_parts`).
     """
     ids = list(node_ids)
     weights = weights or graph.spec.weights
@@ -180,23 +189,87 @@ def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
     if unknown:
         raise CaptureError(f"graph '{graph.name}' has no node(s) {unknown}")
     entry = _LIVE.get(id(source))
-    if entry is not None and entry[0]() is source:
-        cap = entry[1]
-        modules = {p.id: p.module for p in cap.parts if p.id in ids}
-        if weights.checkpoint:
-            modules = copy.deepcopy(modules)  # one call keeps tied tensors shared
-    else:
+    if entry is None or entry[0]() is not source:
         _shippable(graph.spec)
-        factory = load_factory(source.factory, file=graph.spec.file)
-        # the whole model is rebuilt, then cut
-        ensure_memory(graph, graph.order, "the weights", lambda d: d["params_bytes"])
-        model = _build_model(factory, source, seed=weights.seed, device="cpu")
-        sizes = {k: v for k, v in graph.dims.items() if k != "batch"}
-        cap = _capture_source(model, source, sizes, graph.spec.file)
-        _check_same(graph, cap)
-        modules = {p.id: p.module for p in cap.parts if p.id in ids}
-    if weights.checkpoint:
-        load_checkpoint(modules, cap.aliases, weights.checkpoint, graph.spec.file)
+        ensure_memory(graph, ids, "the weights",
+                      lambda d: d["params_bytes"] + d["borrowed_bytes"])
+        steps = [(n, graph.node(n)["inputs"], [t.name for t in graph.node(n)["outputs"]])
+                 for n in ids]
+        return build_parts(steps, {n: graph.node(n).get("program") for n in ids}, weights,
+                           source=source, sizes=graph.dims, file=graph.spec.file,
+                           name=graph.name, count=len(graph))
+    cap = entry[1]
+    modules = {p.id: p.module for p in cap.parts if p.id in ids}
+    if weights.checkpoint:  # the file's tensors, not the live model's: copies
+        modules = copy.deepcopy(modules)  # one call keeps tied tensors shared
+        materialise(modules, cap.aliases, weights, base=graph.spec.file)
+    for m in modules.values():
+        m.eval()
+    return modules
+
+
+def build_parts(steps: Iterable[tuple[str, Iterable[str], Iterable[str]]],
+                programs: Mapping[str, dict | None], weights: WeightsSpec, *,
+                source: SourceSpec | None, sizes: Mapping[str, int], file: str | None = None,
+                name: str = "", count: int | None = None,
+                before_weights: Callable[[], object] = lambda: None,
+                check_code: Callable[[str], object] = lambda _factory: None
+                ) -> dict[str, nn.Module]:
+    """The nodes of ``steps`` of a captured graph, and only their weights: how a rank builds
+    its shard. The whole model is never in memory; its own tensors are.
+
+    ``steps`` are ``(node id, tensors it reads, tensors it writes)`` as the driver compiled
+    them, ``programs`` their programs (:mod:`fastserve.graph.program`). The model is built from
+    ``source`` (without weights) only when something needs it: seeded weights, a buffer the
+    model computes when built, or a node without a program, for which the model is captured
+    again, and must give the same nodes (``count``: the graph's number of nodes); and only
+    after ``check_code(factory)`` accepted running the factory. With a checkpoint that holds
+    every tensor, no model code runs at all. ``before_weights`` runs once everything but the
+    weights is in memory.
+    """
+    steps = [(n, tuple(ins), tuple(outs)) for n, ins, outs in steps]
+    built: list = []
+
+    def model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The factory's model without weights, and its buffers; built at most once."""
+        if not built:
+            if source is None or source.factory.startswith("<"):
+                raise CaptureError(f"graph '{name}' has no factory to build its model from "
+                                   f"(it was captured from a live module): its tensors must "
+                                   f"all come from weights.checkpoint")
+            check_code(source.factory)
+            built.append(_skeleton(source, file, seed=weights.seed))
+        return built[0]
+
+    if all(programs.get(n) for n, _, _ in steps):
+        modules = {n: program.decode(programs[n], where=f"node '{n}' program")
+                   for n, _, _ in steps}
+        aliases = {k: v for n, _, _ in steps for k, v in program.aliases_of(programs[n]).items()}
+        for n, ins, _ in steps:
+            takes = sum(1 for x in modules[n].graph.nodes if x.op == "placeholder")
+            if takes != len(ins):
+                raise CaptureError(f"node '{n}': its program takes {takes} inputs, the graph "
+                                   f"gives it {len(ins)}")
+    else:  # a node without a program: capture again, without weights
+        root, _ = model()
+        cap = _capture_source(root, source, sizes, file)
+        parts = {p.id: p for p in cap.parts}
+        for n, ins, outs in steps:
+            p = parts.get(n)
+            if p is None or tuple(cap.names[v] for v in p.inputs) != ins or \
+                    tuple(cap.names[v] for v in p.outputs) != outs or \
+                    (count is not None and count != len(cap.parts)):
+                raise CaptureError(f"rebuilding graph '{name}' from '{source.factory}' gave "
+                                   f"different nodes than the compiled graph (at node '{n}'); "
+                                   f"the factory must build the same model in every process")
+        modules = {n: parts[n].module for n, _, _ in steps}
+        for m in modules.values():
+            _move_program(m, torch.device("cpu"))
+        aliases = cap.aliases
+    if not weights.checkpoint:
+        model()  # seeded weights need the model's initialisers: code, not weights
+    before_weights()
+    materialise(modules, aliases, weights, base=file, model=model)
     for m in modules.values():
         m.eval()
     return modules
@@ -317,24 +390,41 @@ def _capture_source(model: nn.Module, source: SourceSpec, sizes: Mapping[str, in
     return _capture(model, examples, dims, highs)
 
 
-def _build_model(factory: Callable[..., nn.Module], source: SourceSpec, *, seed: int,
-                 device: str) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            with torch.device(device):
+def _move_program(gm: fx.GraphModule, device: torch.device) -> None:
+    """Make the ops of a program captured on ``meta`` create their tensors on ``device``
+    (``arange``, ``zeros``, ``to`` ... carry the capture's device as an argument)."""
+    def swap(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for node in gm.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
+
+
+def _skeleton(source: SourceSpec, file: str | None,
+              seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The factory's model without weights, and its buffers (see ``capture_weights.skeleton``).
+    The seed is set anyway: a factory may draw random numbers for more than weights."""
+    factory = load_factory(source.factory, file=file)
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
                 model = factory(**source.kwargs)
-        except CaptureError:
-            raise
-        except Exception as e:  # the factory is user code: report, do not crash
-            if device == "meta":  # some models cannot be built on meta: build them for real
-                return _build_model(factory, source, seed=seed, device="cpu")
-            raise CaptureError(f"factory '{source.factory}' raised {type(e).__name__}: "
-                               f"{_first_line(e)}") from None
-    if not isinstance(model, nn.Module):
-        raise CaptureError(f"factory '{source.factory}' returned a {type(model).__name__}, not "
-                           f"a torch.nn.Module")
-    return model.eval()
+            except CaptureError:
+                raise
+            except Exception as e:  # the factory is user code: report, do not crash
+                raise CaptureError(f"factory '{source.factory}' raised {type(e).__name__}: "
+                                   f"{_first_line(e)}") from None
+        if not isinstance(model, nn.Module):
+            raise CaptureError(f"factory '{source.factory}' returned a {type(model).__name__}, "
+                               f"not a torch.nn.Module")
+        return model
+
+    model, buffers = skeleton(build)
+    return model.eval(), buffers
 
 
 def _shippable(spec: GraphSpec) -> SourceSpec:
@@ -345,24 +435,6 @@ def _shippable(spec: GraphSpec) -> SourceSpec:
                            f"captured it; to ship it to other processes, capture with "
                            f"source=SourceSpec('package.module:factory', kwargs)")
     return source
-
-
-def _check_same(graph: Graph, cap: _Capture) -> None:
-    """A rebuilt capture must cut the model exactly like the compiled graph did."""
-    for p in cap.parts:
-        if p.id not in graph.nx:
-            break
-        d = graph.node(p.id)
-        ins = tuple(cap.names[n] for n in p.inputs)
-        outs = tuple(cap.names[n] for n in p.outputs)
-        if ins != tuple(d["inputs"]) or outs != tuple(t.name for t in d["outputs"]):
-            break
-    else:
-        if len(cap.parts) == len(graph):
-            return
-    raise CaptureError(f"rebuilding graph '{graph.name}' from '{graph.spec.source.factory}' "
-                       f"gave different nodes than the compiled graph; the factory must build "
-                       f"the same model in every process")
 
 
 # --- costs and the graph value ------------------------------------------------------------------
@@ -386,6 +458,7 @@ def _graph(cap: _Capture, spec: GraphSpec, sizes: Mapping[str, int],
     owner: dict[int, str] = {}  # id(tensor) -> node that owns it
     keep: list[torch.Tensor] = []  # keeps ids above unique while we count
     nodes = []
+    programs = {p.id: _program(p, cap) for p in cap.parts}  # real values, not fake ones
     with FakeTensorMode(allow_non_fake_inputs=True):
         env = {d.name: torch.empty([sizes[x] if isinstance(x, str) else x for x in d.shape],
                                    dtype=torch_dtype(d.dtype), device=device)
@@ -409,6 +482,7 @@ def _graph(cap: _Capture, spec: GraphSpec, sizes: Mapping[str, int],
             args = {"module_path": p.module_path, "modules": list(p.units),
                     "ops": len(p.ops)}
             g.add_node(p.id, op="captured", args=args, inputs=tuple(ins), outputs=tuple(infos),
+                       program=programs[p.id],
                        params=params, params_bytes=params_bytes, borrowed_bytes=borrowed,
                        flops=int(counter.get_total_flops()),
                        out_bytes=sum(t.bytes for t in infos), layer=p.layer, group=p.group,
@@ -437,6 +511,15 @@ def _graph(cap: _Capture, spec: GraphSpec, sizes: Mapping[str, int],
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _program(part: Part, cap: _Capture) -> dict | None:
+    """The part's program as data, or None where it uses what cannot be shipped (it then runs
+    only where the model can be captured again)."""
+    try:
+        return program.encode(part.module, cap.aliases, cap.buffers)
+    except program.ProgramError:
+        return None
 
 
 def _dynamic_dims(examples: Mapping[Any, torch.Tensor],

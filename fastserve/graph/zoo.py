@@ -12,8 +12,10 @@ names::
         input_ids: {shape: [batch, seq], dtype: int64, high: 1024}
 
 ``transformers`` is an optional extra (``pip install 'fastserve[capture]'``): it is imported
-when a factory is called, never at import time. Weights come from torch's global generator, so
-``torch.manual_seed(s)`` before a call makes the model reproducible in any process.
+when a factory is called, never at import time. A factory's own weights come from torch's global
+generator; a graph captured from it with ``weights: {seed: s}`` has weights made per module instead
+(so that a rank can make just its own): ``fastserve.graph.seed_weights(model, s)`` gives a live
+model the same ones.
 """
 
 from __future__ import annotations

@@ -186,8 +186,11 @@ def graph_digest(graph: Graph) -> str:
     weights = {"seed": spec.weights.seed, "checkpoint": spec.weights.checkpoint}
     source = None if spec.source is None else {"factory": spec.source.factory,
                                                "kwargs": spec.source.kwargs}
+    # a captured node's program is its computation (the ops a rank will run)
+    programs = {n: graph.node(n).get("program") for n in graph.order
+                if graph.node(n).get("program") is not None}
     return _sha256({"graph": graph.to_json(), "nodes": nodes, "weights": weights,
-                    "source": source})
+                    "source": source, "programs": programs})
 
 
 def _sha256(doc: Any) -> str:

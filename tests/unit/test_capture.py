@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("transformers")
 
 from fastserve.errors import CaptureError, SpecError, WeightsError  # noqa: E402
-from fastserve.graph import compile_graph, load_spec, parse_spec, reference, verify  # noqa: E402
+from fastserve.graph import (compile_graph, load_spec, parse_spec, reference,  # noqa: E402
+                             seed_weights, verify)
 from fastserve.graph.capture import capture  # noqa: E402
 from fastserve.graph.graph import Graph  # noqa: E402
 from fastserve.graph.module import build_nodes, random_inputs  # noqa: E402
@@ -161,12 +162,11 @@ def yaml_run(yaml_graph):
     return inputs, reference(yaml_graph, inputs)
 
 
-def test_yaml_spec_compiles_and_matches_the_seeded_factory(yaml_graph, yaml_run):
+def test_yaml_spec_compiles_and_matches_the_factory_with_seeded_weights(yaml_graph, yaml_run):
     graph = verify(yaml_graph)
     source = graph.spec.source
     assert source.factory == "fastserve.graph.zoo:hf_gpt2"
-    torch.manual_seed(graph.spec.weights.seed)
-    model = hf_gpt2(**source.kwargs)
+    model = seed_weights(hf_gpt2(**source.kwargs), graph.spec.weights.seed)
     assert graph.params == sum(p.numel() for p in model.parameters())
     assert [n for n in graph.order if graph.node(n)["layer"] is not None] == [
         f"transformer.h.{i}" for i in range(source.kwargs["n_layer"])]
@@ -250,8 +250,8 @@ def test_checkpoint_weights_load_into_shards_only(tmp_path):
 
 def test_in_process_capture_with_a_factory_is_shippable():
     kwargs = {"n_layer": 1}
-    torch.manual_seed(4)
-    graph = capture(hf_gpt2(**kwargs), {"input_ids": torch.randint(0, VOCAB, (2, 8))},
+    graph = capture(seed_weights(hf_gpt2(**kwargs), 4),
+                    {"input_ids": torch.randint(0, VOCAB, (2, 8))},
                     source=SourceSpec("fastserve.graph.zoo:hf_gpt2", kwargs),
                     weights=WeightsSpec(seed=4))
     rebuilt = compile_graph(graph.spec)  # no live modules: rebuilt from the factory
