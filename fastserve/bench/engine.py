@@ -55,11 +55,14 @@ class _Echo:
     The driver binds both sockets and the echo connects; in FastServe mode on tcp both links
     are CURVE-authenticated and encrypted, as every tcp socket of a deployment is."""
 
-    def __init__(self, addresses: Addresses, mode: str) -> None:
+    def __init__(self, addresses: Addresses, mode: str, curve: bool | None = None) -> None:
+        """``curve``: encrypt the raw mode too (default: FastServe mode on tcp only)."""
         from fastserve.engine.security import Guard, KeyPair
 
         self.ctx = zmq.Context()  # one authenticator per context
-        secure = mode == "fastserve" and addresses.transport == "tcp"
+        self.mode = mode
+        secure = (mode == "fastserve" and addresses.transport == "tcp") if curve is None \
+            else curve
         server, client = (KeyPair.new(), KeyPair.new()) if secure else (None, None)
         self.guard = Guard(self.ctx, server)
         self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
@@ -96,6 +99,32 @@ def _time_block(fn: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, float]:
+    """Median seconds of a round trip of ``size`` bytes through each echo peer, measured in
+    interleaved blocks so that all see the same machine load. A raw peer gets the bytes of a
+    FastServe message (header and payload) without the encoding and decoding."""
+    tensor = torch.randn(size // 4)
+    payload = tensor.numpy().tobytes()
+    header = encode("data", tensors={"x": tensor})[0]  # same header bytes for raw
+
+    def trip(peer: _Echo) -> None:
+        if peer.mode == "raw":
+            peer.push.send_multipart([header, payload], copy=False)
+            peer.pull.recv_multipart(copy=False)
+        else:
+            peer.push.send_multipart(encode("data", tensors={"x": tensor}), copy=False)
+            decode(peer.pull.recv_multipart(copy=False))
+
+    n = max(5, min(2000, (256 << 20) // (size * 8)))
+    for peer in peers.values():  # connect and warm up
+        trip(peer)
+    times: dict[str, list[float]] = {k: [] for k in peers}
+    for _ in range(blocks):
+        for k, peer in peers.items():
+            times[k].append(_time_block(lambda: trip(peer), n))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
     """Round-trip time of a FastServe hop vs raw pyzmq; median of interleaved blocks."""
@@ -106,25 +135,8 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
         try:
             for label, size in sizes.items():
                 progress(f"transport {transport} {label}")
-                tensor = torch.randn(size // 4)
-                payload = tensor.numpy().tobytes()
-                header = encode("data", tensors={"x": tensor})[0]  # same header bytes for raw
-
-                def raw_trip() -> None:
-                    raw.push.send_multipart([header, payload], copy=False)
-                    raw.pull.recv_multipart(copy=False)
-
-                def fs_trip() -> None:
-                    fs.push.send_multipart(encode("data", tensors={"x": tensor}), copy=False)
-                    decode(fs.pull.recv_multipart(copy=False))
-
-                n = max(5, min(2000, (256 << 20) // (size * 8)))
-                raw_trip(), fs_trip()  # connect and warm up
-                raw_t, fs_t = [], []
-                for _ in range(blocks):  # interleave so both see the same machine load
-                    raw_t.append(_time_block(raw_trip, n))
-                    fs_t.append(_time_block(fs_trip, n))
-                r, f = statistics.median(raw_t), statistics.median(fs_t)
+                t = round_trips({"raw": raw, "fastserve": fs}, size, blocks)
+                r, f = t["raw"], t["fastserve"]
                 rows.append({"transport": transport, "size": label, "bytes": size,
                              "raw_rtt_us": r * 1e6, "fastserve_rtt_us": f * 1e6,
                              "overhead_ratio": f / r, "throughput_ratio": r / f,

@@ -48,12 +48,18 @@ from fastserve.errors import EngineError
               help="ipc (default) or tcp (CURVE-authenticated).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds without progress before a rank is declared dead.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
+              help="The cluster's key directory ('fastserve keys new DIR'): needed when the "
+              "inventory has hosts whose ranks start through their agents.")
+@click.option("--coordinator", "coordinator_address", default=None,
+              help="The address of this machine that other hosts' ranks connect to (default: "
+              "its address on the route to the first agent host).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
 @trust_option
 def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_batches,
             input_path, random_batch, output, check, threads, repeat, transport, timeout,
-            as_json, dims, trust_code) -> None:
+            keys_dir, coordinator_address, as_json, dims, trust_code) -> None:
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
@@ -67,12 +73,14 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
       fastserve plan graphs/mlp.yaml --json > plan.json && fastserve run graphs/mlp.yaml --plan plan.json
       fastserve partition graphs/gpt2.yaml --shards 2 --export out/gpt2-2
       fastserve run out/gpt2-2 --replicas 1 --check
+      fastserve run graphs/gpt2.yaml --hosts runtime/hosts/loopback3.yaml --keys keys/ --check
     """
     import torch
 
     from fastserve.engine import Deployment
     from fastserve.engine.coordinator import RunStats
     from fastserve.engine.deployment import load_graph
+    from fastserve.engine.keys import load_keys
     from fastserve.graph import random_inputs, reference
     from fastserve.graph.inputs import check_inputs, read_inputs
     from fastserve.resources.inventory import load_inventory, local_inventory
@@ -82,10 +90,15 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
     # a bad inputs file, inventory or plan fails here, before any rank process starts
     file_inputs = read_inputs(input_path) if input_path else None
     inventory = load_inventory(hosts) if hosts else local_inventory()
-    remote = [h.name for h in inventory.hosts if not h.is_local]
-    if remote:
-        raise EngineError(f"hosts {', '.join(remote)} are remote; this version launches ranks "
-                          f"on this machine only (use runtime/hosts/local.yaml)")
+    agents = [h.name for h in inventory.hosts if h.launcher == "agent"]
+    if agents and transport == "ipc":
+        raise click.UsageError(f"hosts {', '.join(agents)} start their ranks through agents, "
+                               f"which talk over tcp: drop --transport ipc")
+    if agents and not keys_dir:
+        raise EngineError(f"hosts {', '.join(agents)} start their ranks through their agents: "
+                          f"give the cluster keys (--keys DIR; make them with: fastserve keys "
+                          f"new DIR)")
+    keys = load_keys(keys_dir, "coordinator") if keys_dir else None
 
     def say(msg: str) -> None:
         click.echo(msg, err=True)
@@ -96,7 +109,7 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
     if plan_path:
         given = {"--parallel": parallel != "auto", "--stages": stages, "--replicas": replicas,
                  "--strategy": strategy, "--micro-batches": micro_batches,
-                 "--threads": threads, "--hosts": hosts}
+                 "--threads": threads}
         clash = [k for k, v in given.items() if v]
         if clash:
             raise click.UsageError(f"{', '.join(clash)} cannot be combined with --plan: the "
@@ -117,11 +130,13 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
         chosen = plan(graph, inventory, constraints=Constraints(
             parallel=parallel, replicas=replicas, stages=len(cut) if cut else stages,
             micro_batches=micro_batches, batch=random_batch or 8, strategy=strategy,
-            threads=threads, cut=cut, transport=transport or "ipc"))
+            threads=threads, cut=cut, transport=transport or ("tcp" if agents else "ipc")))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
             f"stage(s), {chosen.micro_batches} micro-batch(es) (see fastserve plan --explain)")
     deployment = Deployment(graph, chosen, timeout=timeout, progress=say,
-                            trust_code=trust_code, export_dir=export_dir)
+                            trust_code=trust_code, export_dir=export_dir,
+                            inventory=inventory if hosts else None, keys=keys,
+                            coordinator_address=coordinator_address)
     micro = chosen.micro_batches
     threads_used = sorted({r.threads for r in chosen.ranks})
     say(f"{chosen.replicas} replica(s) x {chosen.stages} stage(s) = {len(chosen.ranks)} "
@@ -145,8 +160,16 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
         stats = dep.stats.to_json()
         verdict = None
         if check:
-            say("running the single-process reference")
-            expected = reference(dep.graph, inputs)
+            # with the ranks' thread count: a matmul's sums run in another order with more
+            # threads, so a reference with other threads differs in the last bits
+            ref_threads = min(r.threads for r in chosen.ranks)
+            say(f"running the single-process reference ({ref_threads} thread(s), as the ranks)")
+            before = torch.get_num_threads()
+            torch.set_num_threads(ref_threads)
+            try:
+                expected = reference(dep.graph, inputs)
+            finally:
+                torch.set_num_threads(before)
             for (i, got), (name, t) in itertools.product(enumerate(results), expected.items()):
                 try:
                     torch.testing.assert_close(got[name], t)

@@ -27,7 +27,9 @@ import torch
 import zmq
 
 from fastserve.engine.coordinator import Merger, RunStats, WorkItem, plan_work
+from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop_processes
+from fastserve.engine.remote import Heartbeat, HostLink, RemoteRank, address_towards, wait_for
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard, KeyPair
@@ -38,7 +40,7 @@ from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
-from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.inventory import Host, Inventory, local_inventory
 from fastserve.resources.plan import Plan, check_plan
 from fastserve.resources.planner import Constraints, plan
 
@@ -75,13 +77,19 @@ class Deployment:
     def __init__(self, graph: Graph, plan: Plan, *, timeout: float = 60.0,
                  load_timeout: float = 120.0, max_in_flight: int | None = None,
                  progress: Progress | None = None, retain_memory: bool = True,
-                 trust_code: bool = False, export_dir: str | None = None) -> None:
+                 trust_code: bool = False, export_dir: str | None = None,
+                 inventory: Inventory | None = None, keys: ClusterKeys | None = None,
+                 coordinator_address: str | None = None) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
         ``trust_code``: the ranks may build ``module:`` nodes (the user's code) of the graph.
         ``export_dir``: a verified partition export whose shard files the ranks load (its
-        shards must be the plan's stages)."""
+        shards must be the plan's stages). ``inventory``: the hosts the plan names; a rank on a
+        host whose launcher is ``agent`` starts through that host's agent, which needs the
+        cluster's ``keys`` (coordinator role, :func:`fastserve.engine.keys.load_keys`), and
+        tcp; this process then binds on ``coordinator_address`` (default: its address on the
+        route to the first such host)."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -115,8 +123,26 @@ class Deployment:
                         if i.shape and i.shape[0] == "batch"] or \
                        [t.name for t in self.graph.inputs]
         self.max_in_flight = max_in_flight or 2 * plan.stages + 1  # per replica
-        self.addresses = Addresses(plan.transport)
-        self.ranks: list[RankProcess] = []
+        self._remote = {h.name: h for h in (inventory.host(r.host) for r in plan.ranks)
+                        if h.launcher == "agent"} if inventory is not None else {}
+        bind = "127.0.0.1"
+        if self._remote:
+            names = ", ".join(sorted(self._remote))
+            if keys is None:
+                raise EngineError(f"the plan places ranks on host(s) {names}, which start "
+                                  f"through their agents: give the cluster keys (--keys DIR; "
+                                  f"make them with: fastserve keys new DIR)")
+            if plan.transport != "tcp":
+                raise EngineError(f"the plan places ranks on host(s) {names}, but its transport "
+                                  f"is {plan.transport}: ranks on several hosts talk over tcp "
+                                  f"(plan with --transport tcp)")
+            bind = coordinator_address or address_towards(
+                next(iter(self._remote.values())).address)
+        self._cluster_keys = keys
+        self._links: dict[str, HostLink] = {}
+        self._heartbeat: Heartbeat | None = None
+        self.addresses = Addresses(plan.transport, host=bind)
+        self.ranks: list[RankProcess | RemoteRank] = []
         self.ready: dict[int, dict] = {}
         self._ctx = zmq.Context()
         self.stats = RunStats()
@@ -148,7 +174,8 @@ class Deployment:
             strategy=layout.strategy, threads=layout.threads, cut=cut,
             micro_batches=micro_batches, batch=batch, transport=transport)
         chosen = plan(graph, inventory or local_inventory(), constraints=constraints)
-        return cls(graph, chosen, trust_code=trust_code, export_dir=export_dir, **options)
+        return cls(graph, chosen, trust_code=trust_code, export_dir=export_dir,
+                   inventory=inventory, **options)
 
     def endpoint(self, rank: int) -> str:
         """Where ``rank``'s data socket is bound (known once it has said hello)."""
@@ -212,12 +239,16 @@ class Deployment:
                     upstream_keys=[upstream] if upstream else [],
                     downstream_key=public[rp.rank + 1] if k + 1 < p else me,
                     coordinator_key=me)
-                self.ranks.append(launch_local(cfg, addr.dir))
+                host = self._remote.get(rp.host)
+                self.ranks.append(self._link(host).start(cfg) if host is not None
+                                  else launch_local(cfg, addr.dir))
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             self._guard.connect_to(sock, public[r * p])
             self._inputs.append(sock)  # connected once its first stage says where it is
+        if self._links:
+            self._heartbeat = Heartbeat(list(self._links.values()))
         self.progress(f"started {len(self.ranks)} ranks ({plan.replicas} replica(s) x "
                       f"{p} stage(s)); sending each its shard")
         try:
@@ -226,6 +257,17 @@ class Deployment:
             self.stop()
             raise
         return self
+
+    def _link(self, host: Host) -> HostLink:
+        """The connection to ``host``'s agent, opened (and checked) on first use."""
+        link = self._links.get(host.name)
+        if link is None:
+            link = self._links[host.name] = HostLink(self._ctx, host.name, host.agent,
+                                                     self._cluster_keys)
+            info = wait_for(link, timeout=3.0)
+            self.progress(f"host '{host.name}' ({host.agent}): agent on {info.get('host')}, "
+                          f"{info.get('cores')} cores")
+        return link
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + self.load_timeout
@@ -303,15 +345,19 @@ class Deployment:
             return
         self._stopped = True
         control = getattr(self, "_control", None)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         for r in self.ranks:
-            if control is not None and r.process.poll() is None:
+            if control is not None and r.alive():
                 try:
                     control.send_multipart([f"rank{r.config.rank}".encode(),
                                             *encode("control", meta={"cmd": "stop"})],
                                            flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-        stop_processes(self.ranks)
+        stop_processes([r for r in self.ranks if isinstance(r, RankProcess)])
+        for link in self._links.values():
+            link.stop()
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.close()

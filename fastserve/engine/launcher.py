@@ -2,8 +2,8 @@
 
 Addresses are chosen here, before any rank starts, so every rank knows where to connect:
 ``ipc`` sockets in a private temporary directory (the default), or ``tcp`` on loopback ports
-the kernel hands out. A per-host agent and a cluster-engine launcher (later) start the same rank
-program with the same :class:`~fastserve.engine.rank.RankConfig`.
+the kernel hands out. A per-host agent (:mod:`fastserve.engine.remote`) starts the same rank
+program with the same :class:`~fastserve.engine.rank.RankConfig` on another host.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from fastserve.errors import EngineError
 class Addresses:
     """Hands out socket addresses for one deployment and cleans them up."""
 
-    def __init__(self, transport: str = "ipc") -> None:
+    def __init__(self, transport: str = "ipc", host: str = "127.0.0.1") -> None:
+        """``host``: the address tcp sockets bind on (one remote ranks can reach, when a
+        deployment spans hosts)."""
         if transport not in ("ipc", "tcp"):
             raise EngineError(f"unknown transport '{transport}'; expected ipc or tcp")
         self.transport = transport
+        self.host = host
         # ipc socket files and rank logs live here; removed on close. mkdtemp makes it 0700:
         # only this user can reach the ipc sockets in it
         self.dir = tempfile.mkdtemp(prefix="fastserve-")
@@ -37,7 +40,7 @@ class Addresses:
         left free for another process to take."""
         if self.transport == "ipc":
             return f"ipc://{self.dir}/{name}"
-        return "tcp://127.0.0.1:*"
+        return f"tcp://{self.host}:*"
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -55,6 +58,9 @@ class RankProcess:
     def name(self) -> str:
         c = self.config
         return f"rank {c.rank} (replica {c.replica}, stage {c.stage}, pid {self.process.pid})"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def exit_reason(self) -> str | None:
         """None while running; otherwise how it ended, with the end of its stderr."""

@@ -14,7 +14,9 @@
       - {between: [a, b], bandwidth: 12.5GB, latency_us: 20}
 
 A host at ``localhost``/``127.0.0.1`` may omit ``cores`` and ``memory``: they are read from this
-machine. Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
+machine. ``launcher`` says how a host's ranks start: ``local`` (subprocesses of the driver; the
+default on this machine) or ``agent`` (through ``fastserve agent`` on that host, at ``port``,
+default 7301; the default for every other address). Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fastserve.units import parse_bytes
 from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
 LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
+LAUNCHERS = ("local", "agent")
 # ipc between processes of one machine, as `fastserve bench transport` measured a FastServe
 # hop on a 2-core VM: 1-16 MiB at about 4 GB/s, a 4 KiB message in about 55 us
 DEFAULT_BANDWIDTH = 4 * 1000 ** 3  # bytes/s
@@ -56,10 +59,17 @@ class Host:
     speed: float = 1.0
     flops: float | None = None
     devices: tuple[Device, ...] = ()
+    launcher: str = "local"  # how its ranks start: local subprocesses, or through its agent
+    port: int = 7301  # the agent's port (launcher: agent)
 
     @property
     def is_local(self) -> bool:
         return self.address in LOCAL_ADDRESSES
+
+    @property
+    def agent(self) -> str:
+        """``address:port`` of the host's agent."""
+        return f"{self.address}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,8 @@ def parse_inventory(doc: Any, file: str | None = None, limits: Limits | None = N
     hosts: list[Host] = []
     for i, h in enumerate(raw_hosts):
         path = f"hosts[{i}]"
-        r.keys(h, {"name", "address", "cores", "memory", "speed", "flops", "devices"},
-               {"name", "address"}, path, raw_hosts, i)
+        r.keys(h, {"name", "address", "cores", "memory", "speed", "flops", "devices",
+                   "launcher", "port"}, {"name", "address"}, path, raw_hosts, i)
         host_name = r.text(h, "name", f"{path}.name")
         address = r.text(h, "address", f"{path}.address")
         if any(x.name == host_name for x in hosts):
@@ -191,7 +201,20 @@ def parse_inventory(doc: Any, file: str | None = None, limits: Limits | None = N
             devices.append(Device(r.text(d, "name", f"{dpath}.name"),
                                   r.text(d, "kind", f"{dpath}.kind") if "kind" in d else "cuda",
                                   r.size(d, "memory", f"{dpath}.memory")))
-        hosts.append(Host(host_name, address, cores, memory, speed, flops, tuple(devices)))
+        launcher = r.text(h, "launcher", f"{path}.launcher") if "launcher" in h else \
+            ("local" if local else "agent")
+        if launcher not in LAUNCHERS:
+            r.fail(f"unknown launcher '{launcher}'; expected one of {', '.join(LAUNCHERS)}",
+                   h, "launcher", f"{path}.launcher")
+        if launcher == "local" and not local:
+            r.fail(f"host '{host_name}' at {address} is not this machine: its ranks start "
+                   f"through its agent (launcher: agent)", h, "launcher", f"{path}.launcher")
+        port = int(r.number(h, "port", f"{path}.port")) if "port" in h else 7301
+        if not 0 < port < 65536 or ("port" in h and h["port"] != port):
+            r.fail(f"expected a port from 1 to 65535, got {h['port']}", h, "port",
+                   f"{path}.port")
+        hosts.append(Host(host_name, address, cores, memory, speed, flops, tuple(devices),
+                          launcher, port))
     names = {h.name for h in hosts}
     links: dict[frozenset[str], Link] = {}
     raw_links = doc.get("links") or []

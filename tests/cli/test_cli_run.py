@@ -42,11 +42,12 @@ def test_run_reads_and_writes_npz(tmp_path, capsys):
                                    G.reference(graph, inputs)["head"])
 
 
-def test_remote_hosts_are_refused_clearly(capsys):
+def test_agent_hosts_without_keys_are_refused_clearly(capsys):
     code = run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--hosts",
                     str(ROOT / "runtime/hosts/cluster8.yaml")])
     err = capsys.readouterr().err
-    assert code == 8 and err.startswith("error: hosts gpu-a") and err.count("\n") == 1
+    assert code == 8 and err.startswith("error: hosts gpu-a, gpu-b")
+    assert "--keys DIR" in err and err.count("\n") == 1
 
 
 def test_unreadable_input_file(tmp_path, capsys):

@@ -1,0 +1,130 @@
+"""Several hosts: what a hop between hosts costs, and what running a plan over hosts costs.
+
+* hop: a FastServe round trip between two host addresses (tcp, CURVE, as a deployment's
+  cross-host links run) against a raw pyzmq tcp round trip of the same bytes with CURVE off and
+  on, interleaved;
+* pipeline: a 3-stage plan whose ranks start on three hosts through their agents, against the
+  same plan (same cut, threads, micro-batches, tcp) with every rank started on this machine: time
+  to ready and seconds per batch of a stream; the outputs are checked against one process.
+
+Without an inventory the benchmark starts its own cluster: three agents on 127.0.0.2-4 with
+fresh keys (one machine underneath, so it measures FastServe's own cost of going through agents
+and host addresses, not a network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+LOOPBACK = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+SIZES = {"4KiB": 4 << 10, "16MiB": 16 << 20}
+
+
+@contextlib.contextmanager
+def loopback_cluster(directory: str | Path) -> Iterator[tuple[object, object]]:
+    """Three agents on 127.0.0.2-4 with fresh keys in ``directory``: (inventory, keys)."""
+    from fastserve.engine.agent import spawn_agent
+    from fastserve.engine.keys import load_keys, new_keys
+    from fastserve.resources.inventory import parse_inventory
+
+    d = Path(directory)
+    new_keys(d / "keys")
+    procs, hosts = [], []
+    try:
+        for name, address in zip("abc", LOOPBACK):
+            proc, endpoint = spawn_agent(f"{address}:0", str(d / "keys"),
+                                         str(d / f"agent-{name}.log"))
+            procs.append(proc)
+            hosts.append({"name": name, "address": address, "launcher": "agent",
+                          "port": int(endpoint.rsplit(":", 1)[1]), "cores": 1,
+                          "memory": "4GiB"})
+        yield (parse_inventory({"name": "loopback3", "hosts": hosts}),
+               load_keys(d / "keys", "coordinator"))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - a stuck agent is killed, whatever went wrong
+                p.kill()
+                p.wait()
+
+
+def bench_hosts(spec: str = "graphs/gpt2.yaml", *, batch: int = 8, seq: int = 32,
+                stream: int = 4, blocks: int = 7, inventory=None, keys=None,
+                progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Hop costs between two hosts and a 3-host pipeline against the same plan on one host."""
+    with tempfile.TemporaryDirectory(prefix="fastserve-bench-hosts-") as d:
+        if inventory is None:
+            progress("starting three agents on 127.0.0.2-4")
+            with loopback_cluster(d) as (inventory, keys):
+                return _bench(spec, batch, seq, stream, blocks, inventory, keys, progress)
+        return _bench(spec, batch, seq, stream, blocks, inventory, keys, progress)
+
+
+def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
+    from fastserve.bench.engine import _Echo, round_trips
+    from fastserve.engine.deployment import Deployment
+    from fastserve.engine.launcher import Addresses
+    from fastserve.graph import load, random_inputs, reference
+    from fastserve.resources.planner import Constraints, plan
+
+    agents = [h for h in inventory.hosts if h.launcher == "agent"]
+    if len(agents) < 2:
+        raise ValueError("the inventory needs at least two agent hosts")
+    hops = []
+    addresses = Addresses("tcp", host=agents[0].address)
+    peers = {"raw": _Echo(addresses, "raw", curve=False),
+             "raw_curve": _Echo(addresses, "raw", curve=True),
+             "fastserve": _Echo(addresses, "fastserve")}
+    try:
+        for label, size in SIZES.items():
+            progress(f"hop {label}: raw tcp, raw tcp + CURVE, FastServe (CURVE)")
+            t = round_trips(peers, size, blocks)
+            hops.append({"size": label, "raw_rtt_us": t["raw"] * 1e6,
+                         "raw_curve_rtt_us": t["raw_curve"] * 1e6,
+                         "fastserve_rtt_us": t["fastserve"] * 1e6,
+                         "vs_raw": t["fastserve"] / t["raw"],
+                         "vs_raw_curve": t["fastserve"] / t["raw_curve"]})
+    finally:
+        for p in peers.values():
+            p.close()
+        addresses.close()
+
+    graph = load(spec, {"seq": seq})
+    inputs = random_inputs(graph, batch)
+    stages = min(3, len(agents))
+    chosen = plan(graph, inventory, constraints=Constraints(
+        stages=stages, replicas=1, threads=1, batch=batch, transport="tcp"))
+    runs = {}
+    for where, kwargs in (("hosts", {"inventory": inventory, "keys": keys}),
+                          ("one_host", {})):
+        progress(f"{stages}-stage pipeline of {graph.name}, ranks on "
+                 f"{'three hosts' if where == 'hosts' else 'this machine'}")
+        t0 = time.perf_counter()
+        with Deployment(graph, chosen, timeout=300, load_timeout=600, **kwargs) as dep:
+            ready_s = time.perf_counter() - t0
+            out = dep.run(inputs)  # warm up
+            best = min(_timed(lambda: dep.run_batches([inputs] * stream)) for _ in range(2))
+        runs[where] = {"ready_s": ready_s, "seconds_per_batch": best / stream, "out": out}
+    torch.set_num_threads(1)  # as the ranks
+    expected = reference(graph, inputs)
+    exact = all(torch.equal(runs[w]["out"][k], expected[k]) for w in runs for k in expected)
+    return {"graph": graph.name, "batch": batch, "seq": seq, "stages": stages, "hops": hops,
+            "ready_s": {w: r["ready_s"] for w, r in runs.items()},
+            "seconds_per_batch": {w: r["seconds_per_batch"] for w, r in runs.items()},
+            "hosts_vs_one_host": runs["one_host"]["seconds_per_batch"]
+            / runs["hosts"]["seconds_per_batch"], "exact": exact}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,0 +1,338 @@
+"""The per-host agent: a small daemon that starts FastServe rank processes for a coordinator.
+
+``fastserve agent --listen HOST:PORT --keys DIR`` binds that one address (a CURVE server: only
+coordinators whose public key is in DIR get through the handshake; see
+:mod:`fastserve.engine.keys`) and answers requests, one JSON document per message:
+
+==========  =====================================================================================
+resources   this host: name, cores, memory, and FLOP/s per core measured when the agent started
+echo        the request's binary frame, back (to measure a link's latency and bandwidth)
+start       start one rank program from a rank config (the only program an agent runs)
+status      each of its ranks: alive, or how it ended; every request is also a heartbeat
+stop        stop some ranks, or all
+logs        the end of a rank's log
+==========  =====================================================================================
+
+Every field of every request is checked before use; a malformed request gets an error reply and
+the agent keeps serving. A rank's data socket binds on the agent's own address (a port the kernel
+picks). Ranks are children of the agent and exit when it does (their stdin closes); when no
+coordinator has spoken for ``coordinator_timeout`` seconds the agent stops its ranks, so a
+vanished coordinator leaves nothing running. :class:`AgentClient` is the coordinator's side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from typing import Any
+
+import torch
+import zmq
+
+from fastserve.engine.keys import ClusterKeys
+from fastserve.engine.launcher import RankProcess, launch_local, stop_processes
+from fastserve.engine.rank import RankConfig
+from fastserve.engine.security import Guard
+from fastserve.errors import EngineError
+
+DEFAULT_PORT = 7301
+MAX_REQUEST = 1 << 20  # a JSON request
+MAX_FRAME = 64 << 20  # an echo frame
+MAX_RANKS = 1024
+LOG_TAIL = 64 << 10
+_KEY = re.compile(r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")  # Z85, 32 bytes
+_TCP = re.compile(r"^tcp://[0-9A-Za-z.\-\[\]:]{1,255}:[0-9]{1,5}$")
+COMMANDS = ("resources", "echo", "start", "status", "stop", "logs")
+
+
+class HostError(EngineError):
+    """A host (its agent) that cannot be reached, refuses, or reports a failure."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (port 0: the kernel picks one) -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.2:{DEFAULT_PORT}), got {text!r}")
+    if host in ("*", "0.0.0.0", "::"):
+        raise ValueError("an agent binds one address, not every interface: give the host's "
+                         "address on the cluster network")
+    return host, int(port)
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+class Agent:
+    """One agent: a bound, authenticated ROUTER and the ranks it started."""
+
+    def __init__(self, listen: str, keys: ClusterKeys, *, coordinator_timeout: float = 10.0,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
+        self.host, port = parse_listen(listen)
+        self.keys = keys
+        self.coordinator_timeout = coordinator_timeout
+        self.log = log
+        self.ctx = zmq.Context()
+        self.guard = Guard(self.ctx, keys.own)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME + MAX_REQUEST)
+        self.guard.serve(self.sock, "agent", keys.peers)
+        self.sock.bind(f"tcp://{self.host}:{port}")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.workdir = tempfile.mkdtemp(prefix="fastserve-agent-")
+        self.ranks: dict[int, RankProcess] = {}
+        self.last_seen = time.monotonic()
+        self.malformed = 0
+        self.flops = _measure_flops()
+
+    def serve(self, should_stop=lambda: False) -> None:
+        """Answer requests until ``should_stop()``; stop every rank on the way out."""
+        self.log(f"agent listening on {self.endpoint} ({os.cpu_count()} cores, "
+                 f"{self.flops / 1e9:.1f} GFLOP/s per core)")
+        try:
+            while not should_stop():
+                if self.sock.poll(200):
+                    self._answer(self.sock.recv_multipart(copy=False))
+                self.guard.count()
+                if self.ranks and time.monotonic() - self.last_seen > self.coordinator_timeout:
+                    self.log(f"no coordinator for {self.coordinator_timeout:.0f} s: stopping "
+                             f"{len(self.ranks)} rank(s)")
+                    self._stop(list(self.ranks))
+        finally:
+            self._stop(list(self.ranks))
+            self.guard.close()
+            self.sock.close(linger=0)
+            self.ctx.term()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _answer(self, frames: list) -> None:
+        identity, *rest = frames
+        if not rest or len(rest) > 2 or len(rest[0]) > MAX_REQUEST:
+            self.malformed += 1
+            return self._reply(identity, {"id": None, "ok": False,
+                                          "error": "expected one JSON request and at most one "
+                                                   "binary frame"})
+        try:
+            req = json.loads(rest[0].bytes)
+        except (ValueError, UnicodeDecodeError):
+            req = None
+        rid = req.get("id") if isinstance(req, dict) else None
+        try:
+            if not isinstance(req, dict) or type(rid) is not int or \
+                    req.get("cmd") not in COMMANDS:
+                raise ValueError(f"expected {{id: int, cmd: one of {', '.join(COMMANDS)}, "
+                                 f"...}}")
+            self.last_seen = time.monotonic()
+            out, frame = self._handle(req, rest[1] if len(rest) == 2 else None)
+            self._reply(identity, {"id": rid, "ok": True, **out}, frame)
+        except (ValueError, TypeError, OSError) as e:
+            self.malformed += 1
+            self._reply(identity, {"id": rid, "ok": False, "error": str(e)[:2000]})
+
+    def _reply(self, identity, doc: dict, frame=None) -> None:
+        parts = [identity, json.dumps(doc).encode()] + ([frame] if frame is not None else [])
+        try:
+            self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the coordinator is not reading: it will time out and ask again
+            pass
+
+    def _handle(self, req: dict, frame) -> tuple[dict, Any]:
+        cmd = req["cmd"]
+        _only(req, {"id", "cmd"} | _FIELDS[cmd])
+        if cmd == "resources":
+            return {"host": socket.gethostname(), "cores": len(os.sched_getaffinity(0)),
+                    "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                    "flops": self.flops, "refused": self.guard.count(),
+                    "malformed": self.malformed}, None
+        if cmd == "echo":
+            return {}, frame
+        if cmd == "start":
+            cfg = self._config(req.get("config"))
+            if cfg.rank in self.ranks and self.ranks[cfg.rank].process.poll() is None:
+                raise ValueError(f"rank {cfg.rank} is already running here")
+            if len(self.ranks) >= MAX_RANKS:
+                raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
+            self.ranks[cfg.rank] = launch_local(cfg, self.workdir)
+            self.log(f"started rank {cfg.rank} (pid {self.ranks[cfg.rank].process.pid})")
+            return {"pid": self.ranks[cfg.rank].process.pid}, None
+        if cmd == "status":
+            return {"ranks": {str(n): r.exit_reason() for n, r in self.ranks.items()}}, None
+        if cmd == "stop":
+            which = req.get("ranks")
+            if which is not None and (not isinstance(which, list) or
+                                      not all(type(n) is int for n in which)):
+                raise ValueError("'ranks' must be a list of rank numbers, or null for all")
+            self._stop(list(self.ranks) if which is None else which)
+            return {}, None
+        rank = req.get("rank")  # logs
+        if type(rank) is not int or rank not in self.ranks:
+            raise ValueError(f"no rank {rank!r} here")
+        return {"text": _tail(self.ranks[rank].log)}, None
+
+    def _config(self, doc: Any) -> RankConfig:
+        """A rank config from a coordinator, every field checked; its data socket binds on
+        this agent's address and its files live in this agent's directory."""
+        if not isinstance(doc, dict):
+            raise ValueError("'config' must be a rank config map")
+        _only(doc, {f.name for f in fields(RankConfig)})
+        ints = {"rank": (0, 1 << 20), "stage": (0, 1 << 20), "replica": (0, 1 << 20),
+                "threads": (1, 4096), "hwm": (1, 1 << 20)}
+        for k, (low, high) in ints.items():
+            if k in doc and (type(doc[k]) is not int or not low <= doc[k] <= high):
+                raise ValueError(f"config '{k}' must be an int in [{low}, {high}]")
+        if type(doc.get("trust_code", False)) is not bool:
+            raise ValueError("config 'trust_code' must be true or false")
+        if not isinstance(doc.get("control"), str) or not _TCP.match(doc["control"]):
+            raise ValueError("config 'control' must be the coordinator's tcp://HOST:PORT")
+        for k in ("public_key", "secret_key", "downstream_key", "coordinator_key"):
+            if not isinstance(doc.get(k), str) or not _KEY.match(doc[k]):
+                raise ValueError(f"config '{k}' must be a CURVE key (ranks of other hosts "
+                                 f"always use CURVE)")
+        ups = doc.get("upstream_keys")
+        if not isinstance(ups, list) or not 0 < len(ups) <= 64 or \
+                not all(isinstance(u, str) and _KEY.match(u) for u in ups):
+            raise ValueError("config 'upstream_keys' must be a list of CURVE keys")
+        return RankConfig(**{**doc, "data_in": f"tcp://{self.host}:*",
+                             "workdir": self.workdir})
+
+    def _stop(self, numbers: list[int]) -> None:
+        stopping = [self.ranks.pop(n) for n in numbers if n in self.ranks]
+        for r in stopping:
+            if r.process.poll() is None:
+                r.process.terminate()
+        stop_processes(stopping, grace_s=2.0)
+
+
+_FIELDS = {"resources": set(), "echo": set(), "start": {"config"}, "status": set(),
+           "stop": {"ranks"}, "logs": {"rank"}}
+
+
+def _only(doc: dict, allowed: set[str]) -> None:
+    extra = sorted(str(k) for k in doc if k not in allowed)
+    if extra:
+        raise ValueError(f"unexpected field(s) {', '.join(extra)[:200]}")
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _measure_flops() -> float:
+    """FLOP/s of one core on a float32 matmul (the planner's unit), in about 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256)
+        a @ a  # warm up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            a @ a
+            n += 1
+        return 2 * 256 ** 3 * n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def spawn_agent(listen: str, keys_dir: str, log_path: str, *,
+                coordinator_timeout: float = 10.0, wait_s: float = 30.0,
+                wrapper: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start ``fastserve agent`` as a subprocess of this one (its log in ``log_path``) and wait
+    until it listens; return the process and the ``tcp://HOST:PORT`` it bound (port 0 in
+    ``listen``: the kernel's pick). ``wrapper`` runs it inside something (``ip netns exec NS``,
+    which then execs the agent: the process is the agent). For test clusters and benchmarks on
+    one machine."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*wrapper, sys.executable, "-m", "fastserve", "agent", "--listen", listen,
+             "--keys", str(keys_dir), "--coordinator-timeout", str(coordinator_timeout)],
+            stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + wait_s
+    while True:
+        with open(log_path, errors="replace") as f:
+            found = re.search(r"listening on (tcp://\S+)", f.read())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            with open(log_path, errors="replace") as f:
+                raise EngineError(f"the agent on {listen} did not start: {f.read()[-500:]}")
+        time.sleep(0.05)
+
+
+# --- the coordinator's side ------------------------------------------------------------------
+
+
+class AgentClient:
+    """A coordinator's connection to one agent: requests with a deadline, each answered or
+    turned into a :class:`HostError` naming the host."""
+
+    def __init__(self, ctx: zmq.Context, name: str, address: str, keys: ClusterKeys,
+                 timeout: float = 3.0) -> None:
+        self.name, self.address, self.timeout = name, address, timeout
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME + MAX_REQUEST)
+        self.sock.curve_secretkey = keys.own.secret.encode()
+        self.sock.curve_publickey = keys.own.public.encode()
+        self.sock.curve_serverkey = keys.peers[0].encode()
+        self.sock.connect(f"tcp://{address}")
+        self._next = 0
+
+    def request(self, cmd: str, frame: bytes | None = None, timeout: float | None = None,
+                **body) -> tuple[dict, bytes | None]:
+        """Send one request; the reply document and its frame (if any)."""
+        self._next += 1
+        rid = self._next
+        doc = json.dumps({"id": rid, "cmd": cmd, **body}).encode()
+        try:
+            self.sock.send_multipart([doc] + ([frame] if frame is not None else []),
+                                     flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise HostError(self._silent(timeout), self.name) from None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                raise HostError(self._silent(timeout), self.name)
+            parts = self.sock.recv_multipart()
+            try:
+                reply = json.loads(parts[0])
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if not isinstance(reply, dict) or reply.get("id") != rid:
+                continue  # a late answer to a request that timed out
+            if not reply.get("ok"):
+                raise HostError(f"host '{self.name}' ({self.address}) refused '{cmd}': "
+                                f"{reply.get('error', 'no reason given')}", self.name)
+            return reply, parts[1] if len(parts) > 1 else None
+
+    def _silent(self, timeout: float | None) -> str:
+        return (f"host '{self.name}' ({self.address}) did not answer within "
+                f"{timeout or self.timeout:.0f} s: is its agent running (fastserve agent "
+                f"--listen {self.address} --keys DIR), and does its key directory list this "
+                f"coordinator's key?")
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

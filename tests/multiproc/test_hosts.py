@@ -1,0 +1,345 @@
+"""Several hosts on one machine: three agents on 127.0.0.2-4 (loopback addresses need no root),
+and again with each agent in its own network namespace (needs root, as CI has).
+
+A 3-stage GPT-2 pipeline and 3 data-parallel replicas over the three hosts equal the
+single-process reference; a coordinator without the cluster's key is refused and counted; a
+malformed request is answered with an error and the agent keeps serving; a killed agent is named
+within 3 s, leaves no rank running anywhere, and the same run works once it is back; an agent
+whose coordinator vanished stops its ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+import fastserve.graph as G
+from fastserve.engine import Deployment
+from fastserve.engine.agent import AgentClient, HostError, spawn_agent
+from fastserve.engine.keys import ClusterKeys, load_keys, new_keys
+from fastserve.engine.security import KeyPair
+from fastserve.errors import EngineError
+from fastserve.resources.inventory import load_inventory, parse_inventory
+from fastserve.resources.planner import Constraints, plan
+
+from conftest import rank_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(240)
+LOOPBACK = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+class AgentProcess:
+    """``fastserve agent`` on one host address, its log in a file."""
+
+    def __init__(self, address: str, keys: Path, log: Path, wrapper: tuple[str, ...] = (),
+                 link: str | None = None, port: int = 0) -> None:
+        self.address, self.keys, self.log, self.wrapper = address, keys, log, wrapper
+        self.link = link  # its end of the link to the bridge, in a namespace cluster
+        self.start(port)
+
+    def start(self, port: int) -> None:
+        self.proc, endpoint = spawn_agent(f"{self.address}:{port}", str(self.keys),
+                                          str(self.log), coordinator_timeout=3,
+                                          wrapper=self.wrapper)
+        self.port = int(endpoint.rsplit(":", 1)[1])
+
+    def ranks(self) -> dict[int, str]:
+        return rank_processes(parent=self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _namespaces(request) -> tuple[list[str], list[tuple[str, ...]], list[str]]:
+    """Three network namespaces joined by a bridge (runtime/netns-cluster.sh), 1 Gbit/s links;
+    named and numbered after this process so that concurrent runs do not collide."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("network namespaces need root and iproute2 (CI runs as root)")
+    prefix, subnet = f"fs{os.getpid() % 100000}", f"10.77.{os.getpid() % 250}"
+    script = str(ROOT / "runtime/netns-cluster.sh")
+    subprocess.run([script, "up", prefix, subnet, "1gbit"], check=True, timeout=30)
+    request.addfinalizer(lambda: subprocess.run([script, "down", prefix], timeout=30))
+    return ([f"{subnet}.{i}" for i in (2, 3, 4)],
+            [("ip", "netns", "exec", f"{prefix}-{h}") for h in "abc"],
+            [f"{prefix}{h}" for h in "abc"])
+
+
+@pytest.fixture(scope="module", params=["loopback", "netns"])
+def cluster(request, tmp_path_factory):
+    """Three agents: on 127.0.0.2-4, or each in its own network namespace."""
+    d = tmp_path_factory.mktemp("cluster")
+    new_keys(d / "keys")
+    if request.param == "netns":
+        addresses, wrappers, links = _namespaces(request)
+    else:
+        addresses, wrappers, links = LOOPBACK, [()] * 3, [None] * 3
+    agents = []
+    try:
+        for i, (address, wrapper, link) in enumerate(zip(addresses, wrappers, links)):
+            agents.append(AgentProcess(address, d / "keys", d / f"agent{i}.log", wrapper,
+                                       link))
+        yield agents, d / "keys"
+    finally:
+        for a in agents:
+            a.stop()
+    time.sleep(0.2)
+    leftovers = {p for a in agents for p in a.ranks()}
+    assert not leftovers, f"rank processes outlived the agents: {leftovers}"
+
+
+def _inventory(agents) -> object:
+    return parse_inventory({"name": "loopback3", "hosts": [
+        {"name": n, "address": a.address, "port": a.port, "launcher": "agent", "cores": 1,
+         "memory": "4GiB"} for n, a in zip("abc", agents)]})
+
+
+def _deploy(graph, agents, keys_dir, **constraints) -> Deployment:
+    inventory = _inventory(agents)
+    chosen = plan(graph, inventory, constraints=Constraints(transport="tcp", threads=1,
+                                                            **constraints))
+    return Deployment(graph, chosen, inventory=inventory,
+                      keys=load_keys(keys_dir, "coordinator"), timeout=60)
+
+
+def _reference(graph, x):
+    torch.set_num_threads(1)  # as the ranks: the same order of sums, the same last bits
+    return G.reference(graph, x)
+
+
+def test_a_gpt2_pipeline_over_three_hosts_equals_the_reference(cluster):
+    agents, keys = cluster
+    graph = G.load(str(ROOT / "graphs/gpt2.yaml"), dims={"seq": 16})
+    x = G.random_inputs(graph, 4, seed=1)
+    with _deploy(graph, agents, keys, stages=3, replicas=1, batch=4) as dep:
+        hosts = sorted(r.host for r in dep.plan.ranks)
+        out = dep.run(x)
+        assert all(a.ranks() for a in agents)  # each host runs a rank of its own
+    assert hosts == ["a", "b", "c"]
+    torch.testing.assert_close(out["lm_head"], _reference(graph, x)["lm_head"], rtol=0,
+                               atol=0)
+
+
+def test_replicas_over_three_hosts_equal_the_reference(cluster):
+    agents, keys = cluster
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    x = G.random_inputs(graph, 12, seed=2)
+    with _deploy(graph, agents, keys, replicas=3, stages=1, batch=12) as dep:
+        out = dep.run(x)
+        assert sorted(r.host for r in dep.plan.ranks) == ["a", "b", "c"]
+    torch.testing.assert_close(out["head"], _reference(graph, x)["head"])
+
+
+def test_a_coordinator_without_the_key_is_refused_and_counted(cluster):
+    agents, keys = cluster
+    real = load_keys(keys, "coordinator")
+    ctx = zmq.Context()
+    try:
+        stranger = AgentClient(ctx, "a", f"{agents[0].address}:{agents[0].port}",
+                               ClusterKeys(KeyPair.new(), real.peers), timeout=1.0)
+        with pytest.raises(HostError, match="did not answer"):
+            stranger.request("start", config={})
+        stranger.close()
+        friend = AgentClient(ctx, "a", f"{agents[0].address}:{agents[0].port}", real)
+        info, _ = friend.request("resources")
+        assert info["refused"] >= 1 and not agents[0].ranks()
+        friend.close()
+    finally:
+        ctx.term()
+
+
+def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
+    agents, keys = cluster
+    real = load_keys(keys, "coordinator")
+    ctx = zmq.Context()
+    client = AgentClient(ctx, "b", f"{agents[1].address}:{agents[1].port}", real)
+    raw = ctx.socket(zmq.DEALER)
+    raw.curve_secretkey, raw.curve_publickey = real.own.secret.encode(), real.own.public.encode()
+    raw.curve_serverkey = real.peers[0].encode()
+    raw.connect(f"tcp://{agents[1].address}:{agents[1].port}")
+    good = {"rank": 0, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
+            "public_key": real.own.public, "secret_key": real.own.secret,
+            "upstream_keys": [real.own.public], "downstream_key": real.own.public,
+            "coordinator_key": real.own.public}
+    try:
+        for body in [b"not json", b"[1, 2]", json.dumps({"id": 1}).encode(),
+                     json.dumps({"id": "1", "cmd": "resources"}).encode(),
+                     json.dumps({"id": 2, "cmd": "exec", "argv": ["sh"]}).encode()]:
+            raw.send(body)
+            assert raw.poll(5000), body
+            assert json.loads(raw.recv())["ok"] is False
+        bad_configs = [
+            ("not a map", "x"),
+            ("unknown field", {**good, "argv": ["sh", "-c", "id"]}),
+            ("threads", {**good, "threads": 0}),
+            ("rank a bool", {**good, "rank": True}),
+            ("control not tcp", {**good, "control": "ipc:///tmp/x"}),
+            ("plain key", {**good, "public_key": "abc"}),
+            ("no upstream", {**good, "upstream_keys": []}),
+            ("trust a string", {**good, "trust_code": "yes"}),
+        ]
+        for name, config in bad_configs:
+            with pytest.raises(HostError, match="refused 'start'"):
+                client.request("start", config=config)
+        with pytest.raises(HostError, match="unexpected field"):
+            client.request("resources", extra=1)
+        with pytest.raises(HostError, match="no rank"):
+            client.request("logs", rank=12345)
+        assert client.request("resources")[0]["malformed"] >= 14
+        assert not agents[1].ranks()
+    finally:
+        raw.close(linger=0)
+        client.close()
+        ctx.term()
+
+
+def test_a_killed_host_is_named_and_leaves_nothing_running(cluster, tmp_path):
+    agents, keys = cluster
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    x = G.random_inputs(graph, 8, seed=3)
+    victim = agents[1]
+    dep = _deploy(graph, agents, keys, stages=3, replicas=1, batch=8).start()
+    try:
+        dep.run(x)
+        victim.proc.kill()  # the host goes away mid-deployment
+        victim.proc.wait()
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="host 'b'"):
+            for _ in range(1000):
+                dep.run(x)
+        named_after = time.monotonic() - t0
+    finally:
+        dep.stop()
+    assert named_after < 3.0, named_after
+    deadline = time.monotonic() + 5
+    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(a.ranks() for a in agents)  # the victim's ranks followed it
+    victim.start(victim.port)  # the host is back: the same run works
+    with _deploy(graph, agents, keys, stages=3, replicas=1, batch=8) as dep:
+        torch.testing.assert_close(dep.run(x)["head"], _reference(graph, x)["head"])
+
+
+def test_a_cut_link_is_named_and_the_run_works_once_it_is_back(cluster):
+    agents, keys = cluster
+    victim = agents[2]
+    if victim.link is None:
+        pytest.skip("cutting a link needs the namespace cluster (loopback has no link to cut)")
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    x = G.random_inputs(graph, 8, seed=4)
+    dep = _deploy(graph, agents, keys, stages=3, replicas=1, batch=8).start()
+    try:
+        dep.run(x)
+        subprocess.run(["ip", "link", "set", victim.link, "down"], check=True)
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="host 'c'"):
+            for _ in range(1000):
+                dep.run(x)
+        named_after = time.monotonic() - t0
+    finally:
+        dep.stop()
+        subprocess.run(["ip", "link", "set", victim.link, "up"], check=True)
+    assert named_after < 3.0, named_after
+    # the other hosts' ranks were stopped by the deployment; the cut-off host's by its agent,
+    # once the coordinator had been silent for its timeout (3 s here)
+    deadline = time.monotonic() + 10
+    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(a.ranks() for a in agents)
+    with _deploy(graph, agents, keys, stages=3, replicas=1, batch=8) as dep:
+        torch.testing.assert_close(dep.run(x)["head"], _reference(graph, x)["head"])
+
+
+def test_an_agent_stops_its_ranks_when_the_coordinator_vanishes(cluster):
+    agents, keys = cluster
+    real = load_keys(keys, "coordinator")
+    ctx = zmq.Context()
+    client = AgentClient(ctx, "c", f"{agents[2].address}:{agents[2].port}", real)
+    rank_keys = KeyPair.new()
+    try:
+        # a rank whose coordinator never answers; then this coordinator goes quiet
+        client.request("start", config={
+            "rank": 7, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
+            "public_key": rank_keys.public, "secret_key": rank_keys.secret,
+            "upstream_keys": [real.own.public], "downstream_key": real.own.public,
+            "coordinator_key": real.own.public})
+        assert agents[2].ranks()
+        deadline = time.monotonic() + 10  # the agent's timeout is 3 s
+        while agents[2].ranks() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not agents[2].ranks()
+        assert "no coordinator for 3 s" in (agents[2].log.read_text())
+    finally:
+        client.close()
+        ctx.term()
+    assert os.path.exists(agents[2].keys)
+
+
+def test_the_cli_checks_hosts_and_runs_over_them(cluster, tmp_path, capsys):
+    from fastserve.cli.app import run_cli
+
+    agents, keys = cluster
+    inventory = tmp_path / "hosts.yaml"
+    inventory.write_text(json.dumps({"name": "loopback3", "hosts": [
+        {"name": n, "address": a.address, "port": a.port, "cores": 1, "memory": "4GiB"}
+        for n, a in zip("abc", agents)]}))  # launcher: agent is the default off this machine
+    measured = tmp_path / "measured.yaml"
+    assert run_cli(["hosts", "check", str(inventory), "--keys", str(keys), "--json",
+                    "--write", str(measured)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["host"] for r in rows] == ["a", "b", "c"]
+    assert all(r["latency_us"] > 0 and r["bandwidth"] > 0 and r["cores"] >= 1 for r in rows)
+    # what was measured feeds the planner: the written inventory loads, with it
+    written = load_inventory(measured)
+    assert [h.flops for h in written.hosts] == [round(r["flops_per_core"]) for r in rows]
+    assert written.default_link.bandwidth == round(min(r["bandwidth"] for r in rows))
+    assert [h.agent for h in written.hosts] == [r["address"] for r in rows]
+    assert run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--hosts", str(inventory),
+                    "--keys", str(keys), "--stages", "3", "--check", "--json"]) == 0
+    ran = json.loads(capsys.readouterr().out)
+    assert ran["check"] == "outputs equal the single-process reference"
+    # without the keys, or on ipc, it says what to do
+    assert run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--hosts", str(inventory),
+                    "--stages", "3"]) != 0
+    assert "--keys DIR" in capsys.readouterr().err
+    assert run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--hosts", str(inventory),
+                    "--keys", str(keys), "--transport", "ipc"]) != 0
+    assert "drop --transport ipc" in capsys.readouterr().err
+    # a host that is not there is named
+    silent = tmp_path / "silent.yaml"
+    silent.write_text(json.dumps({"name": "x", "hosts": [
+        {"name": "ghost", "address": "127.0.0.9", "port": 9, "cores": 1, "memory": "1GiB"}]}))
+    assert run_cli(["hosts", "check", str(silent), "--keys", str(keys)]) != 0
+    assert "host 'ghost' (127.0.0.9:9) did not answer" in capsys.readouterr().err
+
+
+def test_keys_and_agent_refuse_what_would_be_unsafe(tmp_path, capsys):
+    from fastserve.cli.app import run_cli
+
+    assert run_cli(["keys", "new", str(tmp_path / "k")]) == 0
+    assert oct((tmp_path / "k").stat().st_mode & 0o777) == "0o700"
+    assert run_cli(["keys", "new", str(tmp_path / "k")]) != 0  # no silent overwrite
+    assert "--force" in capsys.readouterr().err
+    for listen in ["0.0.0.0:7301", "*:7301", "127.0.0.2", "127.0.0.2:99999"]:
+        assert run_cli(["agent", "--listen", listen, "--keys", str(tmp_path / "k")]) != 0
+    (tmp_path / "k" / "agent.key_secret").chmod(0o644)
+    assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
+    assert "chmod 600" in capsys.readouterr().err
+    (tmp_path / "k" / "agent.key_secret").chmod(0o600)
+    (tmp_path / "k" / "coordinator.key").unlink()
+    assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
+    assert "obey nobody" in capsys.readouterr().err
