@@ -39,7 +39,8 @@ def loopback_cluster(directory: str | Path) -> Iterator[tuple[object, object]]:
     try:
         for name, address in zip("abc", LOOPBACK):
             proc, endpoint = spawn_agent(f"{address}:0", str(d / "keys"),
-                                         str(d / f"agent-{name}.log"))
+                                         str(d / f"agent-{name}.log"),
+                                         cache=str(d / f"cache-{name}"))
             procs.append(proc)
             hosts.append({"name": name, "address": address, "launcher": "agent",
                           "port": int(endpoint.rsplit(":", 1)[1]), "cores": 1,

@@ -54,12 +54,15 @@ from fastserve.errors import EngineError
 @click.option("--coordinator", "coordinator_address", default=None,
               help="The address of this machine that other hosts' ranks connect to (default: "
               "its address on the route to the first agent host).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="The Ray cluster for hosts whose launcher is 'ray' (default: RAY_ADDRESS, "
+              "else 'auto').")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
 @trust_option
 def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_batches,
             input_path, random_batch, output, check, threads, repeat, transport, timeout,
-            keys_dir, coordinator_address, as_json, dims, trust_code) -> None:
+            keys_dir, coordinator_address, ray_address, as_json, dims, trust_code) -> None:
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
@@ -91,9 +94,10 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
     file_inputs = read_inputs(input_path) if input_path else None
     inventory = load_inventory(hosts) if hosts else local_inventory()
     agents = [h.name for h in inventory.hosts if h.launcher == "agent"]
-    if agents and transport == "ipc":
-        raise click.UsageError(f"hosts {', '.join(agents)} start their ranks through agents, "
-                               f"which talk over tcp: drop --transport ipc")
+    elsewhere = [h.name for h in inventory.hosts if h.launcher != "local"]
+    if elsewhere and transport == "ipc":
+        raise click.UsageError(f"hosts {', '.join(elsewhere)} are other machines, reached over "
+                               f"tcp: drop --transport ipc")
     if agents and not keys_dir:
         raise EngineError(f"hosts {', '.join(agents)} start their ranks through their agents: "
                           f"give the cluster keys (--keys DIR; make them with: fastserve keys "
@@ -130,13 +134,13 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
         chosen = plan(graph, inventory, constraints=Constraints(
             parallel=parallel, replicas=replicas, stages=len(cut) if cut else stages,
             micro_batches=micro_batches, batch=random_batch or 8, strategy=strategy,
-            threads=threads, cut=cut, transport=transport or ("tcp" if agents else "ipc")))
+            threads=threads, cut=cut, transport=transport or ("tcp" if elsewhere else "ipc")))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
             f"stage(s), {chosen.micro_batches} micro-batch(es) (see fastserve plan --explain)")
     deployment = Deployment(graph, chosen, timeout=timeout, progress=say,
                             trust_code=trust_code, export_dir=export_dir,
                             inventory=inventory if hosts else None, keys=keys,
-                            coordinator_address=coordinator_address)
+                            coordinator_address=coordinator_address, ray_address=ray_address)
     micro = chosen.micro_batches
     threads_used = sorted({r.threads for r in chosen.ranks})
     say(f"{chosen.replicas} replica(s) x {chosen.stages} stage(s) = {len(chosen.ranks)} "

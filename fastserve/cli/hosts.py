@@ -42,13 +42,17 @@ def keys_new_cmd(directory, force) -> None:
 @click.option("--coordinator-timeout", type=click.FloatRange(1.0), default=10.0,
               show_default=True, help="Stop this host's ranks when no coordinator has spoken "
               "for this many seconds.")
-def agent_cmd(listen, keys_dir, coordinator_timeout) -> None:
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="Where files from coordinators (checkpoints) are kept, by sha256 (default: "
+              "~/.cache/fastserve/agent-HOST-PORT).")
+def agent_cmd(listen, keys_dir, coordinator_timeout, cache) -> None:
     """Run this host's agent: it starts FastServe rank processes for an authenticated
     coordinator, and nothing else.
 
     It reports the host's cores, memory and measured FLOP/s, starts and stops ranks, reports a
-    dead rank at once, sends rank logs on request, and stops its ranks when the coordinator has
-    been gone longer than --coordinator-timeout. Stop it with Ctrl-C or SIGTERM.
+    dead rank at once, sends rank logs on request, keeps the checkpoints coordinators send it
+    (verified and cached by sha256), and stops its ranks when the coordinator has been gone
+    longer than --coordinator-timeout. Stop it with Ctrl-C or SIGTERM.
     """
     from fastserve.engine.agent import Agent
     from fastserve.engine.keys import load_keys
@@ -59,8 +63,8 @@ def agent_cmd(listen, keys_dir, coordinator_timeout) -> None:
         parse_listen(listen)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
-    Agent(listen, load_keys(keys_dir, "agent"),
-          coordinator_timeout=coordinator_timeout).serve()
+    Agent(listen, load_keys(keys_dir, "agent"), coordinator_timeout=coordinator_timeout,
+          cache=cache).serve()
 
 
 @cli.group("hosts")

@@ -33,7 +33,7 @@ def _inventory(hosts: str | None):
 @click.option("--threads", type=click.IntRange(1), help="Fix the torch threads per rank.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=None,
               help="The transport the plan's ranks will use (default: ipc on this machine, "
-              "tcp when the inventory has hosts whose ranks start through agents).")
+              "tcp when the inventory has other hosts).")
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--latency-ms", type=float, help="Latency ceiling for one batch.")
 @click.option("--objective", type=click.Choice(["throughput", "latency"]),
@@ -69,7 +69,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
     graph = load_graph(spec, dims, trust_code)
     inventory = _inventory(hosts)
     if transport is None:
-        transport = "tcp" if any(h.launcher == "agent" for h in inventory.hosts) else "ipc"
+        transport = "tcp" if any(h.launcher != "local" for h in inventory.hosts) else "ipc"
     profile = Profile.load(profile_path) if profile_path else None
     chosen = plan(graph, inventory, objective, Constraints(
         parallel=parallel, replicas=replicas, stages=stages, micro_batches=micro_batches,

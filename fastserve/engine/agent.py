@@ -11,6 +11,8 @@ start       start one rank program from a rank config (the only program an agent
 status      each of its ranks: alive, or how it ended; every request is also a heartbeat
 stop        stop some ranks, or all
 logs        the end of a rank's log
+have        whether a file (by sha256) is in the agent's cache, and where
+put         a file for the cache, in chunks, kept only if its sha256 matches
 ==========  =====================================================================================
 
 Every field of every request is checked before use; a malformed request gets an error reply and
@@ -22,6 +24,7 @@ vanished coordinator leaves nothing running. :class:`AgentClient` is the coordin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +54,11 @@ MAX_RANKS = 1024
 LOG_TAIL = 64 << 10
 _KEY = re.compile(r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")  # Z85, 32 bytes
 _TCP = re.compile(r"^tcp://[0-9A-Za-z.\-\[\]:]{1,255}:[0-9]{1,5}$")
-COMMANDS = ("resources", "echo", "start", "status", "stop", "logs")
+COMMANDS = ("resources", "echo", "start", "status", "stop", "logs", "have", "put")
+MAX_FILE = 1 << 40  # a file put in the cache
+CHUNK = 16 << 20  # bytes per 'put' message
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SUFFIX = re.compile(r"^(\.[a-z0-9]{1,16})?$")
 
 
 class HostError(EngineError):
@@ -81,8 +89,14 @@ class Agent:
     """One agent: a bound, authenticated ROUTER and the ranks it started."""
 
     def __init__(self, listen: str, keys: ClusterKeys, *, coordinator_timeout: float = 10.0,
+                 cache: str | None = None,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
         self.host, port = parse_listen(listen)
+        # files from coordinators, by sha256: kept across runs, so a second run sends nothing
+        self.cache = Path(cache) if cache else \
+            Path.home() / ".cache" / "fastserve" / f"agent-{self.host}-{port}"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.cache, 0o700)
         self.keys = keys
         self.coordinator_timeout = coordinator_timeout
         self.log = log
@@ -179,10 +193,50 @@ class Agent:
                 raise ValueError("'ranks' must be a list of rank numbers, or null for all")
             self._stop(list(self.ranks) if which is None else which)
             return {}, None
+        if cmd in ("have", "put"):
+            return self._file(req, frame), None
         rank = req.get("rank")  # logs
         if type(rank) is not int or rank not in self.ranks:
             raise ValueError(f"no rank {rank!r} here")
         return {"text": _tail(self.ranks[rank].log)}, None
+
+    def _file(self, req: dict, frame) -> dict:
+        """``have``: the cached file's path, or None. ``put``: append one chunk (in order); the
+        last one is checked against the sha256 before the file is kept."""
+        digest, suffix = req.get("sha256"), req.get("suffix", "")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError("'sha256' must be 64 lowercase hex digits")
+        if not isinstance(suffix, str) or not _SUFFIX.match(suffix):
+            raise ValueError("'suffix' must be a file extension like '.safetensors'")
+        # the suffix says the format (readers go by it); the name is the content's hash
+        final, part = self.cache / f"{digest}{suffix}", self.cache / f"{digest}{suffix}.part"
+        if req["cmd"] == "have":
+            return {"path": str(final) if final.is_file() else None}
+        offset, size = req.get("offset"), req.get("size")
+        if type(size) is not int or not 0 < size <= MAX_FILE or type(offset) is not int \
+                or frame is None or not 0 < len(frame) <= CHUNK \
+                or offset + len(frame) > size:
+            raise ValueError(f"'put' takes an offset, a size up to {MAX_FILE} and a chunk of "
+                             f"at most {CHUNK} bytes that fits in it")
+        have = part.stat().st_size if part.exists() else 0
+        if offset == 0:
+            have = 0
+        elif offset != have:
+            raise ValueError(f"chunk at {offset}, but {have} bytes have arrived: send in order")
+        with open(part, "r+b" if have else "wb") as f:
+            f.seek(offset)
+            f.write(frame.buffer)
+        if offset + len(frame) < size:
+            return {"path": None}
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            part.unlink()
+            raise ValueError(f"the file's sha256 is {h.hexdigest()}, not {digest}: dropped")
+        part.replace(final)
+        return {"path": str(final)}
 
     def _config(self, doc: Any) -> RankConfig:
         """A rank config from a coordinator, every field checked; its data socket binds on
@@ -219,7 +273,8 @@ class Agent:
 
 
 _FIELDS = {"resources": set(), "echo": set(), "start": {"config"}, "status": set(),
-           "stop": {"ranks"}, "logs": {"rank"}}
+           "stop": {"ranks"}, "logs": {"rank"}, "have": {"sha256", "suffix"},
+           "put": {"sha256", "suffix", "offset", "size"}}
 
 
 def _only(doc: dict, allowed: set[str]) -> None:
@@ -256,7 +311,8 @@ def _measure_flops() -> float:
 
 def spawn_agent(listen: str, keys_dir: str, log_path: str, *,
                 coordinator_timeout: float = 10.0, wait_s: float = 30.0,
-                wrapper: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                wrapper: tuple[str, ...] = (), cache: str | None = None
+                ) -> tuple[subprocess.Popen, str]:
     """Start ``fastserve agent`` as a subprocess of this one (its log in ``log_path``) and wait
     until it listens; return the process and the ``tcp://HOST:PORT`` it bound (port 0 in
     ``listen``: the kernel's pick). ``wrapper`` runs it inside something (``ip netns exec NS``,
@@ -265,7 +321,8 @@ def spawn_agent(listen: str, keys_dir: str, log_path: str, *,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "fastserve", "agent", "--listen", listen,
-             "--keys", str(keys_dir), "--coordinator-timeout", str(coordinator_timeout)],
+             "--keys", str(keys_dir), "--coordinator-timeout", str(coordinator_timeout),
+             *(["--cache", str(cache)] if cache else [])],
             stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + wait_s
     while True:
@@ -330,7 +387,7 @@ class AgentClient:
 
     def _silent(self, timeout: float | None) -> str:
         return (f"host '{self.name}' ({self.address}) did not answer within "
-                f"{timeout or self.timeout:.0f} s: is its agent running (fastserve agent "
+                f"{timeout or self.timeout:g} s: is its agent running (fastserve agent "
                 f"--listen {self.address} --keys DIR), and does its key directory list this "
                 f"coordinator's key?")
 

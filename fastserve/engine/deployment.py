@@ -32,6 +32,8 @@ from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop
 from fastserve.engine.remote import Heartbeat, HostLink, RemoteRank, address_towards, wait_for
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
+from fastserve.engine.raylaunch import RayPlacement, RayRank
+from fastserve.engine.raylaunch import node_address as ray_node_address
 from fastserve.engine.security import Guard, KeyPair
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
@@ -79,7 +81,8 @@ class Deployment:
                  progress: Progress | None = None, retain_memory: bool = True,
                  trust_code: bool = False, export_dir: str | None = None,
                  inventory: Inventory | None = None, keys: ClusterKeys | None = None,
-                 coordinator_address: str | None = None) -> None:
+                 coordinator_address: str | None = None, ray_address: str | None = None
+                 ) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
@@ -89,7 +92,9 @@ class Deployment:
         host whose launcher is ``agent`` starts through that host's agent, which needs the
         cluster's ``keys`` (coordinator role, :func:`fastserve.engine.keys.load_keys`), and
         tcp; this process then binds on ``coordinator_address`` (default: its address on the
-        route to the first such host)."""
+        route to the first such host). Ranks on hosts whose launcher is ``ray`` start as Ray
+        actors (:mod:`fastserve.engine.raylaunch`) on the cluster at ``ray_address`` (default:
+        the one this process is connected to, else ``RAY_ADDRESS`` or 'auto')."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -123,12 +128,14 @@ class Deployment:
                         if i.shape and i.shape[0] == "batch"] or \
                        [t.name for t in self.graph.inputs]
         self.max_in_flight = max_in_flight or 2 * plan.stages + 1  # per replica
+        # hosts whose ranks do not start here: through an agent, or as Ray actors
         self._remote = {h.name: h for h in (inventory.host(r.host) for r in plan.ranks)
-                        if h.launcher == "agent"} if inventory is not None else {}
+                        if h.launcher != "local"} if inventory is not None else {}
         bind = "127.0.0.1"
         if self._remote:
             names = ", ".join(sorted(self._remote))
-            if keys is None:
+            agents = [h for h in self._remote.values() if h.launcher == "agent"]
+            if agents and keys is None:
                 raise EngineError(f"the plan places ranks on host(s) {names}, which start "
                                   f"through their agents: give the cluster keys (--keys DIR; "
                                   f"make them with: fastserve keys new DIR)")
@@ -136,13 +143,18 @@ class Deployment:
                 raise EngineError(f"the plan places ranks on host(s) {names}, but its transport "
                                   f"is {plan.transport}: ranks on several hosts talk over tcp "
                                   f"(plan with --transport tcp)")
-            bind = coordinator_address or address_towards(
-                next(iter(self._remote.values())).address)
+            if coordinator_address:
+                bind = coordinator_address
+            elif agents:
+                bind = address_towards(agents[0].address)
+            else:
+                bind = ray_node_address(ray_address)
         self._cluster_keys = keys
         self._links: dict[str, HostLink] = {}
         self._heartbeat: Heartbeat | None = None
+        self._ray: RayPlacement | None = None
         self.addresses = Addresses(plan.transport, host=bind)
-        self.ranks: list[RankProcess | RemoteRank] = []
+        self.ranks: list[RankProcess | RemoteRank | RayRank] = []
         self.ready: dict[int, dict] = {}
         self._ctx = zmq.Context()
         self.stats = RunStats()
@@ -202,7 +214,17 @@ class Deployment:
                             list(shard.outputs))
 
     def start(self) -> Deployment:
-        """Launch every rank, send each its shard, and wait until each has loaded it."""
+        """Launch every rank, send each its shard, and wait until each has loaded it. If any
+        of it fails, whatever was started is stopped before the error goes on."""
+        try:
+            self._launch()
+            self._await_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self) -> None:
         ctx, addr, plan = self._ctx, self.addresses, self.plan
         p = plan.stages
         self._records = [json.dumps(self._record(k)).encode() for k in range(p)]
@@ -226,6 +248,7 @@ class Deployment:
         self._results_at = self._results.getsockopt_string(zmq.LAST_ENDPOINT)
         self._inputs: list[zmq.Socket] = []
         self._endpoints: dict[int, str] = {}  # rank -> where it bound, from its hello
+        on_ray: list[tuple[RankConfig, str]] = []
         for r in range(plan.replicas):
             for k in range(p):
                 rp = plan.rank(r, k)
@@ -240,23 +263,27 @@ class Deployment:
                     downstream_key=public[rp.rank + 1] if k + 1 < p else me,
                     coordinator_key=me)
                 host = self._remote.get(rp.host)
-                self.ranks.append(self._link(host).start(cfg) if host is not None
-                                  else launch_local(cfg, addr.dir))
+                if host is None:
+                    self.ranks.append(launch_local(cfg, addr.dir))
+                elif host.launcher == "agent":
+                    self.ranks.append(self._link(host).start(cfg))
+                else:  # ray: placed together below, all or none
+                    self.ranks.append(None)
+                    on_ray.append((cfg, host.name))
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             self._guard.connect_to(sock, public[r * p])
             self._inputs.append(sock)  # connected once its first stage says where it is
+        if on_ray:
+            self._ray = RayPlacement()
+            self.progress(f"placing {len(on_ray)} rank(s) as Ray actors")
+            for rank in self._ray.start(on_ray):
+                self.ranks[rank.config.rank] = rank
         if self._links:
             self._heartbeat = Heartbeat(list(self._links.values()))
         self.progress(f"started {len(self.ranks)} ranks ({plan.replicas} replica(s) x "
                       f"{p} stage(s)); sending each its shard")
-        try:
-            self._await_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _link(self, host: Host) -> HostLink:
         """The connection to ``host``'s agent, opened (and checked) on first use."""
@@ -313,12 +340,28 @@ class Deployment:
         for rank in range(len(self.ranks)):
             k = rank % p
             out = self._endpoints[rank + 1] if k + 1 < p else self._results_at
-            shard = torch.frombuffer(bytearray(self._records[k]), dtype=torch.uint8)
+            record = self._records[k]
+            remote = self.ranks[rank]
+            if isinstance(remote, RemoteRank):
+                record = self._on_host(record, remote.link)
+            shard = torch.frombuffer(bytearray(record), dtype=torch.uint8)
             self._control.send_multipart([f"rank{rank}".encode(), *encode(
                 "control", meta={**self._load_meta(), "data_out": out},
                 tensors={"shard": shard})])
         for r, sock in enumerate(self._inputs):
             sock.connect(self._endpoints[r * p])
+
+    def _on_host(self, record: bytes, link: HostLink) -> bytes:
+        """The record as a rank on ``link``'s host needs it: a checkpoint it names is put in that
+        host's agent cache first (sent once; cached by sha256) and named by its path there."""
+        doc = json.loads(record)
+        checkpoint = (doc.get("weights") or {}).get("checkpoint")
+        if not checkpoint:
+            return record
+        self.progress(f"host '{link.name}': sending {os.path.basename(checkpoint)} "
+                      f"({os.path.getsize(checkpoint) / 2**20:.0f} MiB) unless it has it")
+        doc["weights"]["checkpoint"] = link.upload(checkpoint)
+        return json.dumps(doc).encode()
 
     def _load_meta(self) -> dict:
         return {"cmd": "load", "plan": self.plan_hash}
@@ -348,7 +391,7 @@ class Deployment:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         for r in self.ranks:
-            if control is not None and r.alive():
+            if control is not None and r is not None and r.alive():
                 try:
                     control.send_multipart([f"rank{r.config.rank}".encode(),
                                             *encode("control", meta={"cmd": "stop"})],
@@ -358,6 +401,8 @@ class Deployment:
         stop_processes([r for r in self.ranks if isinstance(r, RankProcess)])
         for link in self._links.values():
             link.stop()
+        if self._ray is not None:
+            self._ray.stop()
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.close()

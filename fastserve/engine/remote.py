@@ -9,6 +9,8 @@ answers ``exit_reason()`` from the last heartbeat, without a network call.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import threading
 import time
@@ -16,12 +18,12 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from fastserve.engine.agent import AgentClient, HostError
+from fastserve.engine.agent import CHUNK, AgentClient, HostError
 from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.rank import RankConfig
 
 BEAT_S = 0.5  # how often the coordinator asks each agent for its ranks' status
-SILENT_S = 2.0  # a host that has not answered for this long is taken for dead
+SILENT_S = 1.5  # a host that has not answered for this long is taken for dead
 
 
 class HostLink:
@@ -46,6 +48,28 @@ class HostLink:
         self.started.append(config.rank)
         self.status[config.rank] = None
         return RemoteRank(config, self)
+
+    def upload(self, path: str) -> str:
+        """Put the file at ``path`` in the agent's cache (nothing is sent if it holds a file with
+        the same sha256 already); return its path on the host."""
+        digest, suffix = sha256_of(path), os.path.splitext(path)[1].lower()
+        there = self.request("have", sha256=digest, suffix=suffix)["path"]
+        if there:
+            return there
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = 0
+            while offset < size:
+                chunk = f.read(CHUNK)
+                with self._lock:
+                    reply, _ = self.client.request("put", frame=chunk, timeout=60.0,
+                                                   sha256=digest, suffix=suffix, offset=offset,
+                                                   size=size)
+                offset += len(chunk)
+        if not reply.get("path"):
+            raise HostError(f"host '{self.name}' did not keep '{path}' after the last chunk",
+                            self.name)
+        return reply["path"]
 
     def beat(self) -> None:
         """Refresh the status of this host's ranks; a silent host is marked dead."""
@@ -123,6 +147,22 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=SILENT_S + 1)
+
+
+_DIGESTS: dict[tuple[str, float, int], str] = {}
+
+
+def sha256_of(path: str) -> str:
+    """The file's sha256, computed once per (path, mtime, size) in this process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime, st.st_size)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def address_towards(host: str) -> str:

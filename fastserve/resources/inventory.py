@@ -15,8 +15,9 @@
 
 A host at ``localhost``/``127.0.0.1`` may omit ``cores`` and ``memory``: they are read from this
 machine. ``launcher`` says how a host's ranks start: ``local`` (subprocesses of the driver; the
-default on this machine) or ``agent`` (through ``fastserve agent`` on that host, at ``port``,
-default 7301; the default for every other address). Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
+default on this machine), ``agent`` (through ``fastserve agent`` on that host, at ``port``,
+default 7301; the default for every other address) or ``ray`` (as Ray actors on the Ray node
+that offers the resource ``host:<name>``). Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastserve.units import parse_bytes
 from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
 LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
-LAUNCHERS = ("local", "agent")
+LAUNCHERS = ("local", "agent", "ray")
 # ipc between processes of one machine, as `fastserve bench transport` measured a FastServe
 # hop on a 2-core VM: 1-16 MiB at about 4 GB/s, a 4 KiB message in about 55 us
 DEFAULT_BANDWIDTH = 4 * 1000 ** 3  # bytes/s
@@ -59,7 +60,7 @@ class Host:
     speed: float = 1.0
     flops: float | None = None
     devices: tuple[Device, ...] = ()
-    launcher: str = "local"  # how its ranks start: local subprocesses, or through its agent
+    launcher: str = "local"  # how its ranks start: subprocesses here, its agent, or Ray actors
     port: int = 7301  # the agent's port (launcher: agent)
 
     @property
