@@ -14,48 +14,15 @@ and host addresses, not a network).
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-LOOPBACK = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+from fastserve.engine.testcluster import loopback_cluster
+
 SIZES = {"4KiB": 4 << 10, "16MiB": 16 << 20}
-
-
-@contextlib.contextmanager
-def loopback_cluster(directory: str | Path) -> Iterator[tuple[object, object]]:
-    """Three agents on 127.0.0.2-4 with fresh keys in ``directory``: (inventory, keys)."""
-    from fastserve.engine.agent import spawn_agent
-    from fastserve.engine.keys import load_keys, new_keys
-    from fastserve.resources.inventory import parse_inventory
-
-    d = Path(directory)
-    new_keys(d / "keys")
-    procs, hosts = [], []
-    try:
-        for name, address in zip("abc", LOOPBACK):
-            proc, endpoint = spawn_agent(f"{address}:0", str(d / "keys"),
-                                         str(d / f"agent-{name}.log"),
-                                         cache=str(d / f"cache-{name}"))
-            procs.append(proc)
-            hosts.append({"name": name, "address": address, "launcher": "agent",
-                          "port": int(endpoint.rsplit(":", 1)[1]), "cores": 1,
-                          "memory": "4GiB"})
-        yield (parse_inventory({"name": "loopback3", "hosts": hosts}),
-               load_keys(d / "keys", "coordinator"))
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except Exception:  # noqa: BLE001 - a stuck agent is killed, whatever went wrong
-                p.kill()
-                p.wait()
 
 
 def bench_hosts(spec: str = "graphs/gpt2.yaml", *, batch: int = 8, seq: int = 32,
