@@ -106,7 +106,14 @@ class Agent:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME + MAX_REQUEST)
         self.guard.serve(self.sock, "agent", keys.peers)
-        self.sock.bind(f"tcp://{self.host}:{port}")
+        try:
+            self.sock.bind(f"tcp://{self.host}:{port}")
+        except zmq.ZMQError as e:
+            self.guard.close()
+            self.sock.close(linger=0)
+            self.ctx.term()
+            raise EngineError(f"the agent cannot listen on {self.host}:{port}: {e} (is another "
+                              f"agent there, or is the address not this host's?)") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workdir = tempfile.mkdtemp(prefix="fastserve-agent-")
         self.ranks: dict[int, RankProcess] = {}

@@ -105,7 +105,8 @@ class RayRank:
         try:
             return f"exited with code {ray.get(self.done)}"
         except Exception as e:  # noqa: BLE001 - Ray reports a dead actor or node in many types
-            return f"its Ray actor died: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"its Ray actor died: {type(e).__name__}: {first}"
 
     def alive(self) -> bool:
         return self.exit_reason() is None

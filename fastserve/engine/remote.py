@@ -21,6 +21,7 @@ import zmq
 from fastserve.engine.agent import CHUNK, AgentClient, HostError
 from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.rank import RankConfig
+from fastserve.errors import EngineError
 
 BEAT_S = 0.5  # how often the coordinator asks each agent for its ranks' status
 SILENT_S = 1.5  # a host that has not answered for this long is taken for dead
@@ -57,6 +58,9 @@ class HostLink:
         if there:
             return there
         size = os.path.getsize(path)
+        if size == 0:
+            raise EngineError(f"'{path}' is empty: there is nothing to send to host "
+                              f"'{self.name}'")
         with open(path, "rb") as f:
             offset = 0
             while offset < size:

@@ -405,6 +405,14 @@ def test_keys_and_agent_refuse_what_would_be_unsafe(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     for listen in ["0.0.0.0:7301", "*:7301", "127.0.0.2", "127.0.0.2:99999"]:
         assert run_cli(["agent", "--listen", listen, "--keys", str(tmp_path / "k")]) != 0
+    taken, endpoint = spawn_agent("127.0.0.2:0", str(tmp_path / "k"), str(tmp_path / "a.log"))
+    try:  # an address another agent holds
+        assert run_cli(["agent", "--listen", endpoint.removeprefix("tcp://"), "--keys",
+                        str(tmp_path / "k")]) != 0
+        assert "cannot listen on" in capsys.readouterr().err
+    finally:
+        taken.terminate()
+        taken.wait(timeout=10)
     (tmp_path / "k" / "agent.key_secret").chmod(0o644)
     assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
     assert "chmod 600" in capsys.readouterr().err
