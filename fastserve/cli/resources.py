@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
 from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import dim_option, load_graph, trust_option
-from fastserve.cli.render import human_bytes, step, table
+from fastserve.cli.render import human_bytes, table
 
 
 def _inventory(hosts: str | None):

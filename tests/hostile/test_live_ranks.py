@@ -119,7 +119,6 @@ def test_ten_thousand_hostile_messages_kill_no_rank(capsys):
 
 def test_stray_results_nobody_reads_do_not_look_like_death():
     with Deployment.from_spec(MLP, Layout(1, 2), timeout=60) as dep:
-        first = dep.ranks[0]
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 10_000)
