@@ -14,12 +14,14 @@ and host addresses, not a network).
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from fastserve.bench.engine import _timed
 from fastserve.engine.testcluster import loopback_cluster
 
 SIZES = {"4KiB": 4 << 10, "16MiB": 16 << 20}
@@ -92,7 +94,12 @@ def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
             / runs["hosts"]["seconds_per_batch"], "exact": exact}
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def measure_link(client) -> dict:
+    """Latency (median round trip of 4 KiB, of 21) and bandwidth (16 MiB each way, best of 3)
+    of the link to an agent, through its echo request."""
+    small = bytes(4096)
+    trips = [_timed(lambda: client.request("echo", frame=small)) for _ in range(21)]
+    big = bytes(16 << 20)
+    best = min(_timed(lambda: client.request("echo", frame=big, timeout=30.0))
+               for _ in range(3))
+    return {"latency_us": statistics.median(trips) * 1e6, "bandwidth": 2 * len(big) / best}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import click
 
@@ -89,6 +87,7 @@ def hosts_check_cmd(inventory, keys_dir, write_path, as_json) -> None:
     """
     import zmq
 
+    from fastserve.bench.hosts import measure_link
     from fastserve.engine.agent import AgentClient, HostError
     from fastserve.engine.keys import load_keys
     from fastserve.errors import EngineError
@@ -112,7 +111,7 @@ def hosts_check_cmd(inventory, keys_dir, write_path, as_json) -> None:
                 info, _ = client.request("resources")
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
                              "cores": info["cores"], "memory_bytes": info["memory_bytes"],
-                             "flops_per_core": info["flops"], **_measure_link(client)})
+                             "flops_per_core": info["flops"], **measure_link(client)})
             except HostError as e:
                 failed.append(str(e))
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
@@ -165,25 +164,6 @@ def _write_measured(source: str, rows: list[dict], path: str) -> None:
     with open(path, "w") as f:
         f.write(f"# measured by: fastserve hosts check {source}\n")
         yaml.safe_dump(plain, f, sort_keys=False)
-
-
-def _measure_link(client) -> dict:
-    small = bytes(4096)
-    trips = []
-    for _ in range(21):
-        t0 = time.perf_counter()
-        client.request("echo", frame=small)
-        trips.append(time.perf_counter() - t0)
-    big = bytes(16 << 20)
-    best = min(_timed(lambda: client.request("echo", frame=big, timeout=30.0))
-               for _ in range(3))
-    return {"latency_us": statistics.median(trips) * 1e6, "bandwidth": 2 * len(big) / best}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 @bench.command("hosts")

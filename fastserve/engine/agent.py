@@ -42,7 +42,7 @@ import torch
 import zmq
 
 from fastserve.engine.keys import ClusterKeys
-from fastserve.engine.launcher import RankProcess, launch_local, stop_processes
+from fastserve.engine.launcher import RankProcess, launch_local, log_tail, stop_processes
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard
 from fastserve.errors import EngineError
@@ -205,7 +205,7 @@ class Agent:
         rank = req.get("rank")  # logs
         if type(rank) is not int or rank not in self.ranks:
             raise ValueError(f"no rank {rank!r} here")
-        return {"text": _tail(self.ranks[rank].log)}, None
+        return {"text": log_tail(self.ranks[rank].log, LOG_TAIL)}, None
 
     def _file(self, req: dict, frame) -> dict:
         """``have``: the cached file's path, or None. ``put``: append one chunk (in order); the
@@ -288,16 +288,6 @@ def _only(doc: dict, allowed: set[str]) -> None:
     extra = sorted(str(k) for k in doc if k not in allowed)
     if extra:
         raise ValueError(f"unexpected field(s) {', '.join(extra)[:200]}")
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _measure_flops() -> float:

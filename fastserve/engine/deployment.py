@@ -28,12 +28,10 @@ import zmq
 
 from fastserve.engine.coordinator import Merger, RunStats, WorkItem, plan_work
 from fastserve.engine.keys import ClusterKeys
-from fastserve.engine.launcher import Addresses, RankProcess, launch_local, stop_processes
-from fastserve.engine.remote import Heartbeat, HostLink, RemoteRank, address_towards, wait_for
+from fastserve.engine.launcher import Addresses
+from fastserve.engine.placement import Placement, Rank
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
-from fastserve.engine.raylaunch import RayPlacement, RayRank
-from fastserve.engine.raylaunch import node_address as ray_node_address
 from fastserve.engine.security import Guard, KeyPair
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
@@ -42,7 +40,7 @@ from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
-from fastserve.resources.inventory import Host, Inventory, local_inventory
+from fastserve.resources.inventory import Inventory, local_inventory
 from fastserve.resources.plan import Plan, check_plan
 from fastserve.resources.planner import Constraints, plan
 
@@ -128,35 +126,17 @@ class Deployment:
                         if i.shape and i.shape[0] == "batch"] or \
                        [t.name for t in self.graph.inputs]
         self.max_in_flight = max_in_flight or 2 * plan.stages + 1  # per replica
-        # hosts whose ranks do not start here: through an agent, or as Ray actors
-        self._remote = {h.name: h for h in (inventory.host(r.host) for r in plan.ranks)
-                        if h.launcher != "local"} if inventory is not None else {}
-        bind = "127.0.0.1"
-        if self._remote:
-            names = ", ".join(sorted(self._remote))
-            agents = [h for h in self._remote.values() if h.launcher == "agent"]
-            if agents and keys is None:
-                raise EngineError(f"the plan places ranks on host(s) {names}, which start "
-                                  f"through their agents: give the cluster keys (--keys DIR; "
-                                  f"make them with: fastserve keys new DIR)")
-            if plan.transport != "tcp":
-                raise EngineError(f"the plan places ranks on host(s) {names}, but its transport "
-                                  f"is {plan.transport}: ranks on several hosts talk over tcp "
-                                  f"(plan with --transport tcp)")
-            if coordinator_address:
-                bind = coordinator_address
-            elif agents:
-                bind = address_towards(agents[0].address)
-            else:
-                bind = ray_node_address(ray_address)
-        self._cluster_keys = keys
-        self._links: dict[str, HostLink] = {}
-        self._heartbeat: Heartbeat | None = None
-        self._ray: RayPlacement | None = None
-        self.addresses = Addresses(plan.transport, host=bind)
-        self.ranks: list[RankProcess | RemoteRank | RayRank] = []
-        self.ready: dict[int, dict] = {}
         self._ctx = zmq.Context()
+        try:
+            self._placement = Placement(self._ctx, plan, inventory, keys,
+                                        coordinator_address=coordinator_address,
+                                        ray_address=ray_address, progress=self.progress)
+        except BaseException:
+            self._ctx.term()
+            raise
+        self.addresses = Addresses(plan.transport, host=self._placement.bind)
+        self.ranks: list[Rank | None] = []
+        self.ready: dict[int, dict] = {}
         self.stats = RunStats()
         # messages the coordinator received and dropped, by reason: malformed (the wire's
         # reason), "unrequested" (a result for no request in flight), "control"
@@ -248,7 +228,6 @@ class Deployment:
         self._results_at = self._results.getsockopt_string(zmq.LAST_ENDPOINT)
         self._inputs: list[zmq.Socket] = []
         self._endpoints: dict[int, str] = {}  # rank -> where it bound, from its hello
-        on_ray: list[tuple[RankConfig, str]] = []
         for r in range(plan.replicas):
             for k in range(p):
                 rp = plan.rank(r, k)
@@ -262,39 +241,16 @@ class Deployment:
                     upstream_keys=[upstream] if upstream else [],
                     downstream_key=public[rp.rank + 1] if k + 1 < p else me,
                     coordinator_key=me)
-                host = self._remote.get(rp.host)
-                if host is None:
-                    self.ranks.append(launch_local(cfg, addr.dir))
-                elif host.launcher == "agent":
-                    self.ranks.append(self._link(host).start(cfg))
-                else:  # ray: placed together below, all or none
-                    self.ranks.append(None)
-                    on_ray.append((cfg, host.name))
+                self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             self._guard.connect_to(sock, public[r * p])
             self._inputs.append(sock)  # connected once its first stage says where it is
-        if on_ray:
-            self._ray = RayPlacement()
-            self.progress(f"placing {len(on_ray)} rank(s) as Ray actors")
-            for rank in self._ray.start(on_ray):
-                self.ranks[rank.config.rank] = rank
-        if self._links:
-            self._heartbeat = Heartbeat(list(self._links.values()))
+        for rank in self._placement.place_ray():  # Ray ranks: placed together, all or none
+            self.ranks[rank.config.rank] = rank
         self.progress(f"started {len(self.ranks)} ranks ({plan.replicas} replica(s) x "
                       f"{p} stage(s)); sending each its shard")
-
-    def _link(self, host: Host) -> HostLink:
-        """The connection to ``host``'s agent, opened (and checked) on first use."""
-        link = self._links.get(host.name)
-        if link is None:
-            link = self._links[host.name] = HostLink(self._ctx, host.name, host.agent,
-                                                     self._cluster_keys)
-            info = wait_for(link, timeout=3.0)
-            self.progress(f"host '{host.name}' ({host.agent}): agent on {info.get('host')}, "
-                          f"{info.get('cores')} cores")
-        return link
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + self.load_timeout
@@ -340,28 +296,13 @@ class Deployment:
         for rank in range(len(self.ranks)):
             k = rank % p
             out = self._endpoints[rank + 1] if k + 1 < p else self._results_at
-            record = self._records[k]
-            remote = self.ranks[rank]
-            if isinstance(remote, RemoteRank):
-                record = self._on_host(record, remote.link)
+            record = self._placement.record_for(self.ranks[rank], self._records[k])
             shard = torch.frombuffer(bytearray(record), dtype=torch.uint8)
             self._control.send_multipart([f"rank{rank}".encode(), *encode(
                 "control", meta={**self._load_meta(), "data_out": out},
                 tensors={"shard": shard})])
         for r, sock in enumerate(self._inputs):
             sock.connect(self._endpoints[r * p])
-
-    def _on_host(self, record: bytes, link: HostLink) -> bytes:
-        """The record as a rank on ``link``'s host needs it: a checkpoint it names is put in that
-        host's agent cache first (sent once; cached by sha256) and named by its path there."""
-        doc = json.loads(record)
-        checkpoint = (doc.get("weights") or {}).get("checkpoint")
-        if not checkpoint:
-            return record
-        self.progress(f"host '{link.name}': sending {os.path.basename(checkpoint)} "
-                      f"({os.path.getsize(checkpoint) / 2**20:.0f} MiB) unless it has it")
-        doc["weights"]["checkpoint"] = link.upload(checkpoint)
-        return json.dumps(doc).encode()
 
     def _load_meta(self) -> dict:
         return {"cmd": "load", "plan": self.plan_hash}
@@ -388,8 +329,7 @@ class Deployment:
             return
         self._stopped = True
         control = getattr(self, "_control", None)
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        self._placement.quiet()
         for r in self.ranks:
             if control is not None and r is not None and r.alive():
                 try:
@@ -398,11 +338,7 @@ class Deployment:
                                            flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-        stop_processes([r for r in self.ranks if isinstance(r, RankProcess)])
-        for link in self._links.values():
-            link.stop()
-        if self._ray is not None:
-            self._ray.stop()
+        self._placement.stop(self.ranks)
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.close()

@@ -73,14 +73,19 @@ class RankProcess:
 
     def last_words(self) -> str | None:
         """The last line of the rank's log (its last error), if it wrote any."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))  # only the end: a log can be long
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except OSError:
-            return None
+        lines = log_tail(self.log, 4096).strip().splitlines()
         return lines[-1] if lines else None
+
+
+def log_tail(path: str, limit: int) -> str:
+    """The last ``limit`` bytes of a log (a log can be long), or "" if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def launch_local(config: RankConfig, log_dir: str) -> RankProcess:

@@ -117,6 +117,13 @@ def _deploy(graph, agents, keys_dir, **constraints) -> Deployment:
                       keys=load_keys(keys_dir, "coordinator"), timeout=60)
 
 
+def _until_no_ranks(agents, seconds: float) -> None:
+    """Wait up to ``seconds`` for every agent's ranks to be gone (the caller asserts it)."""
+    deadline = time.monotonic() + seconds
+    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _reference(graph, x):
     torch.set_num_threads(1)  # as the ranks: the same order of sums, the same last bits
     return G.reference(graph, x)
@@ -273,9 +280,7 @@ def test_a_killed_host_is_named_and_leaves_nothing_running(cluster, tmp_path):
         dep.stop()
     print(f"killed host named after {named_after:.2f} s")  # the figure, with -s
     assert named_after < 3.0, named_after
-    deadline = time.monotonic() + 5
-    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _until_no_ranks(agents, 5)
     assert not any(a.ranks() for a in agents)  # the victim's ranks followed it
     victim.start(victim.port)  # the host is back: the same run works
     with _deploy(graph, agents, keys, stages=3, replicas=1, batch=8) as dep:
@@ -305,9 +310,7 @@ def test_a_cut_link_is_named_and_the_run_works_once_it_is_back(cluster):
     assert named_after < 3.0, named_after
     # the other hosts' ranks were stopped by the deployment; the cut-off host's by its agent,
     # once the coordinator had been silent for its timeout (3 s here)
-    deadline = time.monotonic() + 10
-    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _until_no_ranks(agents, 10)
     assert not any(a.ranks() for a in agents)
     with _deploy(graph, agents, keys, stages=3, replicas=1, batch=8) as dep:
         torch.testing.assert_close(dep.run(x)["head"], _reference(graph, x)["head"])
@@ -327,9 +330,7 @@ def test_a_host_that_is_not_there_fails_the_start_and_leaves_nothing(cluster, tm
         Deployment(graph, chosen, inventory=inventory,
                    keys=load_keys(keys, "coordinator")).start()
     assert time.monotonic() - t0 < 10
-    deadline = time.monotonic() + 5
-    while any(a.ranks() for a in agents) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _until_no_ranks(agents, 5)
     assert not any(a.ranks() for a in agents)  # the ranks started on a and b were stopped
 
 
