@@ -287,12 +287,12 @@ def test_a_shard_swapped_after_the_driver_checked_is_refused_by_the_rank(copy):
 
 def test_the_driver_refuses_before_parsing_the_spec_or_starting_a_rank(copy, spec_parses,
                                                                         monkeypatch, capsys):
-    import fastserve.engine.deployment as deployment
+    import fastserve.engine.placement as placement  # where ranks are launched
     from fastserve.cli.app import run_cli
     from fastserve.engine import Deployment, Layout
 
     launched: list[Any] = []
-    monkeypatch.setattr(deployment, "launch_local", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(placement, "launch_local", lambda *a, **k: launched.append(a))
     d, outside = copy
     _replace_spec(d, outside)
     with pytest.raises(WeightsError, match=r"spec file '.*graph\.yaml' has sha256"):
