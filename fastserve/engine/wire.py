@@ -1,16 +1,24 @@
-"""The wire format: a msgpack header plus one raw frame per tensor, without copies.
+"""The wire format: a small layout frame, an ids frame, and one raw frame per tensor, without
+copies.
 
 A message is a list of ZeroMQ frames::
 
-    frame 0   msgpack map {"v": 1, "kind": "data", "req": 7, "mb": 0,
-                           "tensors": [["h.3", "float32", [4, 16, 768]], ...],
-                           "meta": {...}}          # per-kind fields: timings, errors, commands
-    frame 1.. the bytes of each tensor, in header order (C-contiguous, native byte order)
+    frame 0   the header: three parts, back to back
+                u32 (little-endian)  the layout's length in bytes
+                layout  msgpack [2, "data", [["h.3", "float32", [4, 16, 768]], ...]]
+                        (wire version, kind, tensor specs: the same for every message of a shape)
+                ids     msgpack [7, 0, {...}]
+                        (request id, micro-batch id, meta: per-kind fields such as timings,
+                        errors, commands)
+    frame 1.. the bytes of each tensor, in layout order (C-contiguous, native byte order)
 
 Sending hands ZeroMQ a memoryview of each tensor's storage (``copy=False``); receiving builds
-tensors on the frames' buffers, so a 16 MiB activation is never copied in Python.
+tensors on the frames' buffers, so a 16 MiB activation is never copied in Python. The layout is
+apart from the ids so that both ends can keep the layouts they have seen: a small message then
+costs one msgpack call per end beyond building its tensors. (It shares a frame with the ids
+because a CURVE link pays for every frame it encrypts.)
 
-Every field of a received header is checked for type, range and consistency before anything is
+Every field of a received message is checked for type, range and consistency before anything is
 built from it, and ``meta`` follows a schema per kind (:data:`META`): unknown keys, wrong types and
 oversized values are refused. Anything that does not match raises :class:`WireError` with a
 ``reason`` the receiver counts; a decode never raises anything else. The bounds are chosen so that
@@ -32,7 +40,7 @@ import torch
 from fastserve.errors import WireError
 from fastserve.graph.dtypes import DTYPES
 
-VERSION = 1
+VERSION = 2  # 2: the layout apart from the ids, so that it can be cached
 KINDS = ("data", "error", "control", "reply")
 # A valid header is far below this (256 specs with 256-character names: ~80 KiB); the bound
 # also caps what decoding junk costs before it is refused (~128K Python objects, a few ms)
@@ -200,30 +208,47 @@ def _show(v: Any) -> str:
 
 
 # --- encode / decode ---------------------------------------------------------------------------
+# A layout (kind and tensor specs) is the same for every message of one shape, so both ends keep
+# the ones they have seen: the sender its packed bytes, the receiver what it validated from those
+# exact bytes. A hit skips msgpack and every check of the layout; ids and meta are checked on
+# every message. The caches are bounded (a peer sending endless new layouts only costs misses).
+
+_LAYOUT_CACHE = 1024  # entries per cache; cleared when full
+_CACHED_LAYOUT_BYTES = 8 << 10  # longer layouts are checked each time, not kept
+
+# a checked tensor spec: name, torch dtype, numpy dtype (None: bfloat16, carried as int16),
+# shape, bytes
+_Spec = tuple[str, torch.dtype, "np.dtype | None", tuple[int, ...], int]
+_received: dict[bytes, tuple[str, tuple[_Spec, ...]]] = {}
+_sent: dict[tuple, bytes] = {}
+
 
 def encode(kind: str, *, request: int = 0, micro: int = 0,
            tensors: Mapping[str, torch.Tensor] | None = None,
            meta: Mapping[str, Any] | None = None) -> list:
-    """Frames for one message: the header bytes, then a zero-copy view of each tensor.
+    """Frames for one message: the header (layout, ids, meta), then a zero-copy view of each
+    tensor.
 
-    The header is checked by the same rules as :func:`decode`, so a message that could not be
+    Everything is checked by the same rules as :func:`decode`, so a message that could not be
     received is refused here, at the sender, with the reason."""
-    if kind not in META:
-        raise WireError(f"unknown message kind '{kind}'", "kind")
-    meta = dict(meta or {})
-    check_meta(kind, meta)
-    specs = []
+    meta = dict(meta) if meta else {}
+    if meta or kind != "data":  # (an empty data meta is valid: the common case skips the check)
+        if kind not in META:
+            raise WireError(f"unknown message kind '{kind}'", "kind")
+        check_meta(kind, meta)
+    request, micro = int(request), int(micro)
+    if not (0 <= request <= MAX_ID and 0 <= micro <= MAX_ID):
+        raise WireError(f"request and micro-batch ids must be ints in [0, 2**63), got "
+                        f"{_show(request)} and {_show(micro)}", "id")
+    ids = msgpack.packb([request, micro, meta], use_bin_type=True)
     frames: list = [b""]
+    key: list = [kind]
     for name, t in (tensors or {}).items():
         if not t.is_cpu:  # (cheaper than t.device.type: this loop runs for every message)
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
-        dtype = _NAMES.get(t.dtype)
-        if dtype is None:
-            raise WireError(f"tensor '{name}' has dtype {t.dtype}, which the wire does not "
-                            f"carry", "dtype")
-        specs.append([name, dtype, list(t.shape)])
+        key.append((name, t.dtype, t.shape))
         # a numpy view of the storage keeps `t` alive for as long as ZeroMQ holds the frame;
         # numpy has no bfloat16, so that one travels as raw bytes
         if not t.numel():
@@ -232,22 +257,38 @@ def encode(kind: str, *, request: int = 0, micro: int = 0,
             frames.append(t.view(torch.int16).numpy())
         else:
             frames.append(t.numpy())
-    if len(specs) > MAX_TENSORS:
-        raise WireError(f"{len(specs)} tensors in one message; at most {MAX_TENSORS}", "tensors")
-    header = {"v": VERSION, "kind": kind, "req": int(request), "mb": int(micro),
-              "tensors": specs, "meta": meta}
-    frames[0] = msgpack.packb(header, use_bin_type=True)
+    layout = _sent.get(tuple(key))
+    if layout is None:
+        layout = _pack_layout(key)
+    frames[0] = layout + ids
     if len(frames[0]) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(frames[0])} bytes exceeds {MAX_HEADER_BYTES}", "size")
     return frames
 
 
-def _buffer(frame: Any) -> memoryview:
-    buf = getattr(frame, "buffer", frame)  # zmq.Frame or bytes
-    return memoryview(buf)
-
-
-_HEADER_KEYS = frozenset({"v", "kind", "req", "mb", "tensors", "meta"})
+def _pack_layout(key: list) -> bytes:
+    """The layout of ``key`` ([kind, (name, dtype, shape), ...]) with its length in front,
+    checked by decoding it (so a sender refuses what a receiver would), and remembered."""
+    kind, specs = key[0], []
+    if kind not in META:
+        raise WireError(f"unknown message kind '{kind}'", "kind")
+    for name, dtype, shape in key[1:]:
+        if dtype not in _NAMES:
+            raise WireError(f"tensor '{name}' has dtype {dtype}, which the wire does not "
+                            f"carry", "dtype")
+        specs.append([name, _NAMES[dtype], list(shape)])
+    if len(specs) > MAX_TENSORS:
+        raise WireError(f"{len(specs)} tensors in one message; at most {MAX_TENSORS}", "tensors")
+    packed = msgpack.packb([VERSION, kind, specs], use_bin_type=True)
+    if len(packed) > MAX_HEADER_BYTES:
+        raise WireError(f"layout of {len(packed)} bytes exceeds {MAX_HEADER_BYTES}", "size")
+    _layout(memoryview(packed))
+    layout = len(packed).to_bytes(4, "little") + packed
+    if len(layout) <= _CACHED_LAYOUT_BYTES:
+        if len(_sent) >= _LAYOUT_CACHE:
+            _sent.clear()
+        _sent[tuple(key)] = layout
+    return layout
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -263,62 +304,91 @@ def _decode(frames: Sequence[Any]) -> Message:
         raise WireError("empty message", "empty")
     if len(frames) > MAX_TENSORS + 1:
         raise WireError(f"{len(frames)} frames; at most {MAX_TENSORS + 1}", "tensors")
-    head = _buffer(frames[0])
+    head = memoryview(frames[0])  # a zmq.Frame, bytes, or any buffer
     if head.nbytes > MAX_HEADER_BYTES:
         raise WireError(f"header of {head.nbytes} bytes exceeds {MAX_HEADER_BYTES}", "size")
-    try:
-        # msgpack's own limits bound what a hostile header can make it allocate
-        header = msgpack.unpackb(head, raw=False, strict_map_key=True,
-                                 max_array_len=MAX_TENSORS + MAX_TIMINGS, max_map_len=64)
-    except Exception as e:  # msgpack raises many types for garbage
-        raise WireError(f"header is not valid msgpack: {type(e).__name__}", "header") from None
-    if type(header) is not dict:
-        raise WireError("header is not a map", "header")
-    if header.get("v") != VERSION or type(header.get("v")) is not int:
-        raise WireError(f"unknown wire version {_show(header.get('v'))}; this build speaks "
-                        f"{VERSION}", "version")
-    kind = header.get("kind")
-    if type(kind) is not str or kind not in META:
-        raise WireError(f"unknown message kind {_show(kind)}", "kind")
-    if header.keys() != _HEADER_KEYS:
-        raise WireError(f"header keys {sorted(map(str, header))} are not "
-                        f"{sorted(_HEADER_KEYS)}", "header")
-    req, mb = header["req"], header["mb"]
-    if type(req) is not int or type(mb) is not int or not (0 <= req <= MAX_ID
-                                                          and 0 <= mb <= MAX_ID):
-        raise WireError(f"header 'req' and 'mb' must be ints in [0, 2**63), got {_show(req)} "
-                        f"and {_show(mb)}", "id")
-    check_meta(kind, header["meta"])
-    specs = header["tensors"]
-    if type(specs) is not list or len(specs) > MAX_TENSORS:
-        raise WireError("header 'tensors' must be a list of at most "
-                        f"{MAX_TENSORS} [name, dtype, shape] entries", "tensors")
+    n = int.from_bytes(head[:4], "little")
+    if head.nbytes < 4 or n > head.nbytes - 4:
+        raise WireError(f"a header of {head.nbytes} bytes cannot hold its layout "
+                        f"(length {n if head.nbytes >= 4 else 'missing'})", "header")
+    kind, specs = _layout(head[4:4 + n])
+    request, micro, meta = _ids(kind, head[4 + n:])
     if len(frames) != len(specs) + 1:
-        raise WireError(f"header declares {len(specs)} tensors but {len(frames) - 1} frames "
+        raise WireError(f"the layout declares {len(specs)} tensors but {len(frames) - 1} frames "
                         f"follow (truncated or padded message)", "frames")
     tensors: dict[str, torch.Tensor] = {}
-    for spec, frame in zip(specs, frames[1:]):
-        name, dtype, shape, nbytes = _check_spec(spec)
-        if name in tensors:
-            raise WireError(f"tensor '{name}' appears twice", "tensors")
-        buf = _buffer(frame)
+    for (name, dtype, np_dtype, shape, nbytes), frame in zip(specs, frames[1:]):
+        buf = memoryview(frame)
         if buf.nbytes != nbytes:
             raise WireError(f"tensor '{name}' declares {nbytes} bytes, its frame has "
                             f"{buf.nbytes}", "frames")
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        # numpy builds the view with less per-call overhead than torch.frombuffer + view, which
-        # matters for small messages; bfloat16 travels as int16 and is reinterpreted
-        if dtype == torch.bfloat16:
+        elif np_dtype is None:  # bfloat16 travels as int16 and is reinterpreted
             arr = np.frombuffer(buf, np.int16).reshape(shape)
             tensors[name] = torch.from_numpy(arr).view(torch.bfloat16)
         else:
-            tensors[name] = torch.from_numpy(np.frombuffer(buf, _NUMPY[dtype]).reshape(shape))
-    return Message(kind, req, mb, tensors, header["meta"])
+            # numpy builds the view with less per-call overhead than torch.frombuffer + view,
+            # which matters for small messages
+            tensors[name] = torch.from_numpy(np.frombuffer(buf, np_dtype).reshape(shape))
+    return Message(kind, request, micro, tensors, meta)
 
 
-def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
+def _unpack(buf: memoryview, what: str) -> Any:
+    try:
+        # msgpack's own limits bound what a hostile header can make it allocate
+        return msgpack.unpackb(buf, raw=False, strict_map_key=True,
+                               max_array_len=MAX_TENSORS + MAX_TIMINGS, max_map_len=64)
+    except Exception as e:  # msgpack raises many types for garbage
+        raise WireError(f"{what} is not valid msgpack: {type(e).__name__}", "header") from None
+
+
+def _layout(buf: memoryview) -> tuple[str, tuple[_Spec, ...]]:
+    """The kind and checked tensor specs of a layout: [version, kind, [spec, ...]]."""
+    raw = buf.tobytes() if buf.nbytes <= _CACHED_LAYOUT_BYTES else None
+    known = _received.get(raw) if raw is not None else None
+    if known is not None:
+        return known
+    layout = _unpack(buf, "layout")
+    if type(layout) is not list or len(layout) != 3:
+        raise WireError(f"the layout must be [version, kind, tensors], got {_show(layout)}",
+                        "header")
+    version, kind, specs = layout
+    if type(version) is not int or version != VERSION:
+        raise WireError(f"unknown wire version {_show(version)}; this build speaks {VERSION}",
+                        "version")
+    if type(kind) is not str or kind not in META:
+        raise WireError(f"unknown message kind {_show(kind)}", "kind")
+    if type(specs) is not list or len(specs) > MAX_TENSORS:
+        raise WireError("the layout's tensors must be a list of at most "
+                        f"{MAX_TENSORS} [name, dtype, shape] entries", "tensors")
+    checked = tuple(_check_spec(s) for s in specs)
+    if len({s[0] for s in checked}) != len(checked):
+        raise WireError("a tensor name appears twice", "tensors")
+    known = (kind, checked)
+    if raw is not None:
+        if len(_received) >= _LAYOUT_CACHE:
+            _received.clear()
+        _received[raw] = known
+    return known
+
+
+def _ids(kind: str, buf: memoryview) -> tuple[int, int, dict]:
+    """Request id, micro-batch id and meta: [req, mb, meta], each checked."""
+    ids = _unpack(buf, "ids")
+    if type(ids) is not list or len(ids) != 3:
+        raise WireError(f"the ids must be [req, mb, meta], got {_show(ids)}", "header")
+    req, mb, meta = ids
+    if type(req) is not int or type(mb) is not int or not (0 <= req <= MAX_ID
+                                                          and 0 <= mb <= MAX_ID):
+        raise WireError(f"'req' and 'mb' must be ints in [0, 2**63), got {_show(req)} "
+                        f"and {_show(mb)}", "id")
+    if type(meta) is not dict or meta or kind != "data":
+        check_meta(kind, meta)
+    return req, mb, meta
+
+
+def _check_spec(spec: Any) -> _Spec:
     """Name, dtype, shape and byte count of one tensor spec, each checked."""
     if type(spec) is not list or len(spec) != 3:
         raise WireError(f"a tensor spec must be [name, dtype, shape], got {_show(spec)}",
@@ -343,4 +413,4 @@ def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
     if nbytes > MAX_FRAME_BYTES:
         raise WireError(f"tensor '{name}' declares {nbytes} bytes; at most {MAX_FRAME_BYTES}",
                         "size")
-    return name, t, tuple(shape), nbytes
+    return name, t, _NUMPY.get(t), tuple(shape), nbytes

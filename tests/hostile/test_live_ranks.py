@@ -18,8 +18,9 @@ import zmq
 import fastserve.graph as G
 from fastserve.engine import Deployment, Layout
 from fastserve.engine.security import KeyPair
-from fastserve.engine.wire import encode
+from fastserve.engine.wire import VERSION, encode
 from fastserve.errors import EngineError, RankDeadError
+from wireframes import header, header_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = str(ROOT / "graphs/mlp.yaml")
@@ -40,7 +41,7 @@ def rss(dep: Deployment) -> dict[int, int]:
 
 def malformed(rng: random.Random, n_in: int) -> list:
     """One malformed message of a random kind."""
-    good = {"v": 1, "kind": "data", "req": 1, "mb": 0, "tensors": [["x", "float32", [1, n_in]]],
+    good = {"v": VERSION, "kind": "data", "req": 1, "mb": 0, "tensors": [["x", "float32", [1, n_in]]],
             "meta": {}}
     pick = rng.randrange(12)
     bad = dict(good)
@@ -60,19 +61,21 @@ def malformed(rng: random.Random, n_in: int) -> list:
     elif pick == 6:
         bad["req"] = -5
     elif pick == 7:
-        return [msgpack.packb(good)]  # a frame missing
+        return header_frames(good)  # a frame missing
     elif pick == 8:
-        return [msgpack.packb(good), b"\0" * 3]  # a short frame
+        return [*header_frames(good), b"\0" * 3]  # a short frame
     elif pick == 9:
         bad["tensors"] = [["x", "float32", [1, n_in + 1]]]  # well-formed, wrong shape
-        return [msgpack.packb(bad), b"\0" * 4 * (n_in + 1)]
+        return [*header_frames(bad), b"\0" * 4 * (n_in + 1)]
     elif pick == 10:
         bad["kind"] = "control"
         bad["meta"] = {"cmd": "stop"}  # a stop on the data socket is not a command
     else:
         bad["mb"] = 1 << 70 if rng.random() < 0.5 else "0"
-        return [msgpack.packb(bad, use_bin_type=True) if bad["mb"] == "0" else b"\xcf" * 9]
-    return [msgpack.packb(bad), b"\0" * 4 * n_in]
+        return [*header_frames(bad), b"\0" * 4 * n_in] if bad["mb"] == "0" \
+            else [header(msgpack.packb([VERSION, "data", good["tensors"]]), b"\xcf" * 9),
+                  b"\0" * 4 * n_in]
+    return [*header_frames(bad), b"\0" * 4 * n_in]
 
 
 def test_ten_thousand_hostile_messages_kill_no_rank(capsys):
@@ -133,12 +136,12 @@ def test_stray_results_nobody_reads_do_not_look_like_death():
         assert dep.dropped["unrequested"] > 0
 
 
-def deep_header() -> bytes:
+def deep_header() -> list[bytes]:
     """A 1 KiB header nested 1,000 levels deep (a repr of it recurses past Python's limit)."""
     deep: list = []
     for _ in range(1000):
         deep = [deep]
-    return msgpack.packb({"v": 1, "kind": "data", "req": 1, "mb": 0, "tensors": [],
+    return header_frames({"v": VERSION, "kind": "data", "req": 1, "mb": 0, "tensors": [],
                           "meta": {"timings": deep}})
 
 
@@ -147,8 +150,8 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         results = dep.results_endpoint
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(results)
-        sock.send(b"junk")
-        sock.send(deep_header())
+        sock.send_multipart([b"junk", b"junk"])
+        sock.send_multipart(deep_header())
         head = dep.graph.spec.outputs[0]
         for req in range(4):  # guesses at the next request id
             sock.send_multipart(encode("data", request=req, micro=0,
@@ -157,11 +160,11 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         # the same on the data and control sockets
         data = zmq.Context.instance().socket(zmq.PUSH)
         data.connect(dep.endpoint(0))
-        data.send(deep_header())
+        data.send_multipart(deep_header())
         ctl = zmq.Context.instance().socket(zmq.DEALER)
         ctl.setsockopt(zmq.IDENTITY, b"rank0")
         ctl.connect(dep.ranks[0].config.control)
-        ctl.send(deep_header())
+        ctl.send_multipart(deep_header())
         exact(dep)
         assert dep.control("health")[0]["ok"]
         assert dep.ranks[0].process.poll() is None
@@ -178,7 +181,7 @@ def test_a_trickle_of_junk_does_not_postpone_the_timeout_or_hide_a_dead_rank():
 
         def trickle():
             while not stop.wait(0.05):
-                sock.send(b"junk")
+                sock.send_multipart([b"junk", b"junk"])
 
         dep.ranks[1].process.kill()
         thread = threading.Thread(target=trickle, daemon=True)

@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from fastserve.engine.core import RankCore
 from fastserve.engine.wire import (DTYPES, MAX_HEADER_BYTES, MAX_TEXT, MAX_TIMINGS, META,
-                                   Message, check_meta, decode, encode)
+                                   VERSION, Message, check_meta, decode, encode)
 from fastserve.errors import WireError
 from fastserve.graph import compile_graph, load_spec
 from fastserve.graph.module import build_subgraph
+from wireframes import header, header_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -30,14 +31,14 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12)
 
-VALID = {"v": 1, "kind": "data", "req": 3, "mb": 1,
+VALID = {"v": VERSION, "kind": "data", "req": 3, "mb": 1,
          "tensors": [["x", "float32", [2, 3]]],
          "meta": {"timings": [{"rank": 0, "stage": 0, "recv": 1.0, "start": 1.0, "end": 2.0}]}}
 PAYLOAD = [b"\0" * 24]
 
 
 def frames(header, payload=PAYLOAD):
-    return [msgpack.packb(header, use_bin_type=True), *payload]
+    return [*header_frames(header), *payload]
 
 
 def decodes_or_refuses(fr) -> Message | None:
@@ -83,6 +84,11 @@ def test_any_name_dtype_and_shape(name, dtype, shape):
 @FUZZ
 @given(raw=st.binary(max_size=256))
 def test_any_bytes_as_a_header(raw):
+    layout = msgpack.packb([VERSION, "data", VALID["tensors"]])
+    ids = msgpack.packb([VALID["req"], VALID["mb"], VALID["meta"]])
+    decodes_or_refuses([header(raw, ids), *PAYLOAD])
+    decodes_or_refuses([header(layout, raw), *PAYLOAD])
+    decodes_or_refuses([raw, *PAYLOAD])
     decodes_or_refuses([raw])
 
 

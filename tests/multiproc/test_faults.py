@@ -18,8 +18,9 @@ import zmq
 
 import fastserve.graph as G
 from fastserve.engine import Deployment, Layout
-from fastserve.engine.wire import encode
+from fastserve.engine.wire import VERSION, encode
 from fastserve.errors import RankDeadError, RankError
+from wireframes import header_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -122,17 +123,20 @@ def garbage_messages(n: int):
     """Malformed messages of many kinds: random bytes, wrong version, truncated, padded,
     lying sizes, bad dtypes, oversized shapes."""
     good = encode("data", tensors={"x": torch.randn(2, 4)})
-    header = msgpack.unpackb(good[0])
+    head, x = bytes(good[0]), bytes(good[1])
+    header = {"v": VERSION, "kind": "data", "req": 0, "mb": 0, "meta": {}}
     kinds = [
         lambda i: [os.urandom(1 + i % 50)],
-        lambda i: [msgpack.packb({**header, "v": 99}), bytes(good[1])],
-        lambda i: [good[0]],  # truncated: no tensor frame
-        lambda i: [good[0], bytes(good[1]), b"extra"],  # padded
-        lambda i: [good[0], bytes(good[1])[:-4]],  # short frame
-        lambda i: [msgpack.packb({**header, "tensors": [["x", "complex64", [2, 4]]]}), b"x" * 64],
-        lambda i: [msgpack.packb({**header, "tensors": [["x", "float32", [1 << 39, 4]]]}), b""],
-        lambda i: [msgpack.packb({**header, "kind": "sudo"}), bytes(good[1])],
-        lambda i: [msgpack.packb([1, 2, 3])],
+        lambda i: [os.urandom(1 + i % 50), x],
+        lambda i: [head[:4] + os.urandom(1 + i % 50), x],
+        lambda i: [*header_frames({**header, "v": 99, "tensors": []})],
+        lambda i: [head],  # truncated: no tensor frame
+        lambda i: [head, x, b"extra"],  # padded
+        lambda i: [head, x[:-4]],  # short frame
+        lambda i: [*header_frames({**header, "tensors": [["x", "complex64", [2, 4]]]}), b"x" * 64],
+        lambda i: [*header_frames({**header, "tensors": [["x", "float32", [1 << 39, 4]]]}), b""],
+        lambda i: [*header_frames({**header, "kind": "sudo", "tensors": []}), x],
+        lambda i: [msgpack.packb([1, 2, 3]), x],
         lambda i: [b""],
     ]
     for i in range(n):

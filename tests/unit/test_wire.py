@@ -8,8 +8,9 @@ import pytest
 import torch
 import zmq
 
-from fastserve.engine.wire import DTYPES, decode, encode
+from fastserve.engine.wire import DTYPES, VERSION, decode, encode
 from fastserve.errors import WireError
+from wireframes import header, header_frames
 
 
 TIMING = {"rank": 0, "stage": 0, "recv": 1.0, "start": 1.5, "end": 2.0}
@@ -43,19 +44,74 @@ def test_non_contiguous_tensors_are_sent_in_their_logical_order():
     torch.testing.assert_close(decode(frames_of({"x": x})).tensors["x"], x)
 
 
+HEAD = {"v": VERSION, "kind": "data", "req": 0, "mb": 0, "meta": {}}
+
+
 @pytest.mark.parametrize("frames, message", [
-    ([b"\xc1"], "not valid msgpack"),
-    ([msgpack.packb([1, 2])], "not a map"),
-    ([msgpack.packb({"v": 2, "kind": "data"})], "unknown wire version 2"),
-    ([msgpack.packb({"v": 1, "kind": "sudo"})], "unknown message kind"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
-                     "tensors": [["x", "float32", [2]]]})], "truncated or padded"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
-                     "tensors": [["x", "float32", [4]]]}), b"x" * 8], "declares 16 bytes"),
-    ([msgpack.packb({"v": 1, "kind": "data", "req": 0, "mb": 0, "meta": {},
-                     "tensors": [["x", "complex64", [1]]]}), b"x" * 8], "unknown dtype"),
-    ([b"\x00" * ((1 << 20) + 1)], "exceeds"),
+    ([header(b"\xc1", msgpack.packb([0, 0, {}]))], "not valid msgpack"),
+    ([header(msgpack.packb({"v": VERSION}), msgpack.packb([0, 0, {}]))],
+     "must be \\[version, kind"),
+    ([b"\x10\0\0\0" + msgpack.packb([VERSION, "data", []])], "cannot hold its layout"),
+    ([b"\x01"], "cannot hold its layout"),
+    (header_frames({**HEAD, "v": 1, "tensors": []}), "unknown wire version 1"),
+    (header_frames({**HEAD, "kind": "sudo", "tensors": []}), "unknown message kind"),
+    (header_frames({**HEAD, "tensors": [["x", "float32", [2]]]}), "truncated or padded"),
+    (header_frames({**HEAD, "tensors": [["x", "float32", [4]]]}) + [b"x" * 8],
+     "declares 16 bytes"),
+    (header_frames({**HEAD, "tensors": [["x", "complex64", [1]]]}) + [b"x" * 8],
+     "unknown dtype"),
+    (header_frames({**HEAD, "tensors": [], "mb": -1}), "'req' and 'mb' must be ints"),
+    (header_frames({"v": VERSION, "kind": "data", "tensors": [], "req": 0, "mb": 0}),
+     "ids must be \\[req, mb, meta\\]"),
+    ([], "empty message"),
+    ([header(msgpack.packb([VERSION, "data", []]), b"\x00" * ((1 << 20) + 1))], "exceeds"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, message):
     with pytest.raises(WireError, match=message):
         decode(frames)
+
+
+def test_a_known_layout_still_gets_its_ids_meta_and_frames_checked():
+    good = frames_of({"x": torch.zeros(2, 3)})
+    decode(good)  # the layout is now known
+    layout = bytes(good[0].buffer)[4:4 + int.from_bytes(good[0].buffer[:4], "little")]
+    with pytest.raises(WireError) as info:
+        decode([header(layout, msgpack.packb([0, -1, {}])), good[1]])
+    assert info.value.reason == "id"
+    with pytest.raises(WireError) as info:
+        decode([header(layout, msgpack.packb([0, 0, {"timings": "soon"}])), good[1]])
+    assert info.value.reason == "meta"
+    with pytest.raises(WireError) as info:
+        decode([good[0], b"\0" * 20])
+    assert info.value.reason == "frames"
+    with pytest.raises(WireError) as info:
+        decode([good[0]])
+    assert info.value.reason == "frames"
+
+
+def test_a_refused_layout_is_refused_every_time():
+    bad = header_frames({**HEAD, "tensors": [["x", "float32", [2, -3]]]})
+    for _ in range(3):
+        with pytest.raises(WireError, match="bad shape"):
+            decode(bad)
+
+
+def test_the_layout_caches_stay_bounded():
+    from fastserve.engine import wire
+    for n in range(1, 3 * wire._LAYOUT_CACHE):
+        decode([bytes(memoryview(f)) for f in encode("data", tensors={"x": torch.zeros(n)})])
+    assert 0 < len(wire._received) <= wire._LAYOUT_CACHE
+    assert 0 < len(wire._sent) <= wire._LAYOUT_CACHE
+
+
+def test_the_sender_refuses_what_the_receiver_would():
+    with pytest.raises(WireError, match="1 to 256 characters"):
+        encode("data", tensors={"x" * 300: torch.zeros(1)})
+    with pytest.raises(WireError, match="'req' and 'mb'|request and micro"):
+        encode("data", request=-1)
+    with pytest.raises(WireError, match="wire does not carry"):
+        encode("data", tensors={"x": torch.zeros(1, dtype=torch.complex64)})
+    with pytest.raises(WireError, match="unknown message kind"):
+        encode("sudo")
+    with pytest.raises(WireError, match="meta"):
+        encode("control")  # a control message carries a command or an event
