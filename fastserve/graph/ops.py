@@ -175,14 +175,22 @@ class Reshape(nn.Module):
 
 
 class Split(nn.Module):
+    """One tensor into pieces along ``dim``: of the given ``sizes``, or exactly ``chunks``
+    pieces (sizes differing by at most one, as ``torch.tensor_split``; ``torch.chunk`` may give
+    fewer pieces than asked, and the graph has declared one output per chunk)."""
+
     def __init__(self, dim: int, sizes: list[int] | None = None, chunks: int | None = None) -> None:
         super().__init__()
+        if (sizes is None) == (chunks is None):
+            raise SpecError("split takes exactly one of 'sizes' and 'chunks'")
+        if chunks is not None and (type(chunks) is not int or chunks < 1):
+            raise SpecError(f"split 'chunks' must be a positive integer, got {chunks!r}")
         self.dim, self.sizes, self.chunks = dim, sizes, chunks
 
     def forward(self, x: torch.Tensor):
         if self.sizes is not None:
             return tuple(torch.split(x, list(self.sizes), dim=self.dim))
-        return tuple(torch.chunk(x, self.chunks, dim=self.dim))
+        return tuple(torch.tensor_split(x, self.chunks, dim=self.dim))
 
 
 def _activation(name: str) -> nn.Module:
