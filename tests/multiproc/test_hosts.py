@@ -30,7 +30,7 @@ from fastserve.errors import EngineError
 from fastserve.resources.inventory import load_inventory, parse_inventory
 from fastserve.resources.planner import Constraints, plan
 
-from conftest import rank_processes
+from conftest import outliving_the_test, rank_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
@@ -48,9 +48,10 @@ class AgentProcess:
 
     def start(self, port: int) -> None:
         self.cache = self.log.with_suffix(".cache")
-        self.proc, endpoint = spawn_agent(f"{self.address}:{port}", str(self.keys),
-                                          str(self.log), coordinator_timeout=3,
-                                          wrapper=self.wrapper, cache=str(self.cache))
+        with outliving_the_test():  # the module's cluster, even when a test restarts it
+            self.proc, endpoint = spawn_agent(f"{self.address}:{port}", str(self.keys),
+                                              str(self.log), coordinator_timeout=3,
+                                              wrapper=self.wrapper, cache=str(self.cache))
         self.port = int(endpoint.rsplit(":", 1)[1])
 
     def ranks(self) -> dict[int, str]:
