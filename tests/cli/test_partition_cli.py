@@ -55,8 +55,9 @@ def test_json_has_the_documented_fields(capsys):
     flops = [s["flops"] for s in doc["shards"]]
     assert math.isclose(doc["imbalance"], max(flops) / (sum(flops) / 4))
     assert sum(len(s["nodes"]) for s in doc["shards"]) == 16
-    code, out, _ = run(capsys, "partition", MLP, "--shards", "2", "--json")
-    assert json.loads(out)["valid"] is None
+    code, out, err = run(capsys, "partition", MLP, "--shards", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["valid"] is None  # not validated unless asked
 
 
 def test_layer_strategy_flags(capsys):
@@ -119,6 +120,26 @@ def test_bench_partition(capsys):
     assert {("chain300", "weight"), ("chain300", "layer"), ("chain300", "hybrid"),
             ("gpt3-175b", "weight")} <= strategies
     assert all(r["cold_seconds"] > 0 and r["warm_seconds"] > 0 for r in doc["rows"])
+    # the figures are those of the cuts the rows name, made here again on the same chain
+    from fastserve.graph import compile_graph
+    from fastserve.graph.loader import spec_from_dict
+    from fastserve.partition import partition
+    from fastserve.partition.synthetic import chain_spec
+
+    chain = compile_graph(spec_from_dict(chain_spec(300, seed=0)))
+    chain_row = next(g for g in doc["graphs"] if g["name"] == "chain300")
+    assert (chain_row["nodes"], chain_row["weight_bytes"]) == (300, chain.params_bytes)
+    for strategy, options, balanced, kwargs in [
+            ("weight", "by=params", "params", {"by": "params"}),
+            ("weight", "by=flops", "flops", {"by": "flops"}),
+            ("layer", "", "flops", {})]:
+        row = next(r for r in doc["rows"] if (r["graph"], r["strategy"], r["options"])
+                   == ("chain300", strategy, options))
+        cut = partition(chain, strategy, shards=8, **kwargs)
+        assert row["shards"] == len(cut) == 8
+        assert row["imbalance"] == cut.imbalance_by(balanced)
+        assert row["largest_memory_bytes"] == max(s.memory_bytes(1) for s in cut)
     gpt3 = next(g for g in doc["graphs"] if g["name"] == "gpt3-175b")
+    assert 174e9 * 4 < gpt3["weight_bytes"] < 176e9 * 4  # float32
     # no weights were allocated: the process stayed far below the model's weight bytes
     assert doc["peak_rss_bytes"] < gpt3["weight_bytes"] / 100

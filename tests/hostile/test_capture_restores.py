@@ -104,7 +104,6 @@ def test_capture_restores_after_a_failed_export():
 
 
 def test_eval_mode_bert_inside_a_training_wrapper_stays_in_eval_mode():
-    pytest.importorskip("transformers")
     from fastserve.graph.zoo import hf_bert
 
     class Classifier(nn.Module):

@@ -51,9 +51,7 @@ def test_gpt2_small_four_shards_every_strategy(gpt2, name):
 
 def _skip_dags():
     yield "synthetic", synthetic.dag(14, seed=5, skip=0.6)
-    unet = ROOT / "graphs/unet.yaml"
-    if unet.exists():
-        yield "unet", fs.load(str(unet))
+    yield "unet", fs.load(str(ROOT / "graphs/unet.yaml"))  # shipped: missing, the test fails
 
 
 @pytest.mark.parametrize("strategy", ["weight", "layer", "hybrid"])
@@ -96,10 +94,7 @@ def test_a_corrupted_gpt2_shard_fails_validation(gpt2):
 
 @pytest.fixture(scope="module")
 def captured():
-    pytest.importorskip("transformers")
     spec = ROOT / "graphs/gpt2-hf-tiny.yaml"
-    if not spec.exists():
-        pytest.skip("graphs/gpt2-hf-tiny.yaml is not there")
     torch.set_num_threads(1)
     return fs.load(str(spec), trust_code=True)  # its source: names the zoo's factory
 

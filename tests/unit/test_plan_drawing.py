@@ -5,16 +5,15 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import matplotlib  # the test extra installs it: missing, this file fails
 import pytest
 
 from fastserve.cli.app import run_cli
 from fastserve.errors import PlanError
 from fastserve.graph import compile_graph, load_spec
+from fastserve.resources.drawing import draw_plan
 from fastserve.resources.inventory import load_inventory
 from fastserve.resources.planner import Constraints, plan
-
-pytest.importorskip("matplotlib")
-from fastserve.resources.drawing import draw_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = load_inventory(ROOT / "runtime/hosts/cluster8.yaml")
@@ -26,6 +25,7 @@ def test_svg_names_the_graph_and_every_host_the_plan_uses(tmp_path):
     draw_plan(graph, chosen, tmp_path / "plan.svg", CLUSTER)
     text = (tmp_path / "plan.svg").read_text()
     ET.fromstring(text)  # well-formed
+    assert f"Matplotlib v{matplotlib.__version__}" in text  # drawn by matplotlib
     for word in {graph.name, *(r.host for r in chosen.ranks)}:
         assert word in text
 

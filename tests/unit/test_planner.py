@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -99,14 +100,58 @@ def test_heterogeneous_hosts_get_stages_sized_to_their_speed():
     assert (len(fast.nodes), len(slow.nodes)) == (8, 4)
 
 
-def test_memory_limits_are_never_exceeded():
-    graph = G.load(str(ROOT / "graphs/gpt2.yaml"))
-    inv = load_inventory(ROOT / "runtime/hosts/cluster8.yaml")
-    chosen = plan(graph, inv, constraints=Constraints(batch=64))
+# 16 linear nodes of 4096 x 4096: 64 MiB of weights each, 1 GiB in all
+BIG = [4096] * 17
+# a host holds half the model and one rank's runtime, but not the whole model, nor half of it
+# in two ranks: the model fits only as two stages on two hosts
+TIGHT = 1000 * 2**20
+
+
+def _host_memory_from_weights(graph, chosen) -> dict[str, int]:
+    """What each host must hold, from the graph rather than the plan's own estimate: the
+    parameter bytes of every stage placed there, plus one runtime per rank."""
+    node = graph.node
+    stage_weights = {s.stage: sum(node(n)["params_bytes"] + node(n)["borrowed_bytes"]
+                                  for n in s.nodes) for s in chosen.stage_plans}
+    used: dict[str, int] = {}
+    for r in chosen.ranks:
+        need = stage_weights[r.stage] + cm.RUNTIME_BASELINE
+        assert r.memory_bytes >= need  # the planner's estimate covers at least that
+        used[r.host] = used.get(r.host, 0) + need
+    return used
+
+
+def test_memory_limits_bind_per_host_not_per_rank():
+    graph = chain(BIG)
+    weights = sum(graph.node(n)["params_bytes"] for n in graph.order)
+    assert weights / 2 + cm.RUNTIME_BASELINE < TIGHT < weights / 2 + 2 * cm.RUNTIME_BASELINE
+    hosts = tuple(Host(f"h{i}", f"10.0.0.{i}", 2, TIGHT) for i in range(2))
+    inv = Inventory("tight", hosts)
+    # unconstrained, the planner would rather run 4 ranks (2 per host): every one of them fits
+    # alone, but a host cannot hold two
+    chosen = plan(graph, inv, constraints=Constraints(batch=32))
+    assert sorted(n for s in chosen.stage_plans for n in s.nodes) == sorted(graph.order)
+    used = _host_memory_from_weights(graph, chosen)
     for host in inv.hosts:
-        used = sum(r.memory_bytes for r in chosen.ranks if r.host == host.name)
-        assert used <= host.memory_bytes
+        assert used.get(host.name, 0) <= host.memory_bytes, host.name
+        assert sum(r.memory_bytes for r in chosen.ranks if r.host == host.name) \
+            <= host.memory_bytes
         assert sum(r.threads for r in chosen.ranks if r.host == host.name) <= host.cores
+    assert sorted(r.host for r in chosen.ranks) == ["h0", "h1"]  # spread, one rank a host
+
+
+def test_ranks_that_fit_alone_but_not_together_on_one_host_are_refused():
+    graph = chain(BIG)
+    weights = sum(graph.node(n)["params_bytes"] for n in graph.order)
+    # two stages of half the model each fit this host one at a time, not both at once
+    inv = Inventory("one", (Host("h", "10.0.0.1", 2, TIGHT),))
+    with pytest.raises(PlanError, match="no plan fits in memory") as info:
+        plan(graph, inv, constraints=Constraints(batch=8))
+    # the least missing is the single-rank layout's: the whole model and one runtime, less
+    # the host's memory (plus a sample's activations, under 1 MiB)
+    short = float(re.search(r"needs at least ([0-9.]+) MiB more", str(info.value)).group(1))
+    least = (weights + cm.RUNTIME_BASELINE - TIGHT) / 2**20
+    assert least - 0.05 <= short <= least + 1
 
 
 def test_model_larger_than_the_cluster_says_how_much_is_missing():
