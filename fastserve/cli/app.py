@@ -50,6 +50,9 @@ def _terminate_as_exception():
         return
 
     def raise_terminated(signum, frame):
+        # a second SIGTERM must not cut short the orderly stop that the first one starts (an
+        # authenticator thread left half-stopped hangs the interpreter's exit); SIGKILL remains
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)

@@ -184,3 +184,24 @@ def _health(dep) -> dict[int, dict]:
             if meta.get("cmd") == "health":
                 replies[meta["rank"]] = meta
     return replies
+
+
+def test_a_second_sigterm_does_not_cut_the_stop_short():
+    """The first SIGTERM raises Terminated; one that arrives while the stop runs is ignored
+    (an agent whose authenticator thread was half stopped hung at exit), and the handler the
+    CLI replaced is back afterwards."""
+    from fastserve.cli.app import Terminated, _terminate_as_exception
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = False
+    with pytest.raises(Terminated):
+        with _terminate_as_exception():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the signal interrupts this
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one, during the clean-up
+                time.sleep(0.2)
+                stopped = True
+    assert stopped
+    assert signal.getsignal(signal.SIGTERM) is before
