@@ -78,8 +78,10 @@ def hosts_group() -> None:
               help="Also write INVENTORY with what was measured (each agent host's cores, "
               "memory and FLOP/s; the slowest link as the default link) to this file, for "
               "'fastserve plan/run --hosts'.")
+@click.option("--wait", type=click.FloatRange(0), default=0, show_default=True,
+              help="Seconds to wait for an agent that does not answer yet (one just started).")
 @click.option("--json", "as_json", is_flag=True)
-def hosts_check_cmd(inventory, keys_dir, write_path, as_json) -> None:
+def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
     """Connect to every agent of INVENTORY and print its resources and the measured latency
     (median round trip of 4 KiB) and bandwidth (16 MiB each way) of the link to it.
 
@@ -108,7 +110,8 @@ def hosts_check_cmd(inventory, keys_dir, write_path, as_json) -> None:
                 continue
             client = AgentClient(ctx, h.name, h.agent, keys)
             try:
-                info, _ = client.request("resources")
+                # a request waits for the agent's socket to come up, so waiting is a timeout
+                info, _ = client.request("resources", timeout=max(client.timeout, wait))
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
                              "cores": info["cores"], "memory_bytes": info["memory_bytes"],
                              "flops_per_core": info["flops"], **measure_link(client)})
