@@ -1,5 +1,5 @@
-"""The wire format: a small layout frame, an ids frame, and one raw frame per tensor, without
-copies.
+"""The wire format: a header frame (a layout both ends cache, then ids and meta) and one raw
+frame per tensor, without copies.
 
 A message is a list of ZeroMQ frames::
 

@@ -64,6 +64,9 @@ HEAD = {"v": VERSION, "kind": "data", "req": 0, "mb": 0, "meta": {}}
     (header_frames({"v": VERSION, "kind": "data", "tensors": [], "req": 0, "mb": 0}),
      "ids must be \\[req, mb, meta\\]"),
     ([], "empty message"),
+    # 2**31 float32 elements: under the element bound, over the 4 GiB frame bound
+    (header_frames({**HEAD, "tensors": [["x", "float32", [1 << 31]]]}) + [b""],
+     "declares 8589934592 bytes; at most 4294967296"),
     ([header(msgpack.packb([VERSION, "data", []]), b"\x00" * ((1 << 20) + 1))], "exceeds"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, message):
