@@ -4,6 +4,7 @@ message, its peer accepts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgpack
@@ -22,7 +23,10 @@ from fastserve.graph.module import build_subgraph
 from wireframes import header, header_frames
 
 ROOT = Path(__file__).resolve().parents[2]
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+# under mutation testing (mutmut sets MUTANT_UNDER_TEST) each of thousands of mutants runs
+# these: fewer examples there, the full 400 in the test suite
+FUZZ = settings(max_examples=50 if os.environ.get("MUTANT_UNDER_TEST") else 400, deadline=None,
+                suppress_health_check=list(HealthCheck))
 
 # any value msgpack can carry, nested a little
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1),
