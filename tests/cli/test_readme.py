@@ -1,7 +1,8 @@
 """Every command the README shows runs as written, in a scratch directory that sees the repo's
-graphs/ and runtime/. The blocks run in order, each command after the ones above it (the tour
-exports out/gpt2, then runs it). The set-up lines run their FastServe part with this venv (the
-install itself is what CI does). Benchmarks take minutes each: they run with -m slow."""
+graphs/ and runtime/. A command that reads what an earlier one writes runs after it (the tour
+exports out/gpt2, then runs it); the others run two at a time. The set-up lines run their
+FastServe part with this venv (the install itself is what CI does). Benchmarks take minutes
+each: they run with -m slow."""
 
 from __future__ import annotations
 
