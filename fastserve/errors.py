@@ -135,6 +135,8 @@ class WireError(EngineError):
 class RankError(EngineError):
     """An exception inside a rank, reported back with the rank, stage and node that raised it."""
 
+    item = None  # the coordinator's work item that failed, when the error names one
+
     def __init__(self, message: str, *, rank: int | None = None, stage: int | None = None,
                  node: str | None = None) -> None:
         self.rank = rank
@@ -160,3 +162,20 @@ class RankDeadError(EngineError):
         super().__init__(message)
 
 
+
+
+class ServiceConfigError(FileError):
+    """A service config file (``fastserve serve --config``) is malformed."""
+
+    exit_code = 2
+
+
+class ServiceError(FastServeError):
+    """The service cannot answer: overloaded, past a deadline, stopping, or not reachable.
+    ``status`` is the HTTP status the front answers with."""
+
+    exit_code = 10
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        self.status = status
+        super().__init__(message)

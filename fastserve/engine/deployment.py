@@ -323,8 +323,9 @@ class Deployment:
             return None
         return msg
 
-    def stop(self) -> None:
-        """Ask every rank to stop, then make sure each process is gone."""
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Ask every rank to stop, then make sure each process is gone: a rank still there
+        after ``grace_s`` seconds is killed."""
         if getattr(self, "_stopped", False):
             return
         self._stopped = True
@@ -338,7 +339,7 @@ class Deployment:
                                            flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-        self._placement.stop(self.ranks)
+        self._placement.stop(self.ranks, grace_s)
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.close()
@@ -441,59 +442,33 @@ class Deployment:
         """Send ``items`` and yield each with its result as results arrive. An item is taken
         from the iterable only when its replica has fewer than ``max_in_flight`` in flight and
         ``room()`` holds: bounded queues, back-pressure up to the caller."""
-        # an unguessable id: a result is taken only for the request and micro-batch in flight
-        request = secrets.randbits(62)
+        flow = self.flow()
         source = iter(items)
         upcoming = next(source, None)
-        in_flight = [0] * self.plan.replicas
-        sent: dict[int, tuple[WorkItem, int, float]] = {}  # key -> item, replica, sent at
         t0 = time.perf_counter()
-        last_progress = time.monotonic()
         try:
-            while upcoming is not None or sent:
+            while upcoming is not None or flow.pending:
                 while upcoming is not None and room():
-                    item = upcoming
-                    replica = item.replica if item.replica is not None else \
-                        min(range(self.plan.replicas), key=lambda i: in_flight[i])
-                    if in_flight[replica] >= self.max_in_flight:
+                    if flow.send(upcoming) is None:
                         break
-                    sent[item.key] = (item, replica, time.time())
-                    self._send(replica, encode("data", request=request, micro=item.key,
-                                               tensors=item.tensors))
-                    in_flight[replica] += 1
                     upcoming = next(source, None)
-                if not sent:  # room() only closes while results wait for an earlier one
+                if not flow.pending:  # room() only closes while results wait for an earlier one
                     raise EngineError("internal error: no work in flight and no room to send")
-                if not self._results_socket_ready(last_progress):
-                    if time.monotonic() - last_progress > self.timeout:
-                        self.control("health")  # names a rank that stopped answering
-                        raise EngineError(f"no result for {self.timeout:.0f} s although every "
-                                          f"rank answers health checks; raise --timeout for "
-                                          f"slow runs")
-                    continue
-                try:
-                    msg = decode(self._results.recv_multipart(copy=False))
-                except WireError as e:
-                    self.dropped[e.reason] += 1
-                    continue
-                if msg.request != request or msg.micro not in sent or \
-                        msg.kind not in ("data", "error"):
-                    # a straggler of an earlier, failed or abandoned run
-                    self.dropped["unrequested"] += 1
-                    continue
-                last_progress = time.monotonic()
-                if msg.kind == "error":
-                    err = msg.meta.get("error", {})
-                    raise RankError(err.get("message", "unknown error"), rank=err.get("rank"),
-                                    stage=err.get("stage"), node=err.get("node"))
-                item, replica, at = sent.pop(msg.micro)
-                in_flight[replica] -= 1
-                self.stats.add_timings(msg.meta.get("timings", []), at)
-                self.stats.samples += item.samples
-                # the tensors live on the received ZeroMQ frames, which they keep alive
-                yield item, msg.tensors
+                if flow.stalled():
+                    self.control("health")  # names a rank that stopped answering
+                    raise EngineError(f"no result for {self.timeout:.0f} s although every "
+                                      f"rank answers health checks; raise --timeout for "
+                                      f"slow runs")
+                done = flow.receive()
+                if done is not None:
+                    yield done
         finally:
             self.stats.seconds += time.perf_counter() - t0
+
+    def flow(self, stats: RunStats | None = None) -> Flow:
+        """A new :class:`Flow` of work on this deployment: for callers that send and receive
+        on their own schedule (the service) rather than through :meth:`serve`."""
+        return Flow(self, stats)
 
     def _send(self, replica: int, frames: list) -> None:
         """Send to a replica's first stage without blocking past ``timeout``: its queue is full
@@ -513,15 +488,82 @@ class Deployment:
             if not sock.poll(100, zmq.POLLOUT):
                 self._check_alive()
 
-    def _results_socket_ready(self, last_progress: float) -> bool:
-        """Wait up to 100 ms for a result; in between, notice a rank that died. Messages that
-        keep arriving without progress (junk, strays) postpone neither check: once a tenth of
-        a second has passed without a result of ours, every wake-up checks the ranks, and past
-        the timeout the socket counts as quiet."""
-        ready = self._results.poll(100)
-        if not ready or time.monotonic() - last_progress > 0.1:
-            self._check_alive()
-        return bool(ready) and time.monotonic() - last_progress <= self.timeout
+
+class Flow:
+    """Work in flight on a deployment, sent and received one item at a time.
+
+    Every result is matched to this flow's unguessable request id and to a micro-batch key
+    still in flight, so a straggler of an earlier, failed or abandoned flow is dropped (counted
+    as "unrequested"), never taken for an answer. Not thread-safe: one thread owns a flow, as it
+    owns the deployment's sockets."""
+
+    def __init__(self, dep: Deployment, stats: RunStats | None = None) -> None:
+        """``stats`` receives each result's timings and samples (default: the deployment's
+        :class:`RunStats`, which keeps every timing: a long-running caller passes its own)."""
+        self.dep = dep
+        self.stats = stats if stats is not None else dep.stats
+        self.request = secrets.randbits(62)
+        self.in_flight = [0] * dep.plan.replicas
+        self.sent: dict[int, tuple[WorkItem, int, float]] = {}  # key -> item, replica, sent at
+        self.last_progress = time.monotonic()
+
+    @property
+    def pending(self) -> int:
+        """Items sent whose result has not come back."""
+        return len(self.sent)
+
+    def send(self, item: WorkItem) -> int | None:
+        """Send ``item`` to its replica (None: the least loaded); the replica it went to, or
+        None when that replica already has ``max_in_flight`` items in flight."""
+        replica = item.replica if item.replica is not None else \
+            min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        if self.in_flight[replica] >= self.dep.max_in_flight:
+            return None
+        if not self.sent:  # the clock for "no progress" starts with the first item in flight
+            self.last_progress = time.monotonic()
+        self.sent[item.key] = (item, replica, time.time())
+        self.dep._send(replica, encode("data", request=self.request, micro=item.key,
+                                       tensors=item.tensors))
+        self.in_flight[replica] += 1
+        return replica
+
+    def stalled(self) -> bool:
+        """Work is in flight and no result has come for the deployment's ``timeout``."""
+        return bool(self.sent) and time.monotonic() - self.last_progress > self.dep.timeout
+
+    def receive(self, wait_ms: int = 100) -> tuple[WorkItem, dict[str, torch.Tensor]] | None:
+        """The next result of this flow, waiting up to ``wait_ms``; None if none came. A rank
+        that died raises :class:`RankDeadError`, a rank that raised :class:`RankError`."""
+        dep = self.dep
+        ready = dep._results.poll(wait_ms)
+        # junk that keeps arriving must not postpone the liveness check: once a tenth of a
+        # second has passed without a result of ours, every wake-up checks the ranks
+        if not ready or time.monotonic() - self.last_progress > 0.1:
+            dep._check_alive()
+        if not ready:
+            return None
+        try:
+            msg = decode(dep._results.recv_multipart(copy=False))
+        except WireError as e:
+            dep.dropped[e.reason] += 1
+            return None
+        if msg.request != self.request or msg.micro not in self.sent or \
+                msg.kind not in ("data", "error"):
+            dep.dropped["unrequested"] += 1
+            return None
+        self.last_progress = time.monotonic()
+        item, replica, at = self.sent.pop(msg.micro)
+        self.in_flight[replica] -= 1
+        if msg.kind == "error":
+            err = msg.meta.get("error", {})
+            error = RankError(err.get("message", "unknown error"), rank=err.get("rank"),
+                              stage=err.get("stage"), node=err.get("node"))
+            error.item = item  # the work that failed; the rest of the flow goes on
+            raise error
+        self.stats.add_timings(msg.meta.get("timings", []), at)
+        self.stats.samples += item.samples
+        # the tensors live on the received ZeroMQ frames, which they keep alive
+        return item, msg.tensors
 
 
 def load_graph(spec: str, dims: Mapping[str, int] | None = None, trust_code: bool = False

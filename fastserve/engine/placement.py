@@ -111,10 +111,11 @@ class Placement:
         if self.heartbeat is not None:
             self.heartbeat.stop()
 
-    def stop(self, ranks: list[Rank | None]) -> None:
-        """Make sure every rank is gone, on every host (they were asked to stop first)."""
+    def stop(self, ranks: list[Rank | None], grace_s: float = 3.0) -> None:
+        """Make sure every rank is gone, on every host (they were asked to stop first); a
+        local rank still running after ``grace_s`` seconds is killed."""
         self.quiet()
-        stop_processes([r for r in ranks if isinstance(r, RankProcess)])
+        stop_processes([r for r in ranks if isinstance(r, RankProcess)], grace_s)
         for link in self.links.values():
             link.stop()
         if self.ray is not None:

@@ -1,0 +1,220 @@
+"""``fastserve serve``, ``status`` and ``stop``: a deployment kept serving behind HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import replace
+
+import click
+
+from fastserve.cli.app import bench, cli
+from fastserve.cli.graph import trust_option
+from fastserve.cli.render import table
+from fastserve.errors import ServiceError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+@cli.command("serve")
+@click.argument("spec", required=False, type=click.Path(exists=True))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Service config YAML (see fastserve.service.config); the options below "
+              "override its settings.")
+@click.option("--listen", help="HOST:PORT to serve HTTP on [default: 127.0.0.1:8000]; port 0 "
+              "lets the kernel pick one.")
+@click.option("--replicas", type=click.IntRange(1), help="Replicas (the static policy's count, "
+              "or the dynamic and hybrid policies' minimum).")
+@click.option("--max-replicas", type=click.IntRange(1), help="The most replicas a dynamic or "
+              "hybrid policy may run.")
+@click.option("--policy", type=click.Choice(["static", "dynamic", "hybrid"]),
+              help="How replicas follow the load [default: static].")
+@click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
+@click.option("--threads", type=click.IntRange(1), help="Torch threads per rank [default: 1].")
+@click.option("--max-batch", type=click.IntRange(1), help="Samples per batch that concurrent "
+              "requests are merged into [default: 8].")
+@click.option("--max-wait-ms", type=click.FloatRange(0), help="How long a request waits for "
+              "others to join its batch while its replica is busy [default: 2].")
+@click.option("--max-queue", type=click.IntRange(1), help="Requests admitted and waiting; "
+              "beyond it, 503 with Retry-After [default: 256].")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="The management token (scale, drain, stop); created (mode 0600) if it does "
+              "not exist. Without it the management routes are off.")
+@trust_option
+def serve_cmd(spec, config_path, listen, replicas, max_replicas, policy, stages, threads,
+              max_batch, max_wait_ms, max_queue, token_file, trust_code) -> None:
+    """Deploy SPEC and serve it over HTTP until stopped.
+
+    \b
+    Routes: POST /v1/infer, GET /healthz /readyz /v1/status /metrics, and with a token
+    POST /v1/scale /v1/drain /v1/stop.
+
+    \b
+    Examples:
+      fastserve serve graphs/mlp.yaml --replicas 2 --token-file svc.token
+      curl -s localhost:8000/v1/infer -d '{"inputs": {"x": [[0.1, ...]]}}'
+      fastserve serve --config runtime/services/mlp.yaml
+      fastserve status; fastserve stop --token-file svc.token
+    """
+    from fastserve.service import ServiceConfig, load_config
+    from fastserve.service.config import parse_listen
+    from fastserve.service.http import serve_http
+    from fastserve.service.service import Service
+    from fastserve.service.token import read_token
+
+    if config_path:
+        cfg = load_config(config_path)
+        if spec:
+            cfg = replace(cfg, spec=spec)
+    elif spec:
+        cfg = ServiceConfig(spec=spec)
+    else:
+        raise click.UsageError("give a SPEC to serve, or --config FILE")
+    overrides = {"listen": listen, "stages": stages, "threads": threads,
+                 "token_file": token_file}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None},
+                  trust_code=cfg.trust_code or trust_code)
+    rep = {"min": replicas, "max": max_replicas, "policy": policy}
+    rep = {k: v for k, v in rep.items() if v is not None}
+    if rep:
+        merged = replace(cfg.replicas, **rep)
+        if merged.max < merged.min:
+            merged = replace(merged, max=merged.min) if "max" not in rep else merged
+        cfg = replace(cfg, replicas=merged)
+    batch = {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
+    cfg = replace(cfg, batching=replace(cfg.batching, **{k: v for k, v in batch.items()
+                                                          if v is not None}))
+    if max_queue is not None:
+        cfg = replace(cfg, limits=replace(cfg.limits, max_queue=max_queue))
+    host, port = parse_listen(cfg.listen)
+    token = read_token(cfg.token_file, create=True) if cfg.token_file else None
+
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    service = Service(cfg, progress=say)
+    r = cfg.replicas
+    say(f"serving graph '{service.graph.name}': {service.plan.stages} stage(s) per replica, "
+        f"{r.policy} policy ({r.min}" + (f"..{r.max}" if r.policy != "static" else "")
+        + " replicas)")
+    service.start()
+    try:
+        serve_http(service, host, port, token, ready=lambda url: say(
+            f"ready at {url} (management {'needs the token in ' + cfg.token_file if token else 'is off: no --token-file'})"))
+    finally:
+        service.stop(drain=True, timeout=10)
+    say(f"stopped; requests: {dict(service.outcomes)}")
+
+
+def _call(url: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+    """One JSON call to a running service; its error, or no answer, as a ServiceError."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url.rstrip("/") + path, data=data,
+                                 method="POST" if data is not None else "GET")
+    req.add_header("content-type", "application/json")
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read(1 << 24))
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read(1 << 16)).get("error", e.reason)
+        except ValueError:
+            reason = e.reason
+        raise ServiceError(f"{url}{path}: {e.code} {reason}", e.code) from None
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        raise ServiceError(f"no service answers at {url} ({why})") from None
+    except ValueError:
+        raise ServiceError(f"{url}{path} did not answer JSON: is that a FastServe "
+                           f"service?") from None
+
+
+@cli.command("status")
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="The service.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0), default=0,
+              help="Wait up to this many seconds for the service to answer and be ready.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_cmd(url, wait_s, as_json) -> None:
+    """Show a running service: readiness, replicas and their ranks, queue, requests."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            st = _call(url, "/v1/status")
+            if st.get("ready") or time.monotonic() >= deadline:
+                break
+        except ServiceError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"graph {st['graph']}: {'ready' if st['ready'] else 'NOT READY'}, "
+               f"{st['plan']['stages']} stage(s) per replica, {st['policy']} policy, "
+               f"queue {st['queue']}, restarts {st['restarts']}")
+    click.echo(f"requests: {', '.join(f'{k} {v}' for k, v in sorted(st['requests'].items())) or 'none'}")
+    click.echo(table(["replica", "state", "held", "restarts", "ranks"],
+                     [[r["index"], r["state"], r["held"], r["restarts"],
+                       ", ".join(str(k["rank"]) for k in r["ranks"])]
+                      for r in st["replicas"]]))
+
+
+@cli.command("stop")
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="The service.")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False),
+              help="The token file the service was started with.")
+def stop_cmd(url, token_file) -> None:
+    """Stop a running service gracefully: it admits nothing more, answers what it admitted,
+    then stops its ranks and exits."""
+    from fastserve.service.token import read_token
+
+    done = _call(url, "/v1/stop", read_token(token_file), body={})
+    click.echo(f"stopped; requests: {done.get('requests')}")
+
+
+@bench.command("serve")
+@click.argument("spec", type=click.Path(exists=True), default="graphs/mlp.yaml")
+@click.option("--clients", type=click.IntRange(1), default=32, show_default=True,
+              help="Concurrent clients of the closed loop.")
+@click.option("--requests", type=click.IntRange(3), default=300, show_default=True,
+              help="Requests one at a time, through the engine alone and over HTTP each.")
+@click.option("--seconds", type=click.FloatRange(1), default=20, show_default=True,
+              help="Time for the closed and the open loop together.")
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
+              help="The service's dynamic batching bound.")
+@click.option("--json", "as_json", is_flag=True)
+@trust_option
+def bench_serve_cmd(spec, clients, requests, seconds, max_batch, as_json, trust_code) -> None:
+    """The service against the engine alone: the HTTP front's overhead one request at a time,
+    and closed- and open-loop load (batch-1 requests, every answer checked).
+
+    \b
+    Examples:
+      fastserve bench serve graphs/mlp.yaml                     # the front's overhead
+      fastserve bench serve graphs/gpt2.yaml --clients 32       # what dynamic batching gains
+    """
+    from fastserve.bench.serve import bench_serve
+
+    out = bench_serve(spec, clients, requests, seconds, max_batch, trust_code,
+                      progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    one = out["one_at_a_time"]
+    click.echo(table(["one request at a time", "n", "p50 ms", "p99 ms"],
+                     [[k, one[k]["n"], f"{one[k]['p50_ms']:.3f}", f"{one[k]['p99_ms']:.3f}"]
+                      for k in ("engine", "http")], "lrrr"))
+    click.echo(f"HTTP front overhead: {one['overhead_p50_ms']:+.3f} ms at p50, "
+               f"{one['overhead_p99_ms']:+.3f} ms at p99")
+    c, o = out["closed_loop"], out["open_loop"]
+    click.echo(f"closed loop, {c['clients']} clients: {c['requests_per_s']:.1f} requests/s "
+               f"= {c['speedup_over_one_client']:.2f}x one client's "
+               f"{c['one_client_requests_per_s']:.1f}/s; p50 {c['p50_ms']:.1f} ms, p99 "
+               f"{c['p99_ms']:.1f} ms, {c['failed']} failed")
+    click.echo(f"open loop, Poisson {o['rate_per_s']:.1f}/s: {o['sent']} sent, p50 "
+               f"{o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms, {o['failed']} failed")

@@ -1,0 +1,199 @@
+"""The service config: what ``fastserve serve`` deploys and how it keeps it serving.
+
+A YAML file (read with the safe loader; every error names the file, the line and the key)::
+
+    spec: graphs/mlp.yaml       # a graph spec or a partition export directory
+    trust_code: false           # the spec may name Python code (module:, source:)
+    stages: 1                   # a pipeline of this many stages per replica
+    threads: 1                  # torch threads per rank
+    replicas:
+      policy: static            # static | dynamic | hybrid (fastserve.resources.policies)
+      min: 1                    # static: the replicas; hybrid: the floor
+      max: 2                    # dynamic and hybrid: the most replicas
+      interval_s: 1.0           # how often the policy looks at the load
+      cooldown: 3               # policy steps after a change before scaling up again
+      patience: 5               # policy steps of low load before scaling down
+    batching:
+      max_batch: 8              # samples per batch sent to a replica
+      max_wait_ms: 2            # how long the first request of a batch waits for others
+    limits:
+      max_queue: 256            # requests admitted and waiting; beyond: 503 + Retry-After
+      deadline_s: 30            # a request not answered by then gets 504
+      hang_s: 3                 # a rank silent to health checks this long is restarted
+      restart_budget: 5         # restarts in a row without a success before a replica gives up
+      attempts: 3               # runs of a request whose replica failed, before a 503
+      max_body_bytes: 67108864  # the largest request body the HTTP front reads
+    listen: 127.0.0.1:8000
+    token_file: service.token   # management routes (scale, drain, stop) need this token
+
+Relative paths are relative to the config file. The same fields are the keyword arguments of
+:class:`ServiceConfig`, so a config can be built in Python too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastserve.errors import ServiceConfigError
+from fastserve.yamlio import describe, line_of, read_text, read_yaml
+
+POLICIES = ("static", "dynamic", "hybrid")
+
+
+@dataclass(frozen=True)
+class Replicas:
+    policy: str = "static"
+    min: int = 1
+    max: int = 1
+    interval_s: float = 1.0
+    cooldown: int = 3
+    patience: int = 5
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_queue: int = 256
+    deadline_s: float = 30.0
+    hang_s: float = 3.0
+    restart_budget: int = 5
+    attempts: int = 3
+    max_body_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    spec: str
+    trust_code: bool = False
+    stages: int = 1
+    threads: int = 1
+    transport: str = "ipc"
+    replicas: Replicas = field(default_factory=Replicas)
+    batching: Batching = field(default_factory=Batching)
+    limits: Limits = field(default_factory=Limits)
+    listen: str = "127.0.0.1:8000"
+    token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+# (type, lowest allowed value) of every number; a bool is not accepted where a number is
+_NUMBERS: dict[str, tuple[type, float]] = {
+    "stages": (int, 1), "threads": (int, 1),
+    "min": (int, 0), "max": (int, 1), "interval_s": (float, 0.05), "cooldown": (int, 0),
+    "patience": (int, 1), "max_batch": (int, 1), "max_wait_ms": (float, 0.0),
+    "max_queue": (int, 1), "deadline_s": (float, 0.01), "hang_s": (float, 0.5),
+    "restart_budget": (int, 0), "attempts": (int, 1), "max_body_bytes": (int, 1024),
+}
+_SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits}
+
+
+def check_config(cfg: ServiceConfig) -> None:
+    """Refuse values no service can run with, naming the key (``section.key``)."""
+
+    def fail(message: str, key: str) -> None:
+        raise ServiceConfigError(message, key=key)
+
+    values: list[tuple[str | None, str, Any]] = [(None, f.name, getattr(cfg, f.name))
+                                                 for f in fields(cfg)]
+    for name in _SECTIONS:
+        part = getattr(cfg, name)
+        values += [(name, f.name, getattr(part, f.name)) for f in fields(part)]
+    for section, key, value in values:
+        full = f"{section}.{key}" if section else key
+        if key in _NUMBERS:
+            kind, low = _NUMBERS[key]
+            ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok:
+                fail(f"expected {'an integer' if kind is int else 'a number'}, got "
+                     f"{describe(value)}", full)
+            if value != value or value < low or value > 1e12:  # NaN compares false
+                fail(f"must be between {low} and 1e12, got {value}", full)
+    if not isinstance(cfg.spec, str) or not cfg.spec:
+        fail(f"expected the path of a graph spec or export, got {describe(cfg.spec)}", "spec")
+    if not isinstance(cfg.trust_code, bool):
+        fail(f"expected true or false, got {describe(cfg.trust_code)}", "trust_code")
+    if cfg.transport not in ("ipc", "tcp"):
+        fail(f"expected ipc or tcp, got {describe(cfg.transport)}", "transport")
+    r = cfg.replicas
+    if r.policy not in POLICIES:
+        fail(f"expected one of {', '.join(POLICIES)}, got {describe(r.policy)}",
+             "replicas.policy")
+    if r.policy == "static" and r.min < 1:
+        fail("a static service needs at least one replica", "replicas.min")
+    if r.policy != "static" and r.max < max(r.min, 1):
+        fail(f"max ({r.max}) is below min ({r.min})", "replicas.max")
+    parse_listen(cfg.listen, lambda m: fail(m, "listen"))
+    if cfg.token_file is not None and (not isinstance(cfg.token_file, str) or not cfg.token_file):
+        fail(f"expected the path of a token file, got {describe(cfg.token_file)}", "token_file")
+
+
+def parse_listen(text: Any, fail=None) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ``fail(message)`` (or ServiceConfigError) otherwise."""
+    def refuse(message: str):
+        if fail is not None:
+            fail(message)
+        raise ServiceConfigError(message, key="listen")
+
+    if not isinstance(text, str) or ":" not in text:
+        refuse(f"expected HOST:PORT (127.0.0.1:8000), got {describe(text)}")
+    host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        refuse(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_config(path: str | os.PathLike) -> ServiceConfig:
+    """Read and check a service config file."""
+    file = str(path)
+    doc = read_yaml(read_text(file, "service config", ServiceConfigError), file,
+                    ServiceConfigError)
+    if not isinstance(doc, dict):
+        raise ServiceConfigError(f"expected a mapping of settings, got {describe(doc)}",
+                                 file=file, line=line_of(doc))
+    known = {f.name for f in fields(ServiceConfig)}
+    args: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in known:
+            raise ServiceConfigError(f"unknown setting (known: {', '.join(sorted(known))})",
+                                     file=file, line=line_of(doc, key), key=str(key))
+        if key in _SECTIONS:
+            args[key] = _section(key, value, file, doc)
+        else:
+            args[key] = value
+    if "spec" not in args:
+        raise ServiceConfigError("no 'spec': name the graph spec or export to serve",
+                                 file=file, line=line_of(doc), key="spec")
+    base = Path(file).parent
+    for key in ("spec", "token_file"):
+        if isinstance(args.get(key), str) and args[key] and not os.path.isabs(args[key]):
+            args[key] = str(base / args[key])
+    try:
+        return ServiceConfig(**args)
+    except ServiceConfigError as e:  # the same error, with the file and the key's line
+        section, _, leaf = (e.key or "").rpartition(".")
+        holder = doc.get(section) if section else doc
+        raise ServiceConfigError(e.reason, file=file, line=line_of(holder, leaf),
+                                 key=e.key) from None
+
+
+def _section(name: str, value: Any, file: str, doc: Any) -> Any:
+    kind = _SECTIONS[name]
+    if not isinstance(value, dict):
+        raise ServiceConfigError(f"expected a mapping, got {describe(value)}", file=file,
+                                 line=line_of(doc, name), key=name)
+    known = {f.name for f in fields(kind)}
+    for key in value:
+        if key not in known:
+            raise ServiceConfigError(f"unknown setting (known: {', '.join(sorted(known))})",
+                                     file=file, line=line_of(value, key), key=f"{name}.{key}")
+    return kind(**value)

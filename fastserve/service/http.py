@@ -1,0 +1,306 @@
+"""The HTTP front of a service, on starlette (routes) and uvicorn (the server).
+
+=====================  ==================================================================
+``POST /v1/infer``      ``{"inputs": {"x": [[...]]}}`` as JSON, or as msgpack with each
+                        tensor ``{"dtype", "shape", "data": <raw bytes>}`` (large tensors);
+                        the answer ``{"outputs": {...}}`` comes in the request's format
+``GET /healthz``        the process is alive
+``GET /readyz``         200 when a replica is ready and the service admits work, else 503
+``GET /v1/status``      plan, replicas, ranks, queue, requests, restarts (JSON)
+``GET /metrics``        Prometheus text
+``POST /v1/scale``      ``{"replicas": N}``  (token)
+``POST /v1/drain``      admit nothing more, answer what was admitted   (token)
+``POST /v1/stop``       drain, then stop the server and the ranks        (token)
+=====================  ==================================================================
+
+Every body is bounded (``limits.max_body_bytes``) and every field checked before use: a
+malformed request gets a 4xx naming what is wrong, never a 500, and nothing is unpickled.
+Management routes need ``Authorization: Bearer TOKEN``; without a token file they are off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+from typing import Any, Callable
+
+import msgpack
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from fastserve.errors import InputsError, ServiceError
+from fastserve.graph.dtypes import torch_dtype
+from fastserve.service.service import Service
+
+MSGPACK = "application/msgpack"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+MAX_DIMS = 8
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(f"the body is larger than {limit} bytes (limits.max_body_bytes)", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the body is larger than {limit} bytes (limits.max_body_bytes)",
+                             413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _inputs_json(doc: Any, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    inputs = _inputs_map(doc)
+    out = {}
+    for name, value in inputs.items():
+        dtype = _dtype_of(name, dtypes)
+        if not isinstance(value, list):
+            raise BadRequest(f"input '{name}': expected a nested list of numbers, got "
+                             f"{type(value).__name__}")
+        try:
+            t = torch.tensor(value, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise BadRequest(f"input '{name}': not a rectangular list of numbers "
+                             f"({str(e).splitlines()[0][:200]})") from None
+        wrong = _non_integer if not dtype.is_floating_point else _non_number
+        if any(wrong(v) for v in _flat(value)):
+            raise BadRequest(f"input '{name}' is {str(dtype).removeprefix('torch.')}: its "
+                             f"values must be {'numbers' if dtype.is_floating_point else 'integers'}"
+                             f" (not booleans)")
+        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise BadRequest(f"input '{name}' holds a value that is infinite as "
+                             f"{str(dtype).removeprefix('torch.')}")
+        out[name] = t
+    return out
+
+
+def _flat(value: Any):
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        else:
+            yield v
+
+
+def _non_integer(v: Any) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int)
+
+
+def _non_number(v: Any) -> bool:
+    return isinstance(v, bool) or not isinstance(v, (int, float))
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _inputs_msgpack(doc: Any, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    inputs = _inputs_map(doc)
+    out = {}
+    for name, value in inputs.items():
+        dtype = _dtype_of(name, dtypes)
+        if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+            raise BadRequest(f"input '{name}': expected a map with exactly dtype, shape and "
+                             f"data")
+        want = str(dtype).removeprefix("torch.")
+        if value["dtype"] != want:
+            raise BadRequest(f"input '{name}': dtype {str(value['dtype'])[:40]!r}, the graph "
+                             f"takes {want}")
+        shape = value["shape"]
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31
+                for d in shape):
+            raise BadRequest(f"input '{name}': shape must be a list of at most {MAX_DIMS} "
+                             f"sizes from 0 to 2^31")
+        data = value["data"]
+        size = dtype.itemsize * math.prod(shape)
+        if not isinstance(data, bytes) or len(data) != size:
+            raise BadRequest(f"input '{name}': data must be {size} raw bytes for shape "
+                             f"{shape}, got {len(data) if isinstance(data, bytes) else 'no bytes'}")
+        t = torch.frombuffer(bytearray(data), dtype=dtype) if size else \
+            torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(shape)
+    return out
+
+
+def _inputs_map(doc: Any) -> dict:
+    if not isinstance(doc, dict) or set(doc) != {"inputs"} or not isinstance(doc["inputs"], dict):
+        raise BadRequest('expected {"inputs": {name: tensor, ...}}')
+    if not all(isinstance(k, str) for k in doc["inputs"]):
+        raise BadRequest("input names must be strings")
+    return doc["inputs"]
+
+
+def _dtype_of(name: str, dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    if name not in dtypes:
+        raise BadRequest(f"'{name[:80]}' is not an input of this graph (its inputs: "
+                         f"{', '.join(dtypes)})")
+    return dtypes[name]
+
+
+def _pack(outputs: dict[str, torch.Tensor]) -> bytes:
+    return msgpack.packb({"outputs": {
+        k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""}
+        for k, t in outputs.items()}})
+
+
+def make_app(service: Service, token: str | None = None,
+             on_stop: Callable[[], None] = lambda: None) -> Starlette:
+    """The ASGI app over ``service``. ``on_stop`` is called after ``POST /v1/stop`` has
+    drained the service (the server uses it to exit)."""
+    dtypes = {i.name: torch_dtype(i.dtype) for i in service.graph.spec.inputs}
+    limit = service.config.limits.max_body_bytes
+    wait_s = service.config.limits.deadline_s + 5.0
+
+    async def infer(request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            body = await _body(request, limit)
+            if kind == MSGPACK:
+                try:
+                    # the body is already bounded by max_body_bytes
+                    doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
+                except (ValueError, TypeError, msgpack.UnpackException) as e:
+                    raise BadRequest(f"the body is not msgpack: {type(e).__name__}") from None
+                inputs = _inputs_msgpack(doc, dtypes)
+            elif kind in ("application/json", ""):
+                try:
+                    doc = json.loads(body, parse_constant=_refuse_constant)
+                except (ValueError, RecursionError) as e:
+                    raise BadRequest(f"the body is not JSON: {str(e)[:200]}") from None
+                inputs = _inputs_json(doc, dtypes)
+            else:
+                raise BadRequest(f"content type {kind[:80]!r}: send application/json or "
+                                 f"{MSGPACK}", 415)
+            future = service.submit(inputs)
+        except BadRequest as e:
+            service.outcomes["invalid"] += 1
+            service.metrics.requests.labels("invalid").inc()
+            return _error(str(e), e.status)
+        except InputsError as e:
+            return _error(e.reason if not e.key else f"input '{e.key}': {e.reason}", 400)
+        except ServiceError as e:
+            return _error(str(e), e.status)
+        try:
+            outputs = await asyncio.wait_for(asyncio.wrap_future(future), wait_s)
+        except ServiceError as e:
+            return _error(str(e), e.status)
+        except asyncio.TimeoutError:
+            return _error("no answer within the deadline", 504)
+        if kind == MSGPACK or MSGPACK in request.headers.get("accept", ""):
+            return Response(_pack(outputs), media_type=MSGPACK)
+        if not all(bool(torch.isfinite(v).all()) for v in outputs.values()
+                   if v.dtype.is_floating_point):
+            return _error(f"the outputs hold NaN or infinity, which JSON cannot carry: ask "
+                          f"for them as {MSGPACK} (an Accept header)", 500)
+        return JSONResponse({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+
+    def authorized(request: Request) -> Response | None:
+        if token is None:
+            return _error("management is off: start the service with a token file "
+                          "(--token-file)", 403)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error("a valid 'Authorization: Bearer TOKEN' header is required", 401)
+        return None
+
+    async def scale(request: Request) -> Response:
+        if (refused := authorized(request)) is not None:
+            return refused
+        try:
+            doc = json.loads(await _body(request, 4096))
+        except (ValueError, BadRequest):
+            return _error('expected {"replicas": N}', 400)
+        n = doc.get("replicas") if isinstance(doc, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool):
+            return _error('expected {"replicas": N} with an integer N', 400)
+        try:
+            await asyncio.to_thread(service.scale, n, "manual")
+        except ServiceError as e:
+            return _error(str(e), e.status)
+        return JSONResponse({"replicas": n})
+
+    async def drain(request: Request) -> Response:
+        if (refused := authorized(request)) is not None:
+            return refused
+        await asyncio.to_thread(service.stop, True)
+        return JSONResponse({"drained": True, "requests": dict(service.outcomes)})
+
+    async def stop(request: Request) -> Response:
+        if (refused := authorized(request)) is not None:
+            return refused
+        await asyncio.to_thread(service.stop, True)
+        on_stop()
+        return JSONResponse({"stopped": True, "requests": dict(service.outcomes)})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"alive": True})
+
+    async def readyz(request: Request) -> Response:
+        ready = service.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(service.status())
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(service.metrics.render(), media_type=PROMETHEUS)
+
+    return Starlette(routes=[
+        Route("/v1/infer", infer, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/scale", scale, methods=["POST"]),
+        Route("/v1/drain", drain, methods=["POST"]),
+        Route("/v1/stop", stop, methods=["POST"]),
+    ])
+
+
+def serve_http(service: Service, host: str, port: int, token: str | None,
+               ready: Callable[[str], None] = lambda url: None) -> None:
+    """Serve ``service`` over HTTP until ``POST /v1/stop`` or a signal."""
+    import uvicorn
+
+    server: uvicorn.Server | None = None
+
+    def exit_server() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = make_app(service, token, on_stop=exit_server)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    original = server.startup
+
+    async def startup(sockets=None) -> None:
+        await original(sockets)
+        bound = server.servers[0].sockets[0].getsockname() if server.servers else (host, port)
+        ready(f"http://{host}:{bound[1]}")
+
+    server.startup = startup
+    server.run()

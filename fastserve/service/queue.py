@@ -1,0 +1,155 @@
+"""Admission and dynamic batching: the queue between the HTTP front and the replicas.
+
+A request is admitted only while fewer than ``max_queue`` wait (beyond that the caller gets an
+immediate :class:`ServiceError` 503, so admitted requests keep their latency). Replicas take
+work from the one shared queue when they have room, so routing is least-loaded by construction.
+:meth:`RequestQueue.take` hands out the oldest request together with younger ones of the same
+shape, up to ``max_batch`` samples, as soon as that batch is full or its oldest request has
+waited ``max_wait``; requests of other shapes form their own batches.
+
+Every request is answered exactly once: :meth:`Request.answer` and :meth:`Request.fail` set its
+future only if nothing has, and a request whose replica failed is put back at the front.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from fastserve.errors import ServiceError
+
+
+@dataclass(eq=False)
+class Request:
+    """One caller's inputs, the future its answer goes to, and its bookkeeping."""
+
+    inputs: dict[str, torch.Tensor]
+    samples: int
+    shape: tuple  # requests with equal shapes can share a batch
+    deadline: float  # time.monotonic() after which it is answered 504
+    accepted: float = field(default_factory=time.monotonic)
+    attempts: int = 0  # runs that failed because a replica failed
+    taken: float | None = None  # when a replica last took it
+    future: Future = field(default_factory=Future)
+
+    def answer(self, outputs: Mapping[str, torch.Tensor]) -> bool:
+        """Deliver the outputs; False if the request already had its answer."""
+        try:
+            self.future.set_result(dict(outputs))
+            return True
+        except InvalidStateError:
+            return False
+
+    def fail(self, error: BaseException) -> bool:
+        try:
+            self.future.set_exception(error)
+            return True
+        except InvalidStateError:
+            return False
+
+
+def shape_key(inputs: Mapping[str, torch.Tensor], batched: set[str]) -> tuple:
+    """What must be equal for requests to be concatenated: every input's name and dtype, the
+    dims after the batch dim of batched inputs, and the whole of the others."""
+    return tuple((name, str(t.dtype), tuple(t.shape[1:] if name in batched else t.shape))
+                 for name, t in sorted(inputs.items()))
+
+
+class RequestQueue:
+    """Bounded FIFO of admitted requests, taken in batches of one shape."""
+
+    def __init__(self, max_queue: int, max_batch: int, max_wait_s: float,
+                 mergeable: bool = True) -> None:
+        """``mergeable`` False: every batch is one request (the graph has inputs that are
+        not batched, which concatenation would change)."""
+        self.max_queue, self.max_batch, self.max_wait_s = max_queue, max_batch, max_wait_s
+        self.mergeable = mergeable
+        self._items: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._closed: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, request: Request) -> None:
+        """Admit ``request`` or refuse it at once (503): the queue is full or closed."""
+        with self._cond:
+            if self._closed is not None:
+                raise ServiceError(self._closed, 503)
+            if len(self._items) >= self.max_queue:
+                raise ServiceError(f"overloaded: {len(self._items)} requests already wait "
+                                   f"(limits.max_queue); retry shortly", 503)
+            self._items.append(request)
+            self._cond.notify()
+
+    def requeue(self, requests: list[Request]) -> None:
+        """Put back the requests a failed replica held, first in line, in their order. They
+        were admitted once, so the bound does not apply again."""
+        with self._cond:
+            self._items.extendleft(reversed(requests))
+            self._cond.notify_all()
+
+    def close(self, reason: str) -> None:
+        """Admit nothing more (``put`` raises 503 with ``reason``); queued work stays."""
+        with self._cond:
+            self._closed = reason
+            self._cond.notify_all()
+
+    def take(self, timeout: float, eager: bool = False) -> list[Request]:
+        """The next batch, waiting up to ``timeout`` seconds for one to be ready; [] if none
+        is. ``eager``: whatever is queued is ready (the caller is idle, so waiting for more
+        would only add latency). Requests past their deadline are answered 504 on the way."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                now = time.monotonic()
+                if self._items:
+                    batch, full = self._gather()
+                    ready_at = self._items[0].accepted + self.max_wait_s
+                    if full or eager or now >= ready_at or self._closed is not None:
+                        for r in batch:
+                            self._items.remove(r)
+                        return batch
+                    wake = min(end, ready_at)
+                else:
+                    wake = end
+                if now >= end:
+                    return []
+                self._cond.wait(max(0.0, wake - now))
+
+    def _gather(self) -> tuple[list[Request], bool]:
+        """The oldest request and the next ones of its shape that fit; and whether the batch
+        is full (no more can join it)."""
+        first = self._items[0]
+        batch, samples = [first], first.samples
+        if not self.mergeable:
+            return batch, True
+        for r in list(self._items)[1:]:
+            if r.shape != first.shape:
+                continue
+            if samples + r.samples > self.max_batch:
+                return batch, True
+            batch.append(r)
+            samples += r.samples
+        return batch, samples >= self.max_batch
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self._items and min(r.deadline for r in self._items) <= now:
+            for r in [r for r in self._items if r.deadline <= now]:
+                self._items.remove(r)
+                r.fail(ServiceError("deadline passed before a replica could take the request "
+                                    "(limits.deadline_s)", 504))
+
+    def drain(self, error: ServiceError) -> None:
+        """Answer everything still queued with ``error`` (the service is stopping)."""
+        with self._cond:
+            while self._items:
+                self._items.popleft().fail(error)

@@ -1,0 +1,277 @@
+"""A service: a model deployed as replicas that are kept serving.
+
+    with Service(ServiceConfig(spec="graphs/mlp.yaml", replicas=Replicas(min=2))) as svc:
+        outputs = svc.infer({"x": torch.randn(1, 64)})     # from any thread
+        future = svc.submit({"x": torch.randn(4, 64)})      # concurrent.futures.Future
+
+The graph is planned once for one replica (its stages, cut and threads); every replica is a
+:class:`Replica` thread running that plan on its own ranks, all fed from one bounded
+:class:`RequestQueue`. An allocation policy (:mod:`fastserve.resources.policies`) looks at the
+load every ``replicas.interval_s`` and the service starts replicas or drains them to follow it.
+The HTTP front (:mod:`fastserve.service.http`) is a thin layer over this object.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from typing import Callable, Mapping
+
+import torch
+
+from fastserve.engine.deployment import Deployment, load_graph
+from fastserve.errors import InputsError, ServiceError
+from fastserve.graph.inputs import check_inputs
+from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.planner import Constraints, plan
+from fastserve.resources.policies import Dynamic, Hybrid, Observation, Policy, State, Static
+from fastserve.service.config import ServiceConfig
+from fastserve.service.metrics import Metrics
+from fastserve.service.queue import Request, RequestQueue, shape_key
+from fastserve.service.replica import Replica
+
+Progress = Callable[[str], None]
+
+
+def make_policy(cfg: ServiceConfig) -> Policy:
+    r = cfg.replicas
+    if r.policy == "static":
+        return Static(r.min)
+    if r.policy == "dynamic":
+        return Dynamic(max(1, r.min), r.max, cooldown=r.cooldown, patience=r.patience)
+    return Hybrid(max(1, r.min), r.max, cooldown=r.cooldown, patience=r.patience)
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, *, inventory: Inventory | None = None,
+                 keys=None, progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress or (lambda _msg: None)
+        self.graph, cut, self.export_dir = load_graph(config.spec, None, config.trust_code)
+        self.inventory = inventory
+        self.keys = keys
+        b = config.batching
+        self.plan = plan(self.graph, inventory or local_inventory(), constraints=Constraints(
+            replicas=1, stages=len(cut) if cut else config.stages, threads=config.threads,
+            cut=cut, batch=b.max_batch, micro_batches=1, transport=config.transport))
+        self.batched = [i.name for i in self.graph.spec.inputs
+                        if i.shape and i.shape[0] == "batch"]
+        mergeable = len(self.batched) == len(self.graph.spec.inputs)
+        self.queue = RequestQueue(config.limits.max_queue, b.max_batch, b.max_wait_ms / 1000,
+                                  mergeable)
+        self.replicas: list[Replica] = []
+        self.policy = make_policy(config)
+        self.policy_state: State | None = None
+        self.outcomes: Counter = Counter()
+        self.events: list[dict] = []  # the last scale and restart events, for status
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._arrived = 0  # samples admitted, for the policy's demand
+        self._next_index = 0
+        self.metrics = Metrics(lambda: len(self.queue), lambda: len(self.ready_replicas()),
+                               self._stage_seconds)
+        self.started_at = time.time()
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self, wait_s: float = 120.0) -> Service:
+        """Start the policy's first replicas and wait until at least one is ready."""
+        self.policy_state = self.policy.start()
+        self.scale(self.policy_state.replicas, reason="start")
+        deadline = time.monotonic() + wait_s
+        while not self.ready_replicas():
+            if all(r.state == "failed" for r in self.replicas):
+                errors = "; ".join(sorted({r.last_error or "?" for r in self.replicas}))
+                self.stop(drain=False)
+                raise ServiceError(f"no replica could start: {errors}", 503)
+            if time.monotonic() > deadline:
+                self.stop(drain=False)
+                raise ServiceError(f"no replica was ready within {wait_s:.0f} s", 503)
+            time.sleep(0.05)
+        if self.config.replicas.policy != "static":
+            threading.Thread(target=self._autoscale, name="autoscale", daemon=True).start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop admitting; with ``drain``, answer what was admitted first (up to ``timeout``
+        seconds); then stop every replica. Whatever is left gets a 503."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.queue.close("the service is stopping")
+        if drain:
+            deadline = time.monotonic() + timeout
+            while (len(self.queue) or any(r.held for r in self.replicas)) and \
+                    any(r.state in ("ready", "restarting", "starting") for r in self.replicas) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for r in self.replicas:
+            r.stop()
+        for r in self.replicas:
+            r.join(timeout=30)
+        self.queue.drain(ServiceError("the service stopped before a replica took the request",
+                                      503))
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(drain=exc[0] is None)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def submit(self, inputs: Mapping[str, torch.Tensor]) -> Future:
+        """Admit one request; its future gets the outputs or a :class:`ServiceError`.
+        Raises :class:`InputsError` (inputs that do not fit the graph) or ServiceError 503
+        (overloaded, stopping) at once."""
+        inputs = dict(inputs)
+        try:
+            check_inputs(self.graph, inputs)
+        except InputsError:
+            self.outcomes["invalid"] += 1
+            self.metrics.requests.labels("invalid").inc()
+            raise
+        samples = next((inputs[n].shape[0] for n in self.batched), 1)
+        request = Request(inputs, samples, shape_key(inputs, set(self.batched)),
+                          time.monotonic() + self.config.limits.deadline_s)
+        try:
+            self.queue.put(request)
+        except ServiceError:
+            self.outcomes["overloaded"] += 1
+            self.metrics.requests.labels("overloaded").inc()
+            raise
+        with self._lock:
+            self._arrived += samples
+        request.future.add_done_callback(lambda f, r=request: self._finished(r, f))
+        return request.future
+
+    def infer(self, inputs: Mapping[str, torch.Tensor], timeout: float | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Submit and wait for the outputs."""
+        return self.submit(inputs).result(timeout)
+
+    def _finished(self, request: Request, future: Future) -> None:
+        error = future.exception()
+        if error is None:
+            outcome = "ok"
+            self.metrics.latency.observe(time.monotonic() - request.accepted)
+            if request.taken is not None:
+                self.metrics.queue_seconds.observe(request.taken - request.accepted)
+        else:
+            outcome = "timeout" if getattr(error, "status", 0) == 504 else "error"
+        self.outcomes[outcome] += 1
+        self.metrics.requests.labels(outcome).inc()
+
+    # --- replicas ------------------------------------------------------------------------------
+
+    def _deploy(self) -> Deployment:
+        dep = Deployment(self.graph, self.plan, trust_code=self.config.trust_code,
+                         export_dir=self.export_dir, inventory=self.inventory, keys=self.keys,
+                         timeout=self.config.limits.deadline_s, retain_memory=False)
+        return dep.start()
+
+    def _event(self, kind: str, info: dict) -> None:
+        if kind == "batch":
+            self.metrics.batch_samples.observe(info["samples"])
+            return
+        if kind == "restart":
+            self.metrics.restarts.inc()
+        with self._lock:
+            self.events = [*self.events[-49:], {"at": time.time(), "event": kind, **info}]
+        if kind == "scale":
+            self.progress(f"scaling from {info['from']} to {info['to']} replica(s) "
+                          f"({info['reason']})")
+        else:
+            self.progress(f"replica {info['replica']}: {kind}"
+                          + (f" ({info['error']})" if "error" in info else ""))
+
+    def running_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in ("starting", "ready", "restarting")]
+
+    def ready_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.ready]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.ready_replicas()) and not self._stopping.is_set()
+
+    def scale(self, replicas: int, reason: str = "manual") -> int:
+        """Run ``replicas`` replicas: start new ones, or drain the newest (a drained replica
+        answers what it holds before its ranks stop). Returns the number asked for."""
+        limit = max(self.config.replicas.max, self.config.replicas.min)
+        if not 1 <= replicas <= limit:
+            raise ServiceError(f"replicas must be between 1 and {limit} "
+                               f"(replicas.max), not {replicas}", 400)
+        with self._lock:
+            self.replicas = [r for r in self.replicas if r.is_alive() or r.state == "failed"]
+            running = self.running_replicas()
+            for r in running[replicas:]:
+                r.drain()
+            for _ in range(replicas - len(running)):
+                lim = self.config.limits
+                rep = Replica(self._next_index, self._deploy, self.queue, self.batched,
+                              hang_s=lim.hang_s, restart_budget=lim.restart_budget,
+                              attempts=lim.attempts, on_event=self._event)
+                self._next_index += 1
+                self.replicas.append(rep)
+                rep.start()
+        if len(running) != replicas:
+            self._event("scale", {"replica": "all", "from": len(running), "to": replicas,
+                                  "reason": reason})
+        return replicas
+
+    def _autoscale(self) -> None:
+        """Every interval: the load as demand in replicas, one policy step, scale to it."""
+        interval = self.config.replicas.interval_s
+        while not self._stopping.wait(interval):
+            with self._lock:
+                arrived, self._arrived = self._arrived, 0
+            running = self.running_replicas()
+            # one replica's throughput, from the samples it ran and the time it had work
+            samples = sum(r.stats.samples for r in self.replicas)
+            busy = sum(r.busy_s for r in self.replicas)
+            rate = samples / busy if busy > 0 else None
+            demand = (arrived / interval) / rate if rate else float(bool(len(self.queue)))
+            if len(self.queue) > self.config.batching.max_batch * max(1, len(running)):
+                demand = max(demand, len(running) + 1)  # a backlog grows: more than we have
+            state = self.policy.step(self.policy_state, Observation(
+                demand, self.config.replicas.max))
+            self.policy_state = state
+            if state.replicas != len(running) and not self._stopping.is_set():
+                self.scale(state.replicas, reason=f"{self.config.replicas.policy} policy, "
+                                                  f"demand {demand:.2f} replicas")
+
+    def _stage_seconds(self) -> dict[tuple[int, str], float]:
+        out: Counter = Counter()
+        for r in self.replicas:
+            with r.stats.lock:
+                for stage, s in r.stats.compute.items():
+                    out[(stage, "compute")] += s
+                for stage, s in r.stats.transfer.items():
+                    out[(stage, "transfer")] += s
+        return dict(out)
+
+    def status(self) -> dict:
+        """Plan, replicas and their ranks, load and restarts, as JSON values."""
+        with self._lock:
+            events = list(self.events)
+        return {
+            "ready": self.ready,
+            "graph": self.graph.name,
+            "plan": {"hash": self.plan.hash(self.graph), "stages": self.plan.stages,
+                     "threads": [r.threads for r in self.plan.ranks],
+                     "hosts": [r.host for r in self.plan.ranks]},
+            "policy": self.config.replicas.policy,
+            "replicas": [{"index": r.index, "state": r.state, "held": r.held,
+                          "restarts": r.restarts, "last_error": r.last_error,
+                          "ranks": [{"rank": k.config.rank, "name": k.name}
+                                    for k in (r.dep.ranks if r.dep else []) if k is not None]}
+                         for r in self.replicas],
+            "queue": len(self.queue),
+            "requests": dict(self.outcomes),
+            "restarts": sum(r.restarts for r in self.replicas),
+            "uptime_s": time.time() - self.started_at,
+            "events": events[-10:],
+        }

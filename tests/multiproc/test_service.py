@@ -1,0 +1,215 @@
+"""The service on real rank processes: every accepted request answered exactly once and equal
+to the single-process reference, through a killed rank, a stopped (hung) rank, overload and
+live scaling; and ``fastserve serve``/``status``/``stop`` as a user runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from fastserve.errors import ServiceError
+from fastserve.graph import compile_graph, load_spec, random_inputs, reference
+from fastserve.service import Batching, Limits, Replicas, Service, ServiceConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP = str(ROOT / "graphs" / "mlp.yaml")
+pytestmark = pytest.mark.timeout(120)
+
+
+def rank_pids(svc: Service) -> list[int]:
+    return [k.process.pid for r in svc.replicas if r.dep for k in r.dep.ranks if k is not None]
+
+
+class Load:
+    """``clients`` threads sending single-sample requests until stopped; every answer is
+    checked against the reference row of the sample it sent."""
+
+    def __init__(self, svc: Service, clients: int, samples: int = 16) -> None:
+        self.svc = svc
+        self.inputs = random_inputs(svc.graph, samples, seed=3)
+        self.expected = reference(svc.graph, self.inputs)
+        self.sent = self.answered = 0
+        self.refused: list[ServiceError] = []
+        self.failed: list[BaseException] = []
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(c,)) for c in range(clients)]
+
+    def _client(self, c: int) -> None:
+        i = c
+        while not self._halt.is_set():
+            row = i % len(next(iter(self.inputs.values())))
+            i += 1
+            try:
+                future = self.svc.submit({k: v[row:row + 1] for k, v in self.inputs.items()})
+            except ServiceError as e:
+                with self._lock:
+                    self.refused.append(e)
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                self.sent += 1
+            try:
+                out = future.result(timeout=30)
+            except BaseException as e:  # noqa: BLE001 - every failure is reported by the test
+                with self._lock:
+                    self.failed.append(e)
+                continue
+            for k, v in self.expected.items():
+                torch.testing.assert_close(out[k], v[row:row + 1])
+            with self._lock:
+                self.answered += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._halt.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in self.threads), "a client hangs"
+
+
+def wait_for(condition, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_a_killed_rank_under_load_loses_no_request_and_the_service_is_ready_again():
+    cfg = ServiceConfig(spec=MLP, replicas=Replicas(min=1), batching=Batching(max_batch=4))
+    with Service(cfg) as svc:
+        with Load(svc, clients=6) as load:
+            wait_for(lambda: load.answered > 50, 20, "answers before the kill")
+            victim = rank_pids(svc)[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: svc.replicas[0].restarts >= 1, 5, "the restart")
+            wait_for(lambda: svc.ready, 30, "ready again after the restart")
+            before = load.answered
+            wait_for(lambda: load.answered > before + 50, 20, "answers after the restart")
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent  # every accepted request, exactly one answer
+        assert victim not in rank_pids(svc)
+        assert svc.status()["restarts"] == 1
+        assert svc.outcomes["ok"] == load.answered
+
+
+def test_a_stopped_rank_is_detected_and_no_request_hangs():
+    cfg = ServiceConfig(spec=MLP, limits=Limits(hang_s=2.0, deadline_s=20))
+    with Service(cfg) as svc:
+        with Load(svc, clients=3) as load:
+            wait_for(lambda: load.answered > 20, 20, "answers before the stop")
+            victim = rank_pids(svc)[0]
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                took = wait_for(lambda: svc.replicas[0].restarts >= 1, 6, "detecting the hang")
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # killed by the restart: gone
+                    os.kill(victim, signal.SIGCONT)  # otherwise leave nothing stopped
+            wait_for(lambda: svc.ready, 30, "ready again")
+            before = load.answered
+            wait_for(lambda: load.answered > before + 20, 20, "answers after the restart")
+        assert took <= 2.0 + 1.5, f"a hung rank was noticed after {took:.1f} s"
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent
+
+
+def test_overload_is_refused_at_once_and_admitted_requests_are_answered():
+    cfg = ServiceConfig(spec=MLP, limits=Limits(max_queue=4))
+    with Service(cfg) as svc:
+        x = random_inputs(svc.graph, 64, seed=5)
+        expected = reference(svc.graph, x)
+        futures, refused = {}, []
+        for i in range(64):  # far faster than one replica answers
+            t0 = time.perf_counter()
+            try:
+                futures[i] = svc.submit({k: v[i:i + 1] for k, v in x.items()})
+            except ServiceError as e:
+                refused.append((e.status, time.perf_counter() - t0))
+        assert refused, "64 requests at once into a queue of 4 were all admitted"
+        assert all(status == 503 for status, _ in refused)
+        assert max(s for _, s in refused) < 0.05  # refused at once, not after a wait
+        for i, f in futures.items():
+            for k, v in expected.items():
+                torch.testing.assert_close(f.result(timeout=30)[k], v[i:i + 1])
+        assert svc.outcomes["overloaded"] == len(refused)
+        assert svc.outcomes["ok"] == len(futures)
+
+
+def test_a_load_step_scales_up_and_back_down_without_flapping_or_losing_a_request():
+    cfg = ServiceConfig(spec=MLP, replicas=Replicas(
+        policy="dynamic", min=1, max=2, interval_s=0.25, cooldown=1, patience=4),
+        batching=Batching(max_batch=1), limits=Limits(max_queue=1024))
+    with Service(cfg) as svc:
+        assert len(svc.running_replicas()) == 1
+        with Load(svc, clients=8) as load:
+            wait_for(lambda: len(svc.ready_replicas()) == 2, 30, "scaling up under load")
+            time.sleep(1.0)
+        wait_for(lambda: len(svc.running_replicas()) == 1, 15, "scaling down when idle")
+        scales = [e for e in svc.status()["events"] if e["event"] == "scale"]
+        assert [(e["from"], e["to"]) for e in scales] == [(0, 1), (1, 2), (2, 1)]
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent > 0
+        wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 10,
+                 "the drained replica's thread ends")
+
+
+def test_serve_status_and_stop_from_the_command_line(tmp_path):
+    token = tmp_path / "svc.token"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastserve", "serve", MLP, "--listen", "127.0.0.1:0",
+         "--token-file", str(token), "--replicas", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        url = None
+        lines = []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"ready at (http://\S+)", line)
+            url = found and found.group(1)
+        assert url, "".join(lines)
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+        graph_inputs = random_inputs(compile_graph(load_spec(MLP)), 2)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/readyz").status_code == 200
+            r = client.post("/v1/infer", json={"inputs": {"x": graph_inputs["x"].tolist()}})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["outputs"]["head"]) == 2
+            assert client.post("/v1/stop").status_code == 401
+        st = subprocess.run([sys.executable, "-m", "fastserve", "status", "--url", url],
+                            capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0, st.stderr
+        assert "ready" in st.stdout and "ok 1" in st.stdout
+        stop = subprocess.run([sys.executable, "-m", "fastserve", "stop", "--url", url,
+                               "--token-file", str(token)], capture_output=True, text=True,
+                              timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert proc.wait(timeout=30) == 0
+        gone = subprocess.run([sys.executable, "-m", "fastserve", "status", "--url", url],
+                              capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 10 and "no service answers" in gone.stderr
+        assert "Traceback" not in gone.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

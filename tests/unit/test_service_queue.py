@@ -1,0 +1,319 @@
+"""The service's queue without any process: admission bound, close, batching by shape in FIFO
+order, max_wait and eager, requeue, deadlines, exactly-once answers, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from fastserve.errors import ServiceError
+from fastserve.service.queue import Request, RequestQueue, shape_key
+
+BATCHED = {"x"}
+LONG_S = 60.0  # a max_wait or deadline no test waits for: a batch returned came for another reason
+
+
+def req(samples: int = 1, width: int = 4, dtype=torch.float32, deadline_s: float = LONG_S,
+        fill: float = 0.0) -> Request:
+    inputs = {"x": torch.full((samples, width), fill, dtype=dtype)}
+    return Request(inputs, samples, shape_key(inputs, BATCHED), time.monotonic() + deadline_s)
+
+
+def queue(max_queue: int = 8, max_batch: int = 4, max_wait_s: float = LONG_S,
+          mergeable: bool = True) -> RequestQueue:
+    return RequestQueue(max_queue, max_batch, max_wait_s, mergeable)
+
+
+def status_of(request: Request) -> int:
+    error = request.future.exception(timeout=0)
+    assert isinstance(error, ServiceError), error
+    return error.status
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+def test_the_request_past_max_queue_is_refused_503_and_nothing_admitted_is_lost():
+    q = queue(max_queue=3)
+    admitted = [req(fill=i) for i in range(3)]
+    for r in admitted:
+        q.put(r)
+    late = req(fill=9)
+    with pytest.raises(ServiceError) as e:
+        q.put(late)
+    assert e.value.status == 503 and "max_queue" in str(e.value)
+    assert len(q) == 3 and not late.future.done()
+    taken = []
+    while len(q):
+        taken += q.take(0.0, eager=True)
+    assert taken == admitted  # every admitted one, in order, none answered on the way
+    assert not any(r.future.done() for r in admitted)
+    q.put(late)  # room again once taken
+    assert len(q) == 1
+
+
+def test_close_refuses_new_requests_with_the_reason_but_keeps_queued_work():
+    q = queue()
+    queued = [req(), req()]
+    for r in queued:
+        q.put(r)
+    q.close("the service is stopping")
+    with pytest.raises(ServiceError) as e:
+        q.put(req())
+    assert e.value.status == 503 and "the service is stopping" in str(e.value)
+    assert len(q) == 2
+    # closed: what is queued is ready at once, without waiting max_wait for a fuller batch
+    assert q.take(0.2) == queued
+    assert not any(r.future.done() for r in queued)
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+def test_take_merges_requests_of_one_shape_in_fifo_order_and_leaves_the_others():
+    q = queue(max_queue=16, max_batch=4)
+    a1, b1, a2, c1, a3, b2 = (req(width=4), req(width=5), req(width=4),
+                              req(width=4, dtype=torch.float64), req(width=4), req(width=5))
+    for r in (a1, b1, a2, c1, a3, b2):
+        q.put(r)
+    assert a1.shape != b1.shape and a1.shape != c1.shape and a1.shape == a2.shape
+    assert q.take(0.0, eager=True) == [a1, a2, a3]
+    assert q.take(0.0, eager=True) == [b1, b2]
+    assert q.take(0.0, eager=True) == [c1]
+    assert len(q) == 0 and q.take(0.0, eager=True) == []
+
+
+def test_take_stops_at_max_batch_samples_and_the_rest_forms_the_next_batch():
+    q = queue(max_queue=16, max_batch=4)
+    rs = [req(samples=s) for s in (2, 1, 2, 1, 3)]
+    for r in rs:
+        q.put(r)
+    assert q.take(0.0, eager=True) == rs[:2]  # 2 + 1 fit; the next 2 would make 5
+    assert q.take(0.0, eager=True) == rs[2:4]  # 2 + 1; 3 more would make 6
+    assert q.take(0.0, eager=True) == rs[4:]
+    assert len(q) == 0
+
+
+def test_a_full_batch_is_exactly_max_batch_samples():
+    q = queue(max_queue=16, max_batch=4)
+    rs = [req(samples=1) for _ in range(6)]
+    for r in rs:
+        q.put(r)
+    batch = q.take(0.2)  # full: returned although max_wait is a minute
+    assert batch == rs[:4] and sum(r.samples for r in batch) == 4
+    assert len(q) == 2
+
+
+def test_a_request_bigger_than_max_batch_goes_alone():
+    q = queue(max_batch=4)
+    big, small = req(samples=7), req(samples=1)
+    q.put(big)
+    q.put(small)
+    assert q.take(0.2) == [big]  # full by itself: no waiting, and nothing joins it
+    assert q.take(0.0, eager=True) == [small]
+
+
+def test_a_younger_request_of_another_shape_does_not_join_or_block_the_oldest():
+    q = queue(max_batch=2)
+    a1, b1, a2 = req(width=4), req(width=8), req(width=4)
+    for r in (a1, b1, a2):
+        q.put(r)
+    assert q.take(0.2) == [a1, a2]  # full with b1 skipped
+    assert q.take(0.0, eager=True) == [b1]
+
+
+def test_unmergeable_requests_go_one_per_batch_at_once():
+    q = queue(max_batch=8, mergeable=False)
+    rs = [req() for _ in range(3)]
+    for r in rs:
+        q.put(r)
+    for r in rs:
+        assert q.take(0.2) == [r]  # each batch is full by itself: no max_wait
+    assert len(q) == 0
+
+
+# --- waiting -----------------------------------------------------------------------------------
+
+def test_take_waits_max_wait_for_a_batch_that_is_not_full():
+    q = queue(max_batch=4, max_wait_s=0.1)
+    r = req()
+    q.put(r)
+    batch = q.take(0.2 + 5.0)  # generous: it must come at max_wait, not at the timeout
+    done = time.monotonic()
+    assert batch == [r]
+    assert done - r.accepted >= 0.1  # not before its oldest request waited max_wait
+    assert done - r.accepted < 5.0
+
+
+def test_take_returns_nothing_when_the_timeout_ends_before_max_wait():
+    q = queue(max_batch=4, max_wait_s=LONG_S)
+    r = req()
+    q.put(r)
+    assert q.take(0.05) == []
+    assert len(q) == 1 and not r.future.done()
+
+
+def test_eager_take_returns_a_partial_batch_at_once():
+    q = queue(max_batch=4, max_wait_s=LONG_S)
+    rs = [req(), req()]
+    for r in rs:
+        q.put(r)
+    assert q.take(0.2, eager=True) == rs
+
+
+def test_take_on_an_empty_queue_waits_for_the_timeout_and_returns_nothing():
+    q = queue()
+    start = time.monotonic()
+    assert q.take(0.05) == [] and q.take(0.05, eager=True) == []
+    assert time.monotonic() - start >= 0.1
+
+
+def test_take_wakes_when_another_thread_fills_the_batch():
+    q = queue(max_batch=2, max_wait_s=LONG_S)
+    first, second = req(), req()
+    q.put(first)
+    timer = threading.Timer(0.02, q.put, args=(second,))
+    timer.start()
+    try:
+        assert q.take(0.2) == [first, second]  # before the timeout: the batch became full
+    finally:
+        timer.join()
+
+
+def test_take_wakes_for_a_request_put_while_it_waits_on_an_empty_queue():
+    q = queue(max_batch=1, max_wait_s=LONG_S)
+    r = req()
+    timer = threading.Timer(0.02, q.put, args=(r,))
+    timer.start()
+    try:
+        assert q.take(0.2) == [r]
+    finally:
+        timer.join()
+
+
+# --- requeue -----------------------------------------------------------------------------------
+
+def test_requeue_puts_requests_back_first_in_their_order_even_past_the_bound():
+    q = queue(max_queue=2, max_batch=1)
+    waiting = [req(fill=1), req(fill=2)]
+    for r in waiting:
+        q.put(r)
+    failed = [req(fill=7), req(fill=8), req(fill=9)]  # a replica held these
+    q.requeue(failed)
+    assert len(q) == 5  # above max_queue: they were admitted once
+    with pytest.raises(ServiceError) as e:
+        q.put(req())  # new work is still bounded
+    assert e.value.status == 503
+    order = [q.take(0.0, eager=True) for _ in range(5)]
+    assert order == [[r] for r in failed + waiting]
+
+
+def test_requeued_requests_merge_again_by_shape():
+    q = queue(max_batch=4)
+    a, b, c = req(width=4), req(width=6), req(width=4)
+    q.put(b)
+    q.requeue([a, c])
+    assert q.take(0.0, eager=True) == [a, c]
+    assert q.take(0.0, eager=True) == [b]
+
+
+# --- deadlines ---------------------------------------------------------------------------------
+
+def test_an_expired_request_is_answered_504_and_not_returned():
+    q = queue(max_batch=4)
+    live1, dead, live2 = req(), req(deadline_s=-1.0), req()
+    for r in (live1, dead, live2):
+        q.put(r)
+    assert q.take(0.0, eager=True) == [live1, live2]
+    assert status_of(dead) == 504
+    assert "deadline" in str(dead.future.exception())
+    assert not live1.future.done() and not live2.future.done()
+    assert len(q) == 0
+
+
+def test_a_queue_of_only_expired_requests_returns_nothing():
+    q = queue()
+    dead = [req(deadline_s=-1.0) for _ in range(3)]
+    for r in dead:
+        q.put(r)
+    assert q.take(0.05, eager=True) == []
+    assert [status_of(r) for r in dead] == [504] * 3
+    assert len(q) == 0
+
+
+def test_a_request_that_expires_while_queued_is_answered_504_by_the_next_take():
+    q = queue(max_batch=4)
+    r = req(deadline_s=0.03)
+    q.put(r)
+    time.sleep(0.06)
+    assert q.take(0.0, eager=True) == []
+    assert status_of(r) == 504
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+def test_answer_delivers_exactly_once():
+    r = req()
+    first = {"y": torch.ones(1, 2)}
+    assert r.answer(first) is True
+    assert r.answer({"y": torch.zeros(1, 2)}) is False
+    assert r.fail(ServiceError("late", 503)) is False
+    result = r.future.result(timeout=0)
+    assert set(result) == {"y"}
+    torch.testing.assert_close(result["y"], torch.ones(1, 2))
+
+
+def test_fail_delivers_exactly_once():
+    r = req()
+    error = ServiceError("replica failed", 503)
+    assert r.fail(error) is True
+    assert r.fail(ServiceError("other", 504)) is False
+    assert r.answer({"y": torch.ones(1)}) is False
+    assert r.future.exception(timeout=0) is error
+
+
+def test_answer_on_a_cancelled_request_returns_false():
+    r = req()
+    assert r.future.cancel()
+    assert r.answer({"y": torch.ones(1)}) is False
+    assert r.fail(ServiceError("x", 503)) is False
+
+
+def test_answer_copies_the_mapping_it_is_given():
+    r = req()
+    outputs = {"y": torch.ones(1)}
+    r.answer(outputs)
+    outputs["z"] = torch.zeros(1)
+    assert set(r.future.result(timeout=0)) == {"y"}
+
+
+# --- drain -------------------------------------------------------------------------------------
+
+def test_drain_answers_everything_queued_with_the_error():
+    q = queue(max_queue=4)
+    rs = [req(), req(width=3), req()]
+    for r in rs:
+        q.put(r)
+    already = req()
+    already.answer({"y": torch.ones(1)})
+    q.requeue([already])  # one that has its answer: drain must not change it
+    error = ServiceError("the service stopped before a replica took the request", 503)
+    q.drain(error)
+    assert len(q) == 0
+    assert all(r.future.exception(timeout=0) is error for r in rs)
+    torch.testing.assert_close(already.future.result(timeout=0)["y"], torch.ones(1))
+    assert q.take(0.0, eager=True) == []
+
+
+# --- shape keys --------------------------------------------------------------------------------
+
+def test_shape_key_ignores_the_batch_dim_of_batched_inputs_only():
+    a = {"x": torch.zeros(2, 4), "m": torch.zeros(3, 4)}
+    b = {"x": torch.zeros(5, 4), "m": torch.zeros(3, 4)}
+    c = {"x": torch.zeros(5, 4), "m": torch.zeros(2, 4)}
+    d = {"x": torch.zeros(5, 4, dtype=torch.float64), "m": torch.zeros(3, 4)}
+    assert shape_key(a, {"x"}) == shape_key(b, {"x"})
+    assert shape_key(b, {"x"}) != shape_key(c, {"x"})  # m is not batched: all of it counts
+    assert shape_key(b, {"x"}) != shape_key(d, {"x"})  # the dtype counts
+    assert shape_key(a, {"x"}) != shape_key(b, set())
