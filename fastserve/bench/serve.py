@@ -7,24 +7,34 @@
 * **closed loop**: ``clients`` concurrent HTTP clients, each sending its next request when the
   last is answered, for a bounded time: requests/s against one client's, and latency;
 * **open loop**: Poisson arrivals at half the closed loop's throughput, bounded in count and
-  time: p50 and p99 latency and the answers that were not 200.
+  time: p50 and p99 latency and the answers that were not 200;
+* **overload**: Poisson arrivals at twice the closed loop's throughput into a service whose
+  queue holds ``max_queue`` requests: how fast the refusals (503) come, and the p99 of the
+  admitted requests against the open loop's.
 
 Every answer is checked: a benchmark that is fast because it fails cannot pass for a good one.
 """
 
 from __future__ import annotations
 
-import asyncio
+import http.client
+import json
 import os
 import random
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import msgpack
 import torch
+
+from fastserve.errors import ServiceError
 
 Progress = Callable[[str], None]
 
@@ -37,11 +47,11 @@ def _quantiles(seconds: list[float]) -> dict:
             "p99_ms": 1e3 * s[min(len(s) - 1, int(0.99 * len(s)))]}
 
 
-def _start_service(spec: str, max_batch: int, trust_code: bool, workdir: str
+def _start_service(spec: str, max_batch: int, max_queue: int, trust_code: bool, workdir: str
                    ) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "fastserve", "serve", spec, "--listen", "127.0.0.1:0",
            "--replicas", "1", "--threads", "1", "--max-batch", str(max_batch),
-           "--max-queue", "4096"] + (["--trust-code"] if trust_code else [])
+           "--max-queue", str(max_queue)] + (["--trust-code"] if trust_code else [])
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             cwd=workdir)
     said = []
@@ -56,40 +66,39 @@ def _start_service(spec: str, max_batch: int, trust_code: bool, workdir: str
             return proc, found.group(1)
     proc.kill()
     proc.wait()
-    from fastserve.errors import ServiceError
     raise ServiceError("the service did not start: " + " | ".join(said[-3:]))
 
 
 def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: float = 20.0,
-                max_batch: int = 32, trust_code: bool = False,
+                max_batch: int = 32, max_queue: int = 64, trust_code: bool = False,
+                body_format: str = "json",
                 progress: Progress = lambda _m: None) -> dict:
-    import httpx
-
     from fastserve.engine import Deployment, Layout
     from fastserve.graph import random_inputs, reference
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fastserve-bench-serve-") as workdir:
         progress(f"starting 'fastserve serve {spec}' (1 replica, max batch {max_batch})")
-        proc, url = _start_service(os.path.abspath(spec), max_batch, trust_code, workdir)
+        proc, url = _start_service(os.path.abspath(spec), max_batch, max_queue, trust_code,
+                                   workdir)
         try:
             with Deployment.from_spec(spec, Layout(1, 1, threads=1), batch=1,
                                       trust_code=trust_code, progress=None) as dep:
                 pool = random_inputs(dep.graph, 16, seed=1)
                 expected = reference(dep.graph, pool)
                 rows = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(16)]
-                bodies = [{"inputs": {k: v.tolist() for k, v in r.items()}} for r in rows]
-                out_name = next(iter(expected))
+                bodies = _Bodies(body_format, rows, next(iter(expected)))
 
-                def check(i: int, got) -> None:
-                    torch.testing.assert_close(torch.tensor(got, dtype=expected[out_name].dtype),
-                                               expected[out_name][i % 16:i % 16 + 1])
+                def check(i: int, content: bytes) -> None:
+                    torch.testing.assert_close(bodies.output(content),
+                                               expected[bodies.out][i % 16:i % 16 + 1])
 
-                with httpx.Client(base_url=url, timeout=120) as client:
+                client = _Client(url)
+                try:
                     engine_s, http_s = [], []
                     for i in range(10):  # warm-up of both paths
                         dep.run(rows[i % 16])
-                        client.post("/v1/infer", json=bodies[i % 16]).raise_for_status()
+                        client.post(bodies, check, i)
                     rounds = 3
                     progress(f"one request at a time: {requests} through the engine alone "
                              f"and {requests} over HTTP, in {rounds} interleaved rounds")
@@ -99,19 +108,27 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                             dep.run(rows[i % 16])
                             engine_s.append(time.perf_counter() - t)
                         for i in range(requests // rounds):
-                            t = time.perf_counter()
-                            resp = client.post("/v1/infer", json=bodies[i % 16])
-                            http_s.append(time.perf_counter() - t)
-                            resp.raise_for_status()
-                            check(i, resp.json()["outputs"][out_name])
+                            took, status = client.post(bodies, check, i)
+                            if status != 200:
+                                raise ServiceError(f"the service answered {status}")
+                            http_s.append(took)
+                finally:
+                    client.close()
                 engine, http = _quantiles(engine_s), _quantiles(http_s)
                 one_client_rps = len(http_s) / sum(http_s)
-            progress(f"closed loop: {clients} clients for {seconds / 2:.0f} s")
-            closed = asyncio.run(_closed_loop(url, bodies, check, clients, seconds / 2))
-            rate = 0.5 * closed["requests_per_s"]
-            progress(f"open loop: Poisson arrivals at {rate:.1f}/s for {seconds / 2:.0f} s")
-            opened = asyncio.run(_open_loop(url, bodies, check, rate, seconds / 2,
-                                            max_count=int(rate * seconds) + 1))
+            part = seconds / 3
+            progress(f"closed loop: {clients} clients for {part:.0f} s")
+            closed = _closed_loop(url, bodies, check, clients, part)
+            opened, overload = [], []
+            for name, share, out in (("open loop", 0.5, opened), ("overload", 2.0, overload)):
+                rate = share * closed["requests_per_s"]
+                progress(f"{name}: Poisson arrivals at {rate:.1f}/s ({share}x the closed "
+                         f"loop's throughput) for {part:.0f} s")
+                out.append(_open_loop(url, bodies, check, rate, part,
+                                      max_count=int(rate * part) + 1))
+            opened, overload = opened[0], overload[0]
+            overload["admitted_p99_over_unloaded_p99"] = (
+                overload["p99_ms"] / opened["p99_ms"] if overload["p99_ms"] else None)
         finally:
             proc.terminate()
             try:
@@ -120,70 +137,133 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                 proc.kill()
                 proc.wait()
     return {
-        "spec": spec, "max_batch": max_batch,
+        "spec": spec, "max_batch": max_batch, "max_queue": max_queue, "format": body_format,
         "one_at_a_time": {"engine": engine, "http": http,
                           "overhead_p50_ms": http["p50_ms"] - engine["p50_ms"],
                           "overhead_p99_ms": http["p99_ms"] - engine["p99_ms"]},
         "closed_loop": {**closed, "one_client_requests_per_s": one_client_rps,
                         "speedup_over_one_client": closed["requests_per_s"] / one_client_rps},
-        "open_loop": opened,
+        "open_loop": opened, "overload": overload,
     }
 
 
-async def _post(client, bodies, check, i: int) -> tuple[float, bool]:
-    t = time.perf_counter()
-    resp = await client.post("/v1/infer", json=bodies[i % len(bodies)])
-    took = time.perf_counter() - t
-    if resp.status_code != 200:
-        return took, False
-    check(i, resp.json()["outputs"][next(iter(resp.json()["outputs"]))])
-    return took, True
+class _Bodies:
+    """Request bodies of the sample rows, encoded once, and the decoding of an answer."""
+
+    def __init__(self, body_format: str, rows: list[dict], out: str) -> None:
+        self.format, self.out = body_format, out
+        if body_format == "json":
+            self.headers = {"content-type": "application/json"}
+            self.bodies = [json.dumps({"inputs": {k: v.tolist() for k, v in r.items()}}
+                                      ).encode() for r in rows]
+        else:
+            self.headers = {"content-type": "application/msgpack"}
+            self.bodies = [msgpack.packb({"inputs": {k: {
+                "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                "data": v.contiguous().numpy().tobytes()} for k, v in r.items()}})
+                for r in rows]
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.bodies[i % len(self.bodies)]
+
+    def output(self, content: bytes) -> torch.Tensor:
+        if self.format == "json":
+            return torch.tensor(json.loads(content)["outputs"][self.out])
+        t = msgpack.unpackb(content)["outputs"][self.out]
+        return torch.frombuffer(bytearray(t["data"]), dtype=getattr(torch, t["dtype"])
+                                ).reshape(t["shape"])
 
 
-async def _closed_loop(url, bodies, check, clients: int, seconds: float) -> dict:
-    import httpx
+class _Client:
+    """One keep-alive HTTP connection (the standard library's http.client: a client light
+    enough that the service, not the load generator, is what is measured)."""
 
+    def __init__(self, url: str) -> None:
+        host, port = urllib.parse.urlsplit(url)[1].rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def post(self, bodies: _Bodies, check, i: int) -> tuple[float, int]:
+        """One request: its latency and HTTP status (an answer of 200 is checked)."""
+        t = time.perf_counter()
+        self.conn.request("POST", "/v1/infer", bodies[i], bodies.headers)
+        resp = self.conn.getresponse()
+        content = resp.read()
+        took = time.perf_counter() - t
+        if resp.status == 200:
+            check(i, content)
+        return took, resp.status
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _closed_loop(url: str, bodies: _Bodies, check, clients: int, seconds: float) -> dict:
+    """``clients`` threads, each sending its next request when the last is answered."""
     latencies: list[float] = []
-    failed = 0
+    failed = [0]
     end = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def one(c: int) -> None:
-            nonlocal failed
-            i = c
+
+    def client(c: int) -> None:
+        conn = _Client(url)
+        i = c
+        try:
             while time.perf_counter() < end:
-                took, ok = await _post(client, bodies, check, i)
+                took, status = conn.post(bodies, check, i)
                 i += clients
-                latencies.append(took) if ok else None
-                failed += not ok
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(c) for c in range(clients)))
-        elapsed = time.perf_counter() - t0
-    return {"clients": clients, "requests_per_s": len(latencies) / elapsed, "failed": failed,
+                if status == 200:
+                    latencies.append(took)
+                else:
+                    failed[0] += 1
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client, c) for c in range(clients)]:
+            f.result()
+    elapsed = time.perf_counter() - t0
+    return {"clients": clients, "requests_per_s": len(latencies) / elapsed, "failed": failed[0],
             **_quantiles(latencies)}
 
 
-async def _open_loop(url, bodies, check, rate: float, seconds: float, max_count: int) -> dict:
-    import httpx
+def _open_loop(url: str, bodies: _Bodies, check, rate: float, seconds: float,
+               max_count: int) -> dict:
+    """Poisson arrivals at ``rate`` (each request on a free connection of a pool large enough
+    that arrivals never wait for one): latencies of answered requests and of refused ones
+    (503), and how many got anything else."""
+    answered: list[float] = []
+    refused: list[float] = []
+    failed = [0]
+    local = threading.local()
+    conns: list[_Client] = []
 
-    latencies: list[float] = []
-    failed = 0
+    def one(i: int) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = _Client(url)
+            conns.append(local.conn)
+        took, status = local.conn.post(bodies, check, i)
+        if status == 200:
+            answered.append(took)
+        elif status == 503:
+            refused.append(took)
+        else:
+            failed[0] += 1
+
     rng = random.Random(0)
-    async with httpx.AsyncClient(base_url=url, timeout=120,
-                                 limits=httpx.Limits(max_connections=256)) as client:
-        async def one(i: int) -> None:
-            nonlocal failed
-            took, ok = await _post(client, bodies, check, i)
-            latencies.append(took) if ok else None
-            failed += not ok
-        tasks = []
+    futures = []
+    with ThreadPoolExecutor(512) as pool:
         t0 = time.perf_counter()
         at = 0.0
-        while at < seconds and len(tasks) < max_count:
+        while at < seconds and len(futures) < max_count:
             delay = t0 + at - time.perf_counter()
             if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(len(tasks))))
+                time.sleep(delay)
+            futures.append(pool.submit(one, len(futures)))
             at += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
-    return {"rate_per_s": rate, "sent": len(tasks), "failed": failed, **_quantiles(latencies)}
+        for f in futures:
+            f.result()
+    for c in conns:
+        c.close()
+    return {"rate_per_s": rate, "sent": len(futures), "failed": failed[0],
+            **_quantiles(answered), "refused": len(refused),
+            "refused_p99_ms": _quantiles(refused)["p99_ms"]}

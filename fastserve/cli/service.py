@@ -187,21 +187,28 @@ def stop_cmd(url, token_file) -> None:
               help="Time for the closed and the open loop together.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
               help="The service's dynamic batching bound.")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="The service's admission bound (what the overload phase meets).")
+@click.option("--format", "body_format", type=click.Choice(["json", "msgpack"]),
+              default="json", show_default=True,
+              help="Request and answer bodies: JSON lists, or msgpack with raw tensor bytes "
+              "(what large outputs such as a language model's logits need).")
 @click.option("--json", "as_json", is_flag=True)
 @trust_option
-def bench_serve_cmd(spec, clients, requests, seconds, max_batch, as_json, trust_code) -> None:
+def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, body_format,
+                    as_json, trust_code) -> None:
     """The service against the engine alone: the HTTP front's overhead one request at a time,
     and closed- and open-loop load (batch-1 requests, every answer checked).
 
     \b
     Examples:
       fastserve bench serve graphs/mlp.yaml                     # the front's overhead
-      fastserve bench serve graphs/gpt2.yaml --clients 32       # what dynamic batching gains
+      fastserve bench serve graphs/gpt2.yaml --format msgpack   # what dynamic batching gains
     """
     from fastserve.bench.serve import bench_serve
 
-    out = bench_serve(spec, clients, requests, seconds, max_batch, trust_code,
-                      progress=lambda m: click.echo(m, err=True))
+    out = bench_serve(spec, clients, requests, seconds, max_batch, max_queue, trust_code,
+                      body_format, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -211,10 +218,20 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, as_json, trust_
                       for k in ("engine", "http")], "lrrr"))
     click.echo(f"HTTP front overhead: {one['overhead_p50_ms']:+.3f} ms at p50, "
                f"{one['overhead_p99_ms']:+.3f} ms at p99")
-    c, o = out["closed_loop"], out["open_loop"]
+    c = out["closed_loop"]
     click.echo(f"closed loop, {c['clients']} clients: {c['requests_per_s']:.1f} requests/s "
                f"= {c['speedup_over_one_client']:.2f}x one client's "
                f"{c['one_client_requests_per_s']:.1f}/s; p50 {c['p50_ms']:.1f} ms, p99 "
                f"{c['p99_ms']:.1f} ms, {c['failed']} failed")
-    click.echo(f"open loop, Poisson {o['rate_per_s']:.1f}/s: {o['sent']} sent, p50 "
-               f"{o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms, {o['failed']} failed")
+    for name, o in (("open loop", out["open_loop"]), ("overload", out["overload"])):
+        click.echo(f"{name}, Poisson {o['rate_per_s']:.1f}/s: {o['sent']} sent, "
+                   f"{o['sent'] - o['refused'] - o['failed']} answered (p50 "
+                   f"{_ms(o['p50_ms'])}, p99 {_ms(o['p99_ms'])}), {o['refused']} refused 503 "
+                   f"(p99 {_ms(o['refused_p99_ms'])}), {o['failed']} failed otherwise")
+    ratio = out["overload"]["admitted_p99_over_unloaded_p99"]
+    if ratio is not None:
+        click.echo(f"admitted p99 under 2x overload / open-loop p99: {ratio:.2f}x")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"

@@ -292,8 +292,14 @@ def serve_http(service: Service, host: str, port: int, token: str | None,
             server.should_exit = True
 
     app = make_app(service, token, on_stop=exit_server)
+    # past what the service can hold (its queue, and full batches in flight on every replica
+    # it may run), uvicorn itself answers 503 before parsing further: under overload the
+    # event loop, not the queue, is what fills up first, and a refusal there costs little
+    cfg = service.config
+    held = cfg.replicas.max * service.in_flight * cfg.batching.max_batch
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=5)
+                            lifespan="off", timeout_graceful_shutdown=5,
+                            limit_concurrency=cfg.limits.max_queue + held + 16)
     server = uvicorn.Server(config)
     original = server.startup
 

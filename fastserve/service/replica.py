@@ -24,7 +24,7 @@ import torch
 
 from fastserve.engine.coordinator import WorkItem
 from fastserve.engine.deployment import Deployment
-from fastserve.errors import FastServeError, RankError, ServiceError
+from fastserve.errors import EngineError, FastServeError, RankError, ServiceError
 from fastserve.service.queue import Request, RequestQueue
 
 HEALTH_EVERY_S = 1.0
@@ -154,6 +154,9 @@ class Replica(threading.Thread):
                     busy_since = None
             elif self._drain.is_set():
                 return answered
+            if flow.stalled():  # alive and answering health, yet no result for a deadline
+                raise EngineError(f"no result for {dep.timeout:.0f} s although the ranks "
+                                  f"answer health checks (limits.deadline_s)")
             if time.monotonic() - last_health >= HEALTH_EVERY_S:
                 # a rank that does not answer (stopped, deadlocked) raises RankDeadError here
                 dep.control("health", timeout=max(0.5, self.hang_s - HEALTH_EVERY_S))

@@ -56,6 +56,7 @@ class Service:
         self.plan = plan(self.graph, inventory or local_inventory(), constraints=Constraints(
             replicas=1, stages=len(cut) if cut else config.stages, threads=config.threads,
             cut=cut, batch=b.max_batch, micro_batches=1, transport=config.transport))
+        self.in_flight = self.plan.stages + 1  # batches in flight per replica
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"]
         mergeable = len(self.batched) == len(self.graph.spec.inputs)
@@ -70,6 +71,8 @@ class Service:
         self._stopping = threading.Event()
         self._arrived = 0  # samples admitted, for the policy's demand
         self._next_index = 0
+        self._retired: Counter = Counter()  # stage seconds of replicas that ended
+        self._retired_restarts = 0
         self.metrics = Metrics(lambda: len(self.queue), lambda: len(self.ready_replicas()),
                                self._stage_seconds)
         self.started_at = time.time()
@@ -167,9 +170,13 @@ class Service:
     # --- replicas ------------------------------------------------------------------------------
 
     def _deploy(self) -> Deployment:
+        # one batch per stage plus one waiting at the first keeps every stage busy; more in
+        # flight would only hold requests at the ranks, where they can no longer join a batch
+        # and where admission does not see them
         dep = Deployment(self.graph, self.plan, trust_code=self.config.trust_code,
                          export_dir=self.export_dir, inventory=self.inventory, keys=self.keys,
-                         timeout=self.config.limits.deadline_s, retain_memory=False)
+                         timeout=self.config.limits.deadline_s, retain_memory=False,
+                         max_in_flight=self.in_flight)
         return dep.start()
 
     def _event(self, kind: str, info: dict) -> None:
@@ -205,6 +212,10 @@ class Service:
             raise ServiceError(f"replicas must be between 1 and {limit} "
                                f"(replicas.max), not {replicas}", 400)
         with self._lock:
+            for r in self.replicas:
+                if not r.is_alive() and r.state != "failed":  # ended: keep what it counted
+                    self._retired.update(self._seconds_of(r))
+                    self._retired_restarts += r.restarts
             self.replicas = [r for r in self.replicas if r.is_alive() or r.state == "failed"]
             running = self.running_replicas()
             for r in running[replicas:]:
@@ -243,14 +254,22 @@ class Service:
                 self.scale(state.replicas, reason=f"{self.config.replicas.policy} policy, "
                                                   f"demand {demand:.2f} replicas")
 
-    def _stage_seconds(self) -> dict[tuple[int, str], float]:
+    @staticmethod
+    def _seconds_of(replica: Replica) -> Counter:
         out: Counter = Counter()
-        for r in self.replicas:
-            with r.stats.lock:
-                for stage, s in r.stats.compute.items():
-                    out[(stage, "compute")] += s
-                for stage, s in r.stats.transfer.items():
-                    out[(stage, "transfer")] += s
+        with replica.stats.lock:
+            for stage, s in replica.stats.compute.items():
+                out[(stage, "compute")] += s
+            for stage, s in replica.stats.transfer.items():
+                out[(stage, "transfer")] += s
+        return out
+
+    def _stage_seconds(self) -> dict[tuple[int, str], float]:
+        """Seconds per (stage, kind) over every replica this service ran (counters never go
+        back when a drained replica is forgotten)."""
+        out = Counter(self._retired)
+        for r in list(self.replicas):
+            out.update(self._seconds_of(r))
         return dict(out)
 
     def status(self) -> dict:
@@ -271,7 +290,7 @@ class Service:
                          for r in self.replicas],
             "queue": len(self.queue),
             "requests": dict(self.outcomes),
-            "restarts": sum(r.restarts for r in self.replicas),
+            "restarts": self._retired_restarts + sum(r.restarts for r in self.replicas),
             "uptime_s": time.time() - self.started_at,
             "events": events[-10:],
         }

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ import torch
 
 from fastserve.errors import ServiceError
 from fastserve.graph import compile_graph, load_spec, random_inputs, reference
-from fastserve.service import Batching, Limits, Replicas, Service, ServiceConfig
+from fastserve.service import Batching, Limits, Replicas, Service, ServiceConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = str(ROOT / "graphs" / "mlp.yaml")
@@ -168,6 +169,40 @@ def test_a_load_step_scales_up_and_back_down_without_flapping_or_losing_a_reques
         assert load.answered == load.sent > 0
         wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 10,
                  "the drained replica's thread ends")
+
+
+def test_requests_of_different_lengths_through_a_two_stage_pipeline_each_equal_the_reference(
+        tmp_path):
+    """A small GPT-2 (the shipped spec with small params) as 2 stages per replica: concurrent
+    requests of several sequence lengths and batch sizes are batched only with their own
+    shape, and each answer equals the reference run of that request alone."""
+    text = (ROOT / "graphs" / "gpt2.yaml").read_text()
+    for key, value in {"vocab": 97, "positions": 64, "d_model": 32, "n_heads": 2,
+                       "n_layers": 4}.items():
+        text = re.sub(rf"(\n  {key}: )\d+", rf"\g<1>{value}", text, count=1)
+    spec = tmp_path / "gpt2-small.yaml"
+    spec.write_text(text)
+    cfg = ServiceConfig(spec=str(spec), stages=2, batching=Batching(max_batch=8, max_wait_ms=5))
+    with Service(cfg) as svc:
+        assert svc.plan.stages == 2 and svc.graph.params_bytes < 1 << 20
+        gen = torch.Generator().manual_seed(0)
+        requests = [{"ids": torch.randint(0, 97, (b, seq), generator=gen)}
+                    for seq, b in [(5, 1), (9, 2), (5, 1), (17, 1), (9, 1), (5, 3)] * 4]
+        futures = [svc.submit(r) for r in requests]
+        for r, f in zip(requests, futures):
+            expected = reference(svc.graph, r)
+            for k, v in expected.items():
+                torch.testing.assert_close(f.result(timeout=60)[k], v)
+        assert svc.outcomes["ok"] == len(requests)
+
+
+def test_the_shipped_service_config_serves(tmp_path):
+    cfg = load_config(ROOT / "runtime" / "services" / "mlp.yaml")
+    assert cfg.spec == str(ROOT / "runtime" / "services" / "../../graphs/mlp.yaml")
+    with Service(replace(cfg, replicas=replace(cfg.replicas, interval_s=60))) as svc:
+        x = random_inputs(svc.graph, 2)
+        torch.testing.assert_close(svc.infer(x, timeout=30)["head"],
+                                   reference(svc.graph, x)["head"])
 
 
 def test_serve_status_and_stop_from_the_command_line(tmp_path):
