@@ -37,6 +37,7 @@ import torch
 from fastserve.errors import ServiceError
 
 Progress = Callable[[str], None]
+TIMEOUT_S = 60.0  # a request without an answer for this long counts as failed
 
 
 def _quantiles(seconds: list[float]) -> dict:
@@ -110,7 +111,8 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                         for i in range(requests // rounds):
                             took, status = client.post(bodies, check, i)
                             if status != 200:
-                                raise ServiceError(f"the service answered {status}")
+                                raise ServiceError(f"the service answered {status or 'nothing'} "
+                                                   f"to a lone request")
                             http_s.append(took)
                 finally:
                     client.close()
@@ -180,14 +182,19 @@ class _Client:
 
     def __init__(self, url: str) -> None:
         host, port = urllib.parse.urlsplit(url)[1].rsplit(":", 1)
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_S)
 
     def post(self, bodies: _Bodies, check, i: int) -> tuple[float, int]:
-        """One request: its latency and HTTP status (an answer of 200 is checked)."""
+        """One request: its latency and HTTP status (an answer of 200 is checked); status 0
+        when no answer came (the connection failed or nothing came for TIMEOUT_S)."""
         t = time.perf_counter()
-        self.conn.request("POST", "/v1/infer", bodies[i], bodies.headers)
-        resp = self.conn.getresponse()
-        content = resp.read()
+        try:
+            self.conn.request("POST", "/v1/infer", bodies[i], bodies.headers)
+            resp = self.conn.getresponse()
+            content = resp.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # the next request opens a new connection
+            return time.perf_counter() - t, 0
         took = time.perf_counter() - t
         if resp.status == 200:
             check(i, content)

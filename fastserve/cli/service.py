@@ -22,6 +22,13 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Service config YAML (see fastserve.service.config); the options below "
               "override its settings.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="Run this plan ('fastserve plan SPEC --json > plan.json'): each of its "
+              "replicas is a replica of the service, on the plan's hosts and threads.")
+@click.option("--hosts", type=click.Path(dir_okay=False),
+              help="Host inventory YAML the ranks are placed on (default: this machine).")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
+              help="The cluster's key directory, when hosts start ranks through agents.")
 @click.option("--listen", help="HOST:PORT to serve HTTP on [default: 127.0.0.1:8000]; port 0 "
               "lets the kernel pick one.")
 @click.option("--replicas", type=click.IntRange(1), help="Replicas (the static policy's count, "
@@ -42,8 +49,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               help="The management token (scale, drain, stop); created (mode 0600) if it does "
               "not exist. Without it the management routes are off.")
 @trust_option
-def serve_cmd(spec, config_path, listen, replicas, max_replicas, policy, stages, threads,
-              max_batch, max_wait_ms, max_queue, token_file, trust_code) -> None:
+def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, max_replicas,
+              policy, stages, threads, max_batch, max_wait_ms, max_queue, token_file,
+              trust_code) -> None:
     """Deploy SPEC and serve it over HTTP until stopped.
 
     \b
@@ -53,7 +61,10 @@ def serve_cmd(spec, config_path, listen, replicas, max_replicas, policy, stages,
     \b
     Examples:
       fastserve serve graphs/mlp.yaml --replicas 2 --token-file svc.token
-      curl -s localhost:8000/v1/infer -d '{"inputs": {"x": [[0.1, ...]]}}'
+      fastserve plan graphs/mlp.yaml --replicas 2 --json > plan.json
+      fastserve serve graphs/mlp.yaml --plan plan.json
+      curl -s -H 'content-type: application/json' localhost:8000/v1/infer \\
+           -d '{"inputs": {"x": [[0.1, ...]]}}'
       fastserve serve --config runtime/services/mlp.yaml
       fastserve status; fastserve stop --token-file svc.token
     """
@@ -72,7 +83,7 @@ def serve_cmd(spec, config_path, listen, replicas, max_replicas, policy, stages,
     else:
         raise click.UsageError("give a SPEC to serve, or --config FILE")
     overrides = {"listen": listen, "stages": stages, "threads": threads,
-                 "token_file": token_file}
+                 "token_file": token_file, "plan": plan_path, "hosts": hosts, "keys": keys_dir}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None},
                   trust_code=cfg.trust_code or trust_code)
     rep = {"min": replicas, "max": max_replicas, "policy": policy}
@@ -95,9 +106,11 @@ def serve_cmd(spec, config_path, listen, replicas, max_replicas, policy, stages,
 
     service = Service(cfg, progress=say)
     r = cfg.replicas
+    count = f"{service.plan.replicas} replica(s), from the plan" if cfg.plan and \
+        r.policy == "static" else f"{r.min}" + (f"..{r.max}" if r.policy != "static" else "") \
+        + " replica(s)"
     say(f"serving graph '{service.graph.name}': {service.plan.stages} stage(s) per replica, "
-        f"{r.policy} policy ({r.min}" + (f"..{r.max}" if r.policy != "static" else "")
-        + " replicas)")
+        f"{r.policy} policy ({count})")
     service.start()
     try:
         serve_http(service, host, port, token, ready=lambda url: say(
@@ -158,10 +171,10 @@ def status_cmd(url, wait_s, as_json) -> None:
                f"{st['plan']['stages']} stage(s) per replica, {st['policy']} policy, "
                f"queue {st['queue']}, restarts {st['restarts']}")
     click.echo(f"requests: {', '.join(f'{k} {v}' for k, v in sorted(st['requests'].items())) or 'none'}")
-    click.echo(table(["replica", "state", "held", "restarts", "ranks"],
+    click.echo(table(["replica", "state", "held", "restarts", "hosts", "ranks"],
                      [[r["index"], r["state"], r["held"], r["restarts"],
-                       ", ".join(str(k["rank"]) for k in r["ranks"])]
-                      for r in st["replicas"]]))
+                       ", ".join(r["hosts"]), ", ".join(k["name"] for k in r["ranks"])]
+                      for r in st["replicas"]], "lllrll"))
 
 
 @cli.command("stop")

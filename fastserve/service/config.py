@@ -3,6 +3,10 @@
 A YAML file (read with the safe loader; every error names the file, the line and the key)::
 
     spec: graphs/mlp.yaml       # a graph spec or a partition export directory
+    plan: plan.json             # optional: run this plan ('fastserve plan SPEC --json'); each
+                                # of its replicas is one replica of the service
+    hosts: lab.yaml             # optional: the host inventory the plan places ranks on
+    keys: keys/                 # the cluster keys, when hosts start ranks through agents
     trust_code: false           # the spec may name Python code (module:, source:)
     stages: 1                   # a pipeline of this many stages per replica
     threads: 1                  # torch threads per rank
@@ -75,12 +79,15 @@ class ServiceConfig:
     trust_code: bool = False
     stages: int = 1
     threads: int = 1
-    transport: str = "ipc"
+    transport: str | None = None  # None: ipc on one machine, tcp when hosts are elsewhere
     replicas: Replicas = field(default_factory=Replicas)
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
     listen: str = "127.0.0.1:8000"
     token_file: str | None = None
+    plan: str | None = None
+    hosts: str | None = None
+    keys: str | None = None
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -122,8 +129,12 @@ def check_config(cfg: ServiceConfig) -> None:
         fail(f"expected the path of a graph spec or export, got {describe(cfg.spec)}", "spec")
     if not isinstance(cfg.trust_code, bool):
         fail(f"expected true or false, got {describe(cfg.trust_code)}", "trust_code")
-    if cfg.transport not in ("ipc", "tcp"):
+    if cfg.transport not in (None, "ipc", "tcp"):
         fail(f"expected ipc or tcp, got {describe(cfg.transport)}", "transport")
+    for key in ("plan", "hosts", "keys"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, str) or not value):
+            fail(f"expected a path, got {describe(value)}", key)
     r = cfg.replicas
     if r.policy not in POLICIES:
         fail(f"expected one of {', '.join(POLICIES)}, got {describe(r.policy)}",
@@ -174,7 +185,7 @@ def load_config(path: str | os.PathLike) -> ServiceConfig:
         raise ServiceConfigError("no 'spec': name the graph spec or export to serve",
                                  file=file, line=line_of(doc), key="spec")
     base = Path(file).parent
-    for key in ("spec", "token_file"):
+    for key in ("spec", "token_file", "plan", "hosts", "keys"):
         if isinstance(args.get(key), str) and args[key] and not os.path.isabs(args[key]):
             args[key] = str(base / args[key])
     try:

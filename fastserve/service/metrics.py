@@ -17,7 +17,7 @@ class Metrics:
     def __init__(self, queue_depth: Callable[[], int], replicas: Callable[[], int],
                  stage_seconds: Callable[[], dict[tuple[int, str], float]]) -> None:
         """The callables are read at scrape time: the queue depth, the ready replicas, and
-        seconds per (stage, compute|transfer) summed over every replica's life."""
+        seconds per (stage, compute|transfer|queue) summed over every replica's life."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fastserve_requests", "Requests by outcome (ok, invalid, "
@@ -51,8 +51,9 @@ class _StageCollector:
 
     def collect(self):
         family = CounterMetricFamily("fastserve_stage_seconds", "Seconds per stage, by kind: "
-                                     "compute, or transfer (upstream send to compute start, "
-                                     "including time queued at the rank)",
+                                     "compute; transfer (the fastest hop from the upstream "
+                                     "send, per micro-batch); queue (the rest of each hop: "
+                                     "waiting at the rank)",
                                      labels=["stage", "kind"])
         for (stage, kind), seconds in sorted(self.read().items()):
             family.add_metric([str(stage), kind], seconds)

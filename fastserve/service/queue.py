@@ -140,6 +140,12 @@ class RequestQueue:
             samples += r.samples
         return batch, samples >= self.max_batch
 
+    def expire(self) -> None:
+        """Answer 504 to the requests whose deadline has passed (also done by every take:
+        this is for when no replica takes anything)."""
+        with self._cond:
+            self._expire()
+
     def _expire(self) -> None:
         now = time.monotonic()
         if self._items and min(r.deadline for r in self._items) <= now:

@@ -15,9 +15,11 @@ batches from the shared queue when it has room, and supervises its ranks.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,13 +32,27 @@ from fastserve.service.queue import Request, RequestQueue
 HEALTH_EVERY_S = 1.0
 
 
+@dataclass
+class Hops:
+    """Seconds from the upstream send to a stage's start, summed, and the fastest one."""
+
+    count: int = 0
+    total: float = 0.0
+    fastest: float = math.inf
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.fastest = min(self.fastest, seconds)
+
+
 class ReplicaStats:
     """What a replica's flow measured, kept bounded: running sums per stage, not lists."""
 
     def __init__(self) -> None:
         self.samples = 0
         self.compute: Counter = Counter()  # stage -> seconds
-        self.transfer: Counter = Counter()  # stage -> seconds from upstream send to start
+        self.hops: dict[int, Hops] = {}
         self.lock = threading.Lock()
 
     def add_timings(self, timings: list[dict], sent_at: float) -> None:
@@ -45,7 +61,7 @@ class ReplicaStats:
             for t in timings:
                 stage = int(t["stage"])
                 self.compute[stage] += t["end"] - t["start"]
-                self.transfer[stage] += max(0.0, t["start"] - previous)
+                self.hops.setdefault(stage, Hops()).add(max(0.0, t["start"] - previous))
                 previous = t.get("sent", t["end"])
 
 

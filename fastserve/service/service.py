@@ -16,15 +16,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from concurrent.futures import Future
 from typing import Callable, Mapping
 
 import torch
 
 from fastserve.engine.deployment import Deployment, load_graph
-from fastserve.errors import InputsError, ServiceError
+from fastserve.engine.keys import load_keys
+from fastserve.errors import InputsError, ServiceConfigError, ServiceError
 from fastserve.graph.inputs import check_inputs
-from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.inventory import Inventory, load_inventory, local_inventory
+from fastserve.resources.plan import Plan, load_plan
 from fastserve.resources.planner import Constraints, plan
 from fastserve.resources.policies import Dynamic, Hybrid, Observation, Policy, State, Static
 from fastserve.service.config import ServiceConfig
@@ -33,6 +36,16 @@ from fastserve.service.queue import Request, RequestQueue, shape_key
 from fastserve.service.replica import Replica
 
 Progress = Callable[[str], None]
+
+
+def replica_plan(full: Plan, replica: int) -> Plan:
+    """Replica ``replica`` of ``full`` as a plan of one replica: its ranks, hosts and threads,
+    renumbered from 0 (the cut and the predictions are the same for every replica)."""
+    s = full.stages
+    ranks = tuple(replace(r, rank=k, replica=0)
+                  for k, r in enumerate(full.ranks[replica * s:(replica + 1) * s]))
+    return replace(full, replicas=1, ranks=ranks, mode="single" if s == 1 else "model",
+                   alternatives=())
 
 
 def make_policy(cfg: ServiceConfig) -> Policy:
@@ -47,15 +60,33 @@ def make_policy(cfg: ServiceConfig) -> Policy:
 class Service:
     def __init__(self, config: ServiceConfig, *, inventory: Inventory | None = None,
                  keys=None, progress: Progress | None = None) -> None:
+        """``inventory`` and ``keys`` (Python callers) stand for the config's ``hosts`` and
+        ``keys`` files."""
         self.config = config
         self.progress = progress or (lambda _msg: None)
         self.graph, cut, self.export_dir = load_graph(config.spec, None, config.trust_code)
-        self.inventory = inventory
-        self.keys = keys
+        if inventory is None and config.hosts:
+            inventory = load_inventory(config.hosts)
+        if keys is None and config.keys:
+            keys = load_keys(config.keys, "coordinator")
+        self.inventory, self.keys = inventory, keys
+        elsewhere = [h.name for h in (inventory.hosts if inventory else ())
+                     if h.launcher != "local"]
+        transport = config.transport or ("tcp" if elsewhere else "ipc")
+        if elsewhere and transport == "ipc":
+            raise ServiceConfigError(f"hosts {', '.join(elsewhere)} are other machines, "
+                                     f"reached over tcp, not ipc", key="transport")
         b = config.batching
-        self.plan = plan(self.graph, inventory or local_inventory(), constraints=Constraints(
-            replicas=1, stages=len(cut) if cut else config.stages, threads=config.threads,
-            cut=cut, batch=b.max_batch, micro_batches=1, transport=config.transport))
+        if config.plan:
+            self.plan = load_plan(config.plan, self.graph)
+        else:
+            self.plan = plan(self.graph, inventory or local_inventory(), constraints=Constraints(
+                replicas=max(1, config.replicas.min), stages=len(cut) if cut else config.stages,
+                threads=config.threads, cut=cut, batch=b.max_batch, micro_batches=1,
+                transport=transport))
+        # each replica of the plan runs as a one-replica plan of its own; replicas beyond the
+        # plan's (scaling up) reuse its replicas' places in turn
+        self.replica_plans = [replica_plan(self.plan, r) for r in range(self.plan.replicas)]
         self.in_flight = self.plan.stages + 1  # batches in flight per replica
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"]
@@ -63,7 +94,10 @@ class Service:
         self.queue = RequestQueue(config.limits.max_queue, b.max_batch, b.max_wait_ms / 1000,
                                   mergeable)
         self.replicas: list[Replica] = []
-        self.policy = make_policy(config)
+        self.policy = Static(self.plan.replicas) if config.plan and \
+            config.replicas.policy == "static" else make_policy(config)
+        self.max_replicas = max(config.replicas.max, config.replicas.min,
+                                self.plan.replicas if config.plan else 1)
         self.policy_state: State | None = None
         self.outcomes: Counter = Counter()
         self.events: list[dict] = []  # the last scale and restart events, for status
@@ -84,7 +118,7 @@ class Service:
         self.policy_state = self.policy.start()
         self.scale(self.policy_state.replicas, reason="start")
         deadline = time.monotonic() + wait_s
-        while not self.ready_replicas():
+        while not self.ready:
             if all(r.state == "failed" for r in self.replicas):
                 errors = "; ".join(sorted({r.last_error or "?" for r in self.replicas}))
                 self.stop(drain=False)
@@ -93,8 +127,7 @@ class Service:
                 self.stop(drain=False)
                 raise ServiceError(f"no replica was ready within {wait_s:.0f} s", 503)
             time.sleep(0.05)
-        if self.config.replicas.policy != "static":
-            threading.Thread(target=self._autoscale, name="autoscale", daemon=True).start()
+        threading.Thread(target=self._maintain, name="service-maintenance", daemon=True).start()
         return self
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
@@ -169,11 +202,12 @@ class Service:
 
     # --- replicas ------------------------------------------------------------------------------
 
-    def _deploy(self) -> Deployment:
+    def _deploy(self, index: int) -> Deployment:
         # one batch per stage plus one waiting at the first keeps every stage busy; more in
         # flight would only hold requests at the ranks, where they can no longer join a batch
         # and where admission does not see them
-        dep = Deployment(self.graph, self.plan, trust_code=self.config.trust_code,
+        dep = Deployment(self.graph, self.replica_plans[index % len(self.replica_plans)],
+                         trust_code=self.config.trust_code,
                          export_dir=self.export_dir, inventory=self.inventory, keys=self.keys,
                          timeout=self.config.limits.deadline_s, retain_memory=False,
                          max_in_flight=self.in_flight)
@@ -202,12 +236,15 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return bool(self.ready_replicas()) and not self._stopping.is_set()
+        """Every replica the service means to run is loaded and answering (a replica that
+        restarts, or that gave up after its restart budget, makes the service not ready)."""
+        wanted = [r for r in self.replicas if r.state not in ("draining", "stopped")]
+        return bool(wanted) and all(r.ready for r in wanted) and not self._stopping.is_set()
 
     def scale(self, replicas: int, reason: str = "manual") -> int:
         """Run ``replicas`` replicas: start new ones, or drain the newest (a drained replica
         answers what it holds before its ranks stop). Returns the number asked for."""
-        limit = max(self.config.replicas.max, self.config.replicas.min)
+        limit = self.max_replicas
         if not 1 <= replicas <= limit:
             raise ServiceError(f"replicas must be between 1 and {limit} "
                                f"(replicas.max), not {replicas}", 400)
@@ -222,7 +259,8 @@ class Service:
                 r.drain()
             for _ in range(replicas - len(running)):
                 lim = self.config.limits
-                rep = Replica(self._next_index, self._deploy, self.queue, self.batched,
+                index = self._next_index
+                rep = Replica(index, lambda i=index: self._deploy(i), self.queue, self.batched,
                               hang_s=lim.hang_s, restart_budget=lim.restart_budget,
                               attempts=lim.attempts, on_event=self._event)
                 self._next_index += 1
@@ -233,26 +271,36 @@ class Service:
                                   "reason": reason})
         return replicas
 
-    def _autoscale(self) -> None:
-        """Every interval: the load as demand in replicas, one policy step, scale to it."""
+    def _maintain(self) -> None:
+        """Every tenth of a second, answer 504 to requests past their deadline (no replica may
+        be left to take them); every ``replicas.interval_s``, one step of the policy."""
         interval = self.config.replicas.interval_s
-        while not self._stopping.wait(interval):
-            with self._lock:
-                arrived, self._arrived = self._arrived, 0
-            running = self.running_replicas()
-            # one replica's throughput, from the samples it ran and the time it had work
-            samples = sum(r.stats.samples for r in self.replicas)
-            busy = sum(r.busy_s for r in self.replicas)
-            rate = samples / busy if busy > 0 else None
-            demand = (arrived / interval) / rate if rate else float(bool(len(self.queue)))
-            if len(self.queue) > self.config.batching.max_batch * max(1, len(running)):
-                demand = max(demand, len(running) + 1)  # a backlog grows: more than we have
-            state = self.policy.step(self.policy_state, Observation(
-                demand, self.config.replicas.max))
-            self.policy_state = state
-            if state.replicas != len(running) and not self._stopping.is_set():
-                self.scale(state.replicas, reason=f"{self.config.replicas.policy} policy, "
-                                                  f"demand {demand:.2f} replicas")
+        scaling = self.config.replicas.policy != "static"
+        next_step = time.monotonic() + interval
+        while not self._stopping.wait(min(0.1, interval)):
+            self.queue.expire()
+            if scaling and time.monotonic() >= next_step:
+                next_step += interval
+                self._autoscale_step(interval)
+
+    def _autoscale_step(self, interval: float) -> None:
+        """The load as demand in replicas, one policy step, scale to it."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, 0
+        running = self.running_replicas()
+        # one replica's throughput, from the samples it ran and the time it had work
+        samples = sum(r.stats.samples for r in self.replicas)
+        busy = sum(r.busy_s for r in self.replicas)
+        rate = samples / busy if busy > 0 else None
+        demand = (arrived / interval) / rate if rate else float(bool(len(self.queue)))
+        if len(self.queue) > self.config.batching.max_batch * max(1, len(running)):
+            demand = max(demand, len(running) + 1)  # a backlog grows: more than we have
+        state = self.policy.step(self.policy_state, Observation(
+            demand, self.max_replicas))
+        self.policy_state = state
+        if state.replicas != len(running) and not self._stopping.is_set():
+            self.scale(state.replicas, reason=f"{self.config.replicas.policy} policy, "
+                                              f"demand {demand:.2f} replicas")
 
     @staticmethod
     def _seconds_of(replica: Replica) -> Counter:
@@ -260,8 +308,12 @@ class Service:
         with replica.stats.lock:
             for stage, s in replica.stats.compute.items():
                 out[(stage, "compute")] += s
-            for stage, s in replica.stats.transfer.items():
-                out[(stage, "transfer")] += s
+            for stage, hops in replica.stats.hops.items():
+                # the fastest hop is the transfer, the rest of each hop time queued at the rank
+                # (clocks cannot tell them apart per message; as RunStats does)
+                transfer = hops.count * hops.fastest
+                out[(stage, "transfer")] += transfer
+                out[(stage, "queue")] += hops.total - transfer
         return out
 
     def _stage_seconds(self) -> dict[tuple[int, str], float]:
@@ -284,6 +336,8 @@ class Service:
                      "hosts": [r.host for r in self.plan.ranks]},
             "policy": self.config.replicas.policy,
             "replicas": [{"index": r.index, "state": r.state, "held": r.held,
+                          "hosts": [k.host for k in self.replica_plans[
+                              r.index % len(self.replica_plans)].ranks],
                           "restarts": r.restarts, "last_error": r.last_error,
                           "ranks": [{"rank": k.config.rank, "name": k.name}
                                     for k in (r.dep.ranks if r.dep else []) if k is not None]}

@@ -5,6 +5,7 @@ live scaling; and ``fastserve serve``/``status``/``stop`` as a user runs them.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ import torch
 
 from fastserve.errors import ServiceError
 from fastserve.graph import compile_graph, load_spec, random_inputs, reference
+from fastserve.resources.inventory import local_inventory
+from fastserve.resources.planner import Constraints, plan
 from fastserve.service import Batching, Limits, Replicas, Service, ServiceConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,6 +197,41 @@ def test_requests_of_different_lengths_through_a_two_stage_pipeline_each_equal_t
             for k, v in expected.items():
                 torch.testing.assert_close(f.result(timeout=60)[k], v)
         assert svc.outcomes["ok"] == len(requests)
+
+
+def test_a_plan_file_runs_as_planned_one_service_replica_per_plan_replica(tmp_path):
+    graph = compile_graph(load_spec(MLP))
+    chosen = plan(graph, local_inventory(), constraints=Constraints(
+        replicas=2, stages=1, threads=1, batch=8))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(chosen.document(graph)))
+    with Service(ServiceConfig(spec=MLP, plan=str(path))) as svc:
+        st = svc.status()
+        assert st["ready"] and [r["state"] for r in st["replicas"]] == ["ready", "ready"]
+        assert st["plan"]["hash"] == chosen.hash(graph)
+        # each replica runs its part of the plan: one rank, the plan's threads
+        assert [[m["threads"] for m in r.dep.ready.values()] for r in svc.replicas] == [[1], [1]]
+        x = random_inputs(graph, 6, seed=2)
+        futures = [svc.submit({"x": x["x"][i:i + 1]}) for i in range(6)]
+        expected = reference(graph, x)["head"]
+        for i, f in enumerate(futures):
+            torch.testing.assert_close(f.result(timeout=30)["head"], expected[i:i + 1])
+
+
+def test_a_replica_past_its_restart_budget_makes_the_service_not_ready_and_requests_time_out():
+    cfg = ServiceConfig(spec=MLP, limits=Limits(restart_budget=0, deadline_s=1.0))
+    with Service(cfg) as svc:
+        x = random_inputs(svc.graph, 1)
+        svc.infer(x, timeout=30)
+        os.kill(rank_pids(svc)[0], signal.SIGKILL)
+        wait_for(lambda: svc.replicas[0].state == "failed", 5, "the replica gives up")
+        assert not svc.ready
+        t0 = time.monotonic()
+        with pytest.raises(ServiceError) as e:
+            svc.infer(x, timeout=30)
+        assert e.value.status == 504 and "deadline" in str(e.value)
+        assert time.monotonic() - t0 < 3.0  # the deadline, not a hang
+        assert svc.status()["replicas"][0]["last_error"]
 
 
 def test_the_shipped_service_config_serves(tmp_path):
