@@ -5,7 +5,7 @@
                         tensor ``{"dtype", "shape", "data": <raw bytes>}`` (large tensors);
                         the answer ``{"outputs": {...}}`` comes in the request's format
 ``GET /healthz``        the process is alive
-``GET /readyz``         200 when a replica is ready and the service admits work, else 503
+``GET /readyz``         200 when every wanted replica is ready and work is admitted, else 503
 ``GET /v1/status``      plan, replicas, ranks, queue, requests, restarts (JSON)
 ``GET /metrics``        Prometheus text
 ``POST /v1/scale``      ``{"replicas": N}``  (token)
