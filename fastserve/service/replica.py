@@ -88,6 +88,7 @@ class Replica(threading.Thread):
         self._drain = threading.Event()
         self._halt = threading.Event()
         self.dep: Deployment | None = None
+        self._answered = False  # the current deployment has answered a batch
 
     # --- control from other threads ------------------------------------------------------------
 
@@ -122,6 +123,9 @@ class Replica(threading.Thread):
                 if self._drain.is_set():
                     break
             except (FastServeError, OSError) as e:
+                if self._answered:  # the failed deployment had served: a new run of failures
+                    failures = 0
+                    self._answered = False
                 failures += 1
                 self._failed(e)
                 if failures > self.restart_budget:
@@ -142,6 +146,7 @@ class Replica(threading.Thread):
         dep = self.dep
         flow = dep.flow(self.stats)
         self._held: dict[int, list[Request]] = {}
+        self._answered = False
         keys = iter(range(1 << 62))
         answered = False
         last_health = time.monotonic()
@@ -164,7 +169,7 @@ class Replica(threading.Thread):
                     continue
                 if done is not None:
                     self._answer(*done)
-                    answered = True
+                    answered = self._answered = True
                 if not flow.pending and busy_since is not None:
                     self.busy_s += time.monotonic() - busy_since
                     busy_since = None
