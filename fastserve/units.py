@@ -1,4 +1,5 @@
-"""Byte sizes as people write them (``2GB``, ``512MiB``, ``1.5 GiB``) and back.
+"""Quantities as people write them: byte sizes (``2GB``, ``512MiB``, ``1.5 GiB``) and back, and
+``HOST:PORT`` addresses.
 
 Decimal units are powers of 1000 (``GB``), binary units powers of 1024 (``GiB``), as in the SI
 and IEC standards; a bare number is bytes. Units are case-insensitive (``2gb`` is ``2GB``) except
@@ -59,3 +60,13 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port), the port an ASCII number from 0 to 65535 (0: the kernel
+    picks one); ValueError otherwise. The host is not checked: callers decide which they bind."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or \
+            not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
+    return host, int(port)

@@ -46,6 +46,7 @@ from fastserve.engine.launcher import RankProcess, launch_local, log_tail, stop_
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard
 from fastserve.errors import EngineError
+from fastserve.units import host_port
 
 DEFAULT_PORT = 7301
 MAX_REQUEST = 1 << 20  # a JSON request
@@ -73,13 +74,15 @@ class HostError(EngineError):
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (port 0: the kernel picks one) -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.2:{DEFAULT_PORT}), got {text!r}")
+    try:
+        host, port = host_port(text)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.2:{DEFAULT_PORT}), got "
+                         f"{text!r}") from None
     if host in ("*", "0.0.0.0", "::"):
         raise ValueError("an agent binds one address, not every interface: give the host's "
                          "address on the cluster network")
-    return host, int(port)
+    return host, port
 
 
 # --- the daemon -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +142,16 @@ class StageTimes:
         return sum(self.compute) / len(self.compute) if self.compute else 0.0
 
 
+def stage_path(timings: list[dict], sent_at: float) -> Iterator[tuple[int, float, float]]:
+    """(stage, compute seconds, hop seconds) of each stage a micro-batch went through, from the
+    ranks' ``timings`` (one entry per stage, in order) and when the coordinator sent it; a hop
+    runs from the previous sender's send to this stage's start."""
+    previous = sent_at
+    for t in timings:
+        yield int(t["stage"]), t["end"] - t["start"], max(0.0, t["start"] - previous)
+        previous = t.get("sent", t["end"])
+
+
 @dataclass
 class RunStats:
     """What a run measured: per-stage times, latency and throughput."""
@@ -156,12 +166,10 @@ class RunStats:
 
     def add_timings(self, timings: list[dict], sent_at: float) -> None:
         """Account one micro-batch's path: ``timings`` is one entry per stage, in order."""
-        previous = sent_at
-        for t in timings:
-            st = self.stages.setdefault(int(t["stage"]), StageTimes())
-            st.compute.append(t["end"] - t["start"])
-            st.hops.append(max(0.0, t["start"] - previous))
-            previous = t.get("sent", t["end"])
+        for stage, compute, hop in stage_path(timings, sent_at):
+            st = self.stages.setdefault(stage, StageTimes())
+            st.compute.append(compute)
+            st.hops.append(hop)
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "seconds": self.seconds,

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fastserve.errors import ServiceConfigError
+from fastserve.units import host_port
 from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
 POLICIES = ("static", "dynamic", "hybrid")
@@ -157,10 +158,11 @@ def parse_listen(text: Any, fail=None) -> tuple[str, int]:
 
     if not isinstance(text, str) or ":" not in text:
         refuse(f"expected HOST:PORT (127.0.0.1:8000), got {describe(text)}")
-    host, _, port = text.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-        refuse(f"expected HOST:PORT with a port from 0 to 65535, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        host, port = host_port(text)
+    except ValueError as e:
+        refuse(str(e))
+    return host.strip("[]"), port
 
 
 def load_config(path: str | os.PathLike) -> ServiceConfig:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from fastserve.engine.coordinator import WorkItem
+from fastserve.engine.coordinator import WorkItem, stage_path
 from fastserve.engine.deployment import Deployment
 from fastserve.errors import EngineError, FastServeError, RankError, ServiceError
 from fastserve.service.queue import Request, RequestQueue
@@ -56,13 +56,10 @@ class ReplicaStats:
         self.lock = threading.Lock()
 
     def add_timings(self, timings: list[dict], sent_at: float) -> None:
-        previous = sent_at
         with self.lock:
-            for t in timings:
-                stage = int(t["stage"])
-                self.compute[stage] += t["end"] - t["start"]
-                self.hops.setdefault(stage, Hops()).add(max(0.0, t["start"] - previous))
-                previous = t.get("sent", t["end"])
+            for stage, compute, hop in stage_path(timings, sent_at):
+                self.compute[stage] += compute
+                self.hops.setdefault(stage, Hops()).add(hop)
 
 
 class Replica(threading.Thread):
@@ -89,6 +86,7 @@ class Replica(threading.Thread):
         self._halt = threading.Event()
         self.dep: Deployment | None = None
         self._answered = False  # the current deployment has answered a batch
+        self._held: dict[int, list[Request]] = {}  # work item key -> its requests
 
     # --- control from other threads ------------------------------------------------------------
 
@@ -145,7 +143,7 @@ class Replica(threading.Thread):
         """Serve until asked to stop or drained; True if at least one batch was answered."""
         dep = self.dep
         flow = dep.flow(self.stats)
-        self._held: dict[int, list[Request]] = {}
+        self._held = {}
         self._answered = False
         keys = iter(range(1 << 62))
         answered = False
@@ -217,11 +215,8 @@ class Replica(threading.Thread):
     def _failed(self, error: FastServeError | OSError) -> None:
         """The deployment failed: put back what it held, stop its ranks."""
         self.last_error = str(error)
-        held = [r for batch in getattr(self, "_held", {}).values() for r in batch]
-        self._held = {}
-        self.held = 0
         again = []
-        for r in held:
+        for r in self._take_held():
             r.attempts += 1
             if r.attempts >= self.attempts:
                 r.fail(ServiceError(f"a replica failed {r.attempts} times while running this "
@@ -231,13 +226,17 @@ class Replica(threading.Thread):
         self.queue.requeue(again)
         self._shutdown(grace_s=0.2)
 
+    def _take_held(self) -> list[Request]:
+        """The requests in flight on this replica, in order, which it no longer holds."""
+        held = [r for batch in self._held.values() for r in batch]
+        self._held = {}
+        self.held = 0
+        return held
+
     def _shutdown(self, grace_s: float = 3.0) -> None:
         if self.dep is not None:
-            held = [r for batch in getattr(self, "_held", {}).values() for r in batch]
-            if held:  # stopped with work in flight: someone else runs it
-                self._held = {}
-                self.held = 0
-                self.queue.requeue(held)
+            # stopped with work in flight: someone else runs it
+            self.queue.requeue(self._take_held())
             try:
                 self.dep.stop(grace_s)
             finally:
