@@ -30,6 +30,7 @@ class WorkItem:
     replica: int | None  # None: route to the least-loaded replica when sending
     tensors: dict[str, torch.Tensor]
     samples: int
+    meta: dict | None = None  # a generation step's sequences (fastserve.graph.decode)
 
 
 def batch_size(inputs: Mapping[str, torch.Tensor], batched: Sequence[str]) -> int:

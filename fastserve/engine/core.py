@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from fastserve.engine.wire import COMMANDS, MAX_TEXT, MAX_TIMINGS, Message
+from fastserve.graph.decode import KVCache, Sampling, Segment, Step
+from fastserve.graph.decode import sample as sample_tokens
 from fastserve.graph.module import SubgraphModule
 
 
@@ -48,6 +50,7 @@ class RankCore:
     stage: int
     shard: SubgraphModule
     stats: RankStats = field(default_factory=RankStats)
+    cache: KVCache = field(default_factory=KVCache)  # generation: this rank's sequences
 
     def handle(self, msg: Message, received: float | None = None) -> Message:
         """Return the message to send downstream for ``msg`` (received at ``received``)."""
@@ -60,16 +63,22 @@ class RankCore:
         if len(timings) >= MAX_TIMINGS:
             return self.error(msg, f"the message has passed {len(timings)} stages already; "
                                    f"at most {MAX_TIMINGS}")
-        missing = [n for n in self.shard.input_names if n not in msg.tensors]
-        if missing:
-            return self.error(msg, f"message lacks input tensors {missing}")
+        gen = msg.meta.get("gen")
         start = time.time()
-        try:
-            with torch.inference_mode():
-                outputs = self.shard(msg.tensors)
-        except Exception as e:  # a node failing must not take the rank down
-            return self.error(msg, f"{type(e).__name__}: {e}",
-                              getattr(self.shard, "current_node", None))
+        if gen is not None:
+            outputs = self._step(msg, gen)
+            if isinstance(outputs, Message):
+                return outputs
+        else:
+            missing = [n for n in self.shard.input_names if n not in msg.tensors]
+            if missing:
+                return self.error(msg, f"message lacks input tensors {missing}")
+            try:
+                with torch.inference_mode():
+                    outputs = self.shard(msg.tensors)
+            except Exception as e:  # a node failing must not take the rank down
+                return self.error(msg, f"{type(e).__name__}: {e}",
+                                  getattr(self.shard, "current_node", None))
         end = time.time()
         self.stats.processed += 1
         self.stats.compute_s += end - start
@@ -77,6 +86,51 @@ class RankCore:
                   "end": end}
         return Message("data", msg.request, msg.micro, outputs,
                        {**msg.meta, "timings": [*timings, timing]})
+
+    def _step(self, msg: Message, gen: dict) -> dict[str, torch.Tensor] | Message:
+        """One generation step (:mod:`fastserve.graph.decode`): drop the caches ``free`` names,
+        run the packed sequences through the shard with this rank's cache, and, where the shard
+        produces the ``logits`` tensor, sample one token per sequence. A step that fails drops
+        its sequences' caches here (the coordinator starts them again from position 0)."""
+        self.cache.free(gen.get("free", []))
+        segments = [Segment(*s) for s in gen["seqs"]]
+        if len({s.seq for s in segments}) != len(segments) or \
+                any(s.seq < 0 or s.start < 0 or s.n < 1 for s in segments):
+            return self.error(msg, "a generation step needs distinct sequences, each with a "
+                                   "position >= 0 and at least one token")
+        sample = gen.get("sample")
+        if sample is not None and len(sample) != len(segments):
+            return self.error(msg, f"a generation step samples {len(sample)} sequences, "
+                                   f"it has {len(segments)}")
+        samples = [Sampling()] * len(segments)
+        try:
+            if sample is not None:
+                samples = [Sampling(float(t), k, float(p), seed) for t, k, p, seed in sample]
+        except ValueError as e:
+            return self.error(msg, f"a generation step's sampling: {e}")
+        sampler = gen.get("logits") in self.shard.output_names
+        if not segments:  # only caches to free: pass it on
+            return {"tokens": torch.zeros(0, dtype=torch.int64)} if sampler else {}
+        tokens = sum(s.n for s in segments)
+        for name in self.shard.input_names:
+            t = msg.tensors.get(name)
+            if t is None or t.dim() < 2 or tuple(t.shape[:2]) != (1, tokens):
+                shape = None if t is None else tuple(t.shape)
+                return self.error(msg, f"a generation step of {tokens} tokens needs input "
+                                       f"'{name}' of shape (1, {tokens}, ...), got {shape}")
+        try:
+            with torch.inference_mode():
+                outputs = self.shard.step(msg.tensors, Step(segments, self.cache))
+                if sampler:
+                    logits = outputs[gen["logits"]][0]
+                    last = torch.tensor([s.n for s in segments]).cumsum(0) - 1
+                    outputs = {"tokens": sample_tokens(
+                        logits[last], samples, [s.start + s.n for s in segments])}
+        except Exception as e:  # a node failing (or a full cache) must not take the rank down
+            self.cache.free([s.seq for s in segments])
+            return self.error(msg, f"{type(e).__name__}: {e}",
+                              getattr(self.shard, "current_node", None))
+        return outputs
 
     def error(self, msg: Message, text: str, node: str | None = None) -> Message:
         """An error message for ``msg`` naming this rank, its stage and ``node``."""
@@ -98,5 +152,6 @@ class RankCore:
         if cmd == "health":  # alive; busy when its output waits for a slow or absent reader
             reply["busy"] = bool(state.get("pending"))
         elif cmd == "stats":
-            reply.update(self.stats.to_json(), **state)
+            reply.update(self.stats.to_json(), kv_bytes=self.cache.bytes,
+                         sequences=len(self.cache), **state)
         return Message("reply", meta=reply), cmd == "stop"

@@ -523,7 +523,7 @@ class Flow:
             self.last_progress = time.monotonic()
         self.sent[item.key] = (item, replica, time.time())
         self.dep._send(replica, encode("data", request=self.request, micro=item.key,
-                                       tensors=item.tensors))
+                                       tensors=item.tensors, meta=item.meta))
         self.in_flight[replica] += 1
         return replica
 

@@ -54,6 +54,7 @@ MAX_NAME = 256  # characters in a tensor name
 MAX_TEXT = 2048  # characters in any string of meta (an error's text is cut to this)
 MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the 513th
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
+MAX_SEQS = 1024  # sequences in one generation step (and freed by one message)
 
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -165,10 +166,33 @@ _ERROR = _record({"rank": _optional(_int), "stage": _optional(_int), "node": _op
                   "message": _text}, frozenset({"message"}))
 COMMANDS = ("health", "stats", "stop", "load")
 
+
+def _ints(n: int) -> Check:
+    def check(v: Any) -> str | None:
+        if type(v) is not list or len(v) != n or any(_int(x) for x in v):
+            return f"expected a list of {n} int64s, got {_show(v)}"
+        return None
+    return check
+
+
+def _sampling(v: Any) -> str | None:
+    if type(v) is not list or len(v) != 4 or _number(v[0]) or _int(v[1]) or _number(v[2]) \
+            or _int(v[3]):
+        return f"expected [temperature, top_k, top_p, seed], got {_show(v)}"
+    return None
+
+
+# a generation step (fastserve.graph.decode): the packed sequences [seq, start, n], the
+# sequences whose caches to drop first, the logits tensor the last stage samples from, and how
+# it samples each sequence
+_GEN = _record({"seqs": _list_of(_ints(3), MAX_SEQS), "free": _list_of(_int, MAX_SEQS),
+                "logits": _text, "sample": _list_of(_sampling, MAX_SEQS)},
+               frozenset({"seqs"}))
+
 # kind -> (fields, required keys). Control messages go both ways: commands to a rank, and the
 # rank's ready/failed events to the coordinator.
 META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
-    "data": ({"timings": _TIMINGS}, frozenset()),
+    "data": ({"timings": _TIMINGS, "gen": _GEN}, frozenset()),
     "error": ({"timings": _TIMINGS, "error": _ERROR}, frozenset({"error"})),
     # "load" carries the rank's shard record as a uint8 tensor and the plan hash; "ready"
     # answers with the same hash and the nodes the rank built
@@ -181,7 +205,8 @@ META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
                 frozenset()),
     "reply": ({"cmd": _one_of(*COMMANDS), "rank": _int, "ok": _bool, "busy": _bool,
                "processed": _int, "errors": _int, "malformed": _counts, "refused": _int,
-               "compute_s": _number, "rss": _int, "pending": _int},
+               "compute_s": _number, "rss": _int, "pending": _int, "kv_bytes": _int,
+               "sequences": _int},
               frozenset({"cmd", "rank"})),
 }
 

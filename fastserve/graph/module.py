@@ -17,6 +17,7 @@ from torch import nn
 
 from fastserve.errors import SpecError, WeightsError
 from fastserve.graph.checkpoint import open_checkpoint, resolve_path
+from fastserve.graph.decode import Step
 from fastserve.graph.dtypes import torch_dtype
 from fastserve.graph.graph import Graph
 from fastserve.graph.memory import _gb, available_memory, ensure_memory
@@ -157,19 +158,29 @@ class SubgraphModule(nn.Module):
         keep = set(self.output_names)
         # one tuple per node, resolved once: a forward of a small batch is mostly this loop
         # (a node's torch call is ~5 us), so no lookups by name in it
-        self._steps = [(n, self.nodes[_key(n)], tuple(self.node_inputs[n]),
-                        tuple(self.node_outputs[n]),
+        self._steps = [(n, self.nodes[_key(n)], getattr(self.nodes[_key(n)], "step", None),
+                        tuple(self.node_inputs[n]), tuple(self.node_outputs[n]),
                         tuple(r for r in self.node_inputs[n]
                               if self.last_use[r] == i and r not in keep))
                        for i, n in enumerate(self.order)]
         self.__dict__["current_node"] = None
 
     def forward(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.step(tensors, None)
+
+    def step(self, tensors: Mapping[str, torch.Tensor], step: Step | None
+             ) -> dict[str, torch.Tensor]:
+        """Run the nodes; with ``step``, one generation step of packed sequences (see
+        :mod:`fastserve.graph.decode`): nodes with a ``step`` method get it."""
         env = {k: tensors[k] for k in self.input_names}
         state = self.__dict__  # nn.Module.__setattr__ is slow; current_node is plain data
-        for n, module, refs, names, done in self._steps:
+        for n, module, stepper, refs, names, done in self._steps:
             state["current_node"] = n  # for error reports: which node raised
-            out = module(*[env[r] for r in refs])
+            if step is None or stepper is None:
+                out = module(*[env[r] for r in refs])
+            else:
+                step.node = n
+                out = stepper(*[env[r] for r in refs], step)
             if len(names) == 1:
                 env[names[0]] = out[0] if isinstance(out, tuple) and len(out) == 1 else out
             else:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve.errors import SpecError
+from fastserve.graph.decode import GenerationError, Step, attend
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,13 @@ class PositionalEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.weight[: x.shape[1]]
 
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        positions = step.positions()
+        if positions.numel() and int(positions.max()) >= self.weight.shape[0]:
+            raise GenerationError(f"position {int(positions.max())} is past the "
+                                  f"{self.weight.shape[0]} this model has")
+        return x + self.weight[positions]
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, GPT-2 layout (fused qkv projection, output projection)."""
@@ -113,6 +121,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        return self.proj(attend(step, q, k, v, self.n_heads))
 
 
 class MLP(nn.Module):
@@ -143,6 +155,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.attn.step(self.ln1(x), step)
         return x + self.mlp(self.ln2(x))
 
 
