@@ -13,7 +13,8 @@ import click
 from fastserve.cli.app import bench, cli, run_cli
 
 # importing registers the commands
-from fastserve.cli import engine, graph, hosts, partition, resources, service  # noqa: F401,E402
+from fastserve.cli import (engine, generate, graph, hosts, partition, resources,  # noqa: F401,E402
+                           service)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -65,7 +66,7 @@ class Generator:
 
     ``max_seqs``: sequences per micro-batch. ``kv_tokens``: positions each replica's caches may
     hold (per stage; the scheduler keeps within it). ``max_len``: the longest sequence the
-    model takes (its learned positions)."""
+    model takes (default: the pipeline's, its learned positions)."""
 
     def __init__(self, pipeline, scheduler=None, *, max_seqs: int = 8,
                  kv_tokens: int = 1 << 16, max_len: int | None = None,
@@ -74,7 +75,8 @@ class Generator:
             raise ValueError("max_seqs and kv_tokens must be at least 1")
         self.pipeline = pipeline
         self.scheduler = scheduler or FCFS()
-        self.max_seqs, self.kv_tokens, self.max_len = max_seqs, kv_tokens, max_len
+        self.max_seqs, self.kv_tokens = max_seqs, kv_tokens
+        self.max_len = max_len if max_len is not None else getattr(pipeline, "max_len", None)
         self.clock = clock
         self.costs = Costs()
         self._ids = itertools.count()
@@ -83,6 +85,8 @@ class Generator:
         self._flight: dict[int, tuple[int, list[int], float]] = {}  # key -> replica, seqs, sent
         self._free: list[list[int]] = [[] for _ in range(pipeline.replicas)]
         self._events: list[Event] = []
+        # the last steps: (prompt tokens prefilled, sequences, seconds from send to result)
+        self.steps: deque[tuple[int, int, float]] = deque(maxlen=10_000)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -124,6 +128,17 @@ class Generator:
     def active(self) -> int:
         """Sequences not finished."""
         return len(self._seqs)
+
+    def drain(self, cancel: bool = False) -> list[Event]:
+        """Run until no sequence is left and every cache is dropped (``cancel``: end every
+        sequence now); the events on the way."""
+        events: list[Event] = []
+        if cancel:
+            for sid in list(self._seqs):
+                self.cancel(sid)
+        while self._seqs or self._flight or any(self._free):
+            events += self.poll()
+        return events + self.poll()
 
     def kv_in_use(self) -> int:
         """Positions the caches hold for running sequences (all replicas)."""
@@ -243,6 +258,7 @@ class Generator:
     def _measure(self, seqs: list[_Seq], seconds: float) -> None:
         """Keep running estimates of a decode step and a prompt token's cost (for MLFQ)."""
         prefill = sum(len(s.tokens) - s.state.cached for s in seqs if not s.state.cached)
+        self.steps.append((prefill, len(seqs), seconds))
         if prefill >= 8:
             self.costs = Costs(self.costs.step_s, 0.8 * self.costs.token_s +
                                0.2 * seconds / prefill)

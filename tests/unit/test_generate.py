@@ -83,8 +83,7 @@ def test_eos_and_stream_and_cancel(lm):
     stream = gen.stream(Request(prompts()[0], STEPS))
     assert [next(stream) for _ in range(3)] == first[:3]
     stream.close()  # the consumer stops: the sequence is cancelled and its caches dropped
-    while gen.active or gen._flight or any(gen._free):
-        gen.poll()
+    gen.drain()
     assert gen.pipeline.cores[0][0].cache.bytes == 0
 
 

@@ -1,0 +1,184 @@
+"""Generation measured side by side in one run.
+
+* **decode throughput**: ``seqs`` sequences decoding together, in one process with one thread
+  (the whole graph, one batch per step) against a ``stages``-stage pipeline of 1-thread ranks
+  (``stages`` micro-batches of ``seqs / stages`` sequences in flight); rounds interleaved;
+* **the runtime's cost per decode step**: one sequence on the pipeline, one step in flight: the
+  step's round trip less the ranks' compute, per stage;
+* **schedulers**: one synthetic workload (Poisson arrivals, heavy-tailed output lengths, bounded
+  in count and time) on the pipeline under FCFS and under skip-join MLFQ, alternated: time to
+  first token, inter-token latency, job completion time, tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastserve.engine.coordinator import RunStats
+from fastserve.engine.deployment import Deployment, Layout, load_graph
+from fastserve.generate import (FCFS, MLFQ, DeploymentPipeline, Generator, LocalPipeline,
+                                Request, max_positions)
+from fastserve.graph.decode import check_generative
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    arrival: float  # seconds after the start
+    prompt: list[int]
+    max_tokens: int
+
+
+def workload(n: int, rate: float, vocab: int, seed: int = 0, longest: int = 4096,
+             prompt: tuple[int, int] = (4, 32), output_min: int = 4, output_max: int = 256,
+             alpha: float = 1.2) -> list[Job]:
+    """``n`` jobs arriving as a Poisson process of ``rate`` per second; prompt lengths uniform
+    in ``prompt``; output lengths Pareto(``alpha``) from ``output_min``, capped at
+    ``output_max`` (a few long jobs hold most of the work, as in chat traces), and so that no
+    job is longer than ``longest`` positions."""
+    rng = random.Random(seed)
+    prompt = (min(prompt[0], longest // 4), min(prompt[1], longest // 4))
+    output_max = min(output_max, longest - prompt[1])
+    t, jobs = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        length = rng.randint(*prompt)
+        out = min(output_max, int(output_min * (1 - rng.random()) ** (-1 / alpha)))
+        jobs.append(Job(t, [rng.randrange(1, vocab) for _ in range(length)], out))
+    return jobs
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else None
+
+
+def _decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
+    """Tokens/s of ``seqs`` sequences decoding together, from their first token to the end."""
+    rng = random.Random(1)
+    reqs = [Request([rng.randrange(1, vocab) for _ in range(16)], tokens) for _ in range(seqs)]
+    ids = [gen.submit(r) for r in reqs]
+    first, count, end = None, 0, None
+    while gen.active:
+        for ev in gen.poll():
+            if ev.seq in ids and ev.token is not None:
+                count += 1
+                if first is None and count == seqs:  # every prefill done
+                    first, count = time.perf_counter(), 0
+                end = time.perf_counter()
+    gen.drain()
+    return count / (end - first) if first and end and end > first else 0.0
+
+
+def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
+    """Run ``jobs`` at their arrival times for at most ``seconds``; per-job timings."""
+    start = time.perf_counter()
+    pending = list(jobs)
+    rec: dict[int, dict] = {}
+    while (pending or gen.active) and time.perf_counter() - start < seconds:
+        now = time.perf_counter() - start
+        while pending and pending[0].arrival <= now:
+            job = pending.pop(0)
+            sid = gen.submit(Request(job.prompt, job.max_tokens))
+            rec[sid] = {"arrival": start + job.arrival, "times": [], "end": None}
+        if not gen.active and pending:
+            time.sleep(min(0.05, max(0.0, pending[0].arrival - now)))
+            continue
+        for ev in gen.poll(wait_ms=5):
+            t = time.perf_counter()
+            r = rec.get(ev.seq)
+            if r is None:
+                continue
+            if ev.token is not None:
+                r["times"].append(t)
+            if ev.done:
+                r["end"] = t
+    gen.drain(cancel=True)  # out of time: the rest is cancelled, and counted as unfinished
+    done = [r for r in rec.values() if r["end"] is not None]
+    ttft = [r["times"][0] - r["arrival"] for r in done if r["times"]]
+    itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:])]
+    jct = [r["end"] - r["arrival"] for r in done]
+    tokens = sum(len(r["times"]) for r in done)
+    span = max((r["end"] for r in done), default=start) - start
+    return {"finished": len(done), "unfinished": len(jobs) - len(done),
+            "ttft_p50_ms": _ms(_pct(ttft, 0.5)), "ttft_p99_ms": _ms(_pct(ttft, 0.99)),
+            "itl_p50_ms": _ms(_pct(itl, 0.5)), "itl_p99_ms": _ms(_pct(itl, 0.99)),
+            "jct_mean_s": statistics.fmean(jct) if jct else None,
+            "jct_p99_s": _pct(jct, 0.99), "tokens_per_s": tokens / span if span else None}
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else 1e3 * s
+
+
+def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
+                   requests: int = 40, load: float = 1.0, max_seqs: int = 4,
+                   seconds: float = 120.0, rounds: int = 2, seed: int = 0,
+                   trust_code: bool = False, progress: Progress = lambda _m: None) -> dict:
+    graph, _, _ = load_graph(spec, None, trust_code)
+    check_generative(graph)
+    vocab = graph.spec.inputs[0].high or 256
+    longest = max_positions(graph) or 4096
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    local = LocalPipeline(graph)
+    per_stage = math.ceil(seqs / stages)
+    out: dict = {"spec": spec, "stages": stages, "seqs": seqs, "tokens": tokens}
+    try:
+        progress(f"starting a {stages}-stage pipeline (1 thread per rank)")
+        with Deployment.from_spec(spec, Layout(1, stages, threads=1), timeout=60,
+                                  trust_code=trust_code) as dep:
+            one, piped = [], []
+            for r in range(rounds):
+                progress(f"round {r + 1}/{rounds}: {seqs} sequences x {tokens} tokens, one "
+                         f"process then the pipeline")
+                one.append(_decode_rate(Generator(local, max_seqs=seqs), seqs, tokens, vocab))
+                piped.append(_decode_rate(Generator(DeploymentPipeline(dep),
+                                                    max_seqs=per_stage), seqs, tokens, vocab))
+            out["decode"] = {"one_process_tokens_per_s": statistics.median(one),
+                             "pipeline_tokens_per_s": statistics.median(piped),
+                             "ratio": statistics.median(piped) / statistics.median(one)}
+            progress("the runtime's cost per decode step: one sequence, one step in flight")
+            dep.stats = RunStats()
+            gen = Generator(DeploymentPipeline(dep))
+            gen.run([Request([1, 2, 3, 4], min(64, longest - 4))])
+            rounds_s = [s for p, n, s in gen.steps if p == 0]
+            compute = sum(statistics.median(st.compute) for st in dep.stats.stages.values())
+            step = statistics.median(rounds_s)
+            out["step"] = {"round_ms": 1e3 * step, "compute_ms": 1e3 * compute,
+                           "runtime_ms_per_stage": 1e3 * (step - compute) / stages}
+            # the workload's rate: `load` times what the pipeline decodes, in jobs per second
+            mean_out = statistics.fmean(j.max_tokens for j in workload(2000, 1.0, vocab, seed, longest))
+            rate = load * out["decode"]["pipeline_tokens_per_s"] * \
+                min(1.0, max_seqs * stages / seqs) / mean_out
+            jobs = workload(requests, rate, vocab, seed, longest)
+            out["workload"] = {"requests": requests, "rate_per_s": rate,
+                               "output_tokens": sum(j.max_tokens for j in jobs),
+                               "max_seqs": max_seqs}
+            results: dict[str, list[dict]] = {"fcfs": [], "mlfq": []}
+            for r in range(rounds):
+                for name, sched in (("fcfs", FCFS()), ("mlfq", MLFQ())):
+                    progress(f"round {r + 1}/{rounds}: {requests} requests under {name}")
+                    gen = Generator(DeploymentPipeline(dep), sched, max_seqs=max_seqs)
+                    results[name].append(_drive(gen, jobs, seconds))
+            out["schedulers"] = {k: _median_of(v) for k, v in results.items()}
+            f, m = out["schedulers"]["fcfs"], out["schedulers"]["mlfq"]
+            out["jct_mean_fcfs_over_mlfq"] = f["jct_mean_s"] / m["jct_mean_s"] \
+                if f["jct_mean_s"] and m["jct_mean_s"] else None
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _median_of(runs: list[dict]) -> dict:
+    keys = runs[0].keys()
+    return {k: statistics.median([r[k] for r in runs if r[k] is not None])
+            if any(r[k] is not None for r in runs) else None for k in keys}

@@ -1,0 +1,89 @@
+"""``fastserve generate`` and ``fastserve bench generate`` through the CLI boundary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastserve.cli.app import run_cli
+from lms import ROOT, hf_gpt2, hf_greedy, prompts, small_gpt2
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    spec, weights = small_gpt2(tmp_path_factory.mktemp("lm"))
+    model = hf_gpt2(weights)
+    return spec, [hf_greedy(model, p, 6) for p in prompts()[:2]]
+
+
+def ids(prompt):
+    return ",".join(map(str, prompt))
+
+
+def test_generate_on_two_stages_checks_and_equals_transformers(lm, capsys):
+    spec, expected = lm
+    code = run_cli(["generate", spec, "--ids", ids(prompts()[0]), "--ids", ids(prompts()[1]),
+                    "--max-tokens", "6", "--stages", "2", "--check", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    assert [r["tokens"] for r in doc["results"]] == expected
+    assert doc["check"] == "tokens equal the in-process run"
+    assert [r["end"] for r in doc["results"]] == ["length", "length"]
+    assert "rank 1 ready" in out.err
+
+
+def test_stream_prints_the_text_and_stop_strings_end_it(lm, capsys):
+    spec, _ = lm
+    # bytes in, bytes out: a vocabulary of 500 takes UTF-8 text
+    assert run_cli(["generate", spec, "--prompt", "hello", "--max-tokens", "5", "--local",
+                    "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    first = doc["results"][0]
+    assert first["prompt_tokens"] == 5 and len(first["tokens"]) == 5
+    stop = first["text"][-1]  # a stop string seen in the text ends it just before
+    assert run_cli(["generate", spec, "--prompt", "hello", "--max-tokens", "5", "--local",
+                    "--stop", stop, "--json"]) == 0
+    stopped = json.loads(capsys.readouterr().out)["results"][0]
+    assert stopped["end"] == "stop" and stopped["text"] == first["text"][:first["text"].index(stop)]
+    assert run_cli(["generate", spec, "--prompt", "hello", "--max-tokens", "3", "--local",
+                    "--stream"]) == 0
+    out = capsys.readouterr()
+    assert "3 token(s)" in out.err and out.out.endswith("\n")
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["--ids", "1,x"], 2, "comma-separated integers"),
+    (["--ids", "1", "--ids", "2", "--stream"], 2, "one prompt"),
+    ([], 2, "give a prompt"),
+    (["--ids", "600"], 1, "within [0, 500)"),
+    (["--ids", "1", "--max-tokens", "100"], 1, "64 positions"),
+    (["--ids", "1", "--tokenizer", "/nonexistent"], 2, "does not exist"),
+    (["--ids", "1", "--top-p", "0"], 2, "top-p"),
+])
+def test_bad_requests_are_refused_clearly(lm, capsys, args, code, words):
+    spec, _ = lm
+    assert run_cli(["generate", spec, "--local", *args]) == code
+    assert words in capsys.readouterr().err
+
+
+def test_a_graph_that_is_not_a_language_model_is_named(capsys):
+    assert run_cli(["generate", str(ROOT / "graphs/mlp.yaml"), "--ids", "1"]) == 2
+    assert "not a language model" in capsys.readouterr().err
+
+
+def test_bench_generate_prints_every_figure(lm, capsys):
+    spec, _ = lm
+    code = run_cli(["bench", "generate", spec, "--rounds", "1", "--requests", "6",
+                    "--tokens", "4", "--seqs", "4", "--seconds", "20", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    assert doc["decode"]["ratio"] > 0 and doc["step"]["runtime_ms_per_stage"] is not None
+    for name in ("fcfs", "mlfq"):
+        r = doc["schedulers"][name]
+        assert r["finished"] + r["unfinished"] == 6 and r["finished"] > 0
+        assert r["jct_mean_s"] > 0 and r["ttft_p50_ms"] > 0
