@@ -101,8 +101,12 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
         return Generator(pipeline, make_scheduler(scheduler), max_seqs=max_seqs,
                          max_len=pipeline.max_len)
 
-    def run(pipeline, echo: bool = stream) -> list[dict]:
+    def run(pipeline, echo: bool = stream, main: bool = True) -> list[dict]:
         gen = generator(pipeline)
+        if main:  # the run the user asked for, not the check
+            per = ", ".join(f"{b / 1024:.0f} KiB" for b in pipeline.kv_per_token)
+            say(f"KV cache per position, stage by stage: {per}; {gen.kv_tokens} positions "
+                f"fit in each replica's caches")
         try:
             sids = [gen.submit(r) for r in requests]
         except ValueError as e:
@@ -155,7 +159,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     verdict = None
     if check:  # the whole graph as one stage in this process: another cut, the same tokens
         say("generating again in this process, as one stage, to check the tokens")
-        expected = run(LocalPipeline(graph), echo=False)
+        expected = run(LocalPipeline(graph), echo=False, main=False)
         for i, (got, want) in enumerate(zip(results, expected)):
             if got["tokens"] != want["tokens"]:
                 raise EngineError(f"prompt {i + 1}: tokens {got['tokens']} differ from the "

@@ -65,12 +65,13 @@ class Generator:
     """Generate for many requests at once over ``pipeline``.
 
     ``max_seqs``: sequences per micro-batch. ``kv_tokens``: positions each replica's caches may
-    hold (per stage; the scheduler keeps within it). ``max_len``: the longest sequence the
+    hold (the scheduler keeps within it; default: what every stage's rank can hold). ``max_len``: the longest sequence the
     model takes (default: the pipeline's, its learned positions)."""
 
     def __init__(self, pipeline, scheduler=None, *, max_seqs: int = 8,
-                 kv_tokens: int = 1 << 16, max_len: int | None = None,
+                 kv_tokens: int | None = None, max_len: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        kv_tokens = kv_tokens if kv_tokens is not None else pipeline.kv_tokens
         if max_seqs < 1 or kv_tokens < 1:
             raise ValueError("max_seqs and kv_tokens must be at least 1")
         self.pipeline = pipeline

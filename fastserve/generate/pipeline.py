@@ -18,19 +18,24 @@ from fastserve.engine.deployment import Deployment
 from fastserve.engine.wire import Message
 from fastserve.errors import RankError
 from fastserve.graph import Graph, build_subgraph
-from fastserve.graph.decode import KVCache, check_generative
+from fastserve.graph.decode import KV_BYTES, KVCache, check_generative, kv_bytes_per_token
 from fastserve.partition import shards_from_bounds
 
 
 class _Base:
-    def __init__(self, graph: Graph, stages: int, replicas: int) -> None:
+    def __init__(self, graph: Graph, cut, replicas: int, kv_bytes: int) -> None:
         check_generative(graph)
         self.graph = graph
-        self.stages, self.replicas = stages, replicas
+        self.stages, self.replicas = len(cut), replicas
         self.input = graph.inputs[0].name
         self.logits = graph.outputs[0]
         self.vocab = graph.spec.inputs[0].high
         self.max_len = max_positions(graph)
+        # bytes per position in each stage's cache, and the positions every stage can hold
+        # (a sequence's buffers grow by doubling: up to twice its length is allocated)
+        self.kv_per_token = [kv_bytes_per_token(graph, nodes) for nodes in cut]
+        self.kv_tokens = min(kv_bytes // (2 * b) for b in self.kv_per_token if b) \
+            if any(self.kv_per_token) else 1 << 20
 
     def _meta(self, meta: dict) -> dict:
         return {"gen": {**meta, "logits": self.logits}}
@@ -48,9 +53,9 @@ class LocalPipeline(_Base):
     them sharing weights, each with its own caches. A step runs when it is sent."""
 
     def __init__(self, graph: Graph, cut: list[list[str]] | None = None, replicas: int = 1,
-                 kv_bytes: int = 1 << 30) -> None:
+                 kv_bytes: int = KV_BYTES) -> None:
         cut = cut or [list(graph.order)]
-        super().__init__(graph, len(cut), replicas)
+        super().__init__(graph, cut, replicas, kv_bytes)
         sharding = shards_from_bounds(graph, list(itertools.accumulate(len(c) for c in cut)),
                                       "local", order=[n for c in cut for n in c])
         shards = [build_subgraph(graph, s.nodes, s.inputs, s.outputs) for s in sharding.shards]
@@ -81,7 +86,8 @@ class DeploymentPipeline(_Base):
     """A running deployment's replicas and stages; its ranks hold the caches."""
 
     def __init__(self, deployment: Deployment) -> None:
-        super().__init__(deployment.graph, deployment.plan.stages, deployment.plan.replicas)
+        super().__init__(deployment.graph, deployment.plan.cut, deployment.plan.replicas,
+                         KV_BYTES)
         self.deployment = deployment
         self.flow = deployment.flow()
 

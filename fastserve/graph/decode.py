@@ -33,6 +33,9 @@ TOKENWISE = {"embedding", "linear", "layer_norm", "rms_norm", "gelu", "relu", "s
 STEPPED = {"positional_embedding", "attention", "transformer_block"}
 
 
+KV_BYTES = 1 << 30  # a rank's cache budget
+
+
 class KVCacheFull(RuntimeError):
     """A step would take this stage's cache past its byte budget."""
 
@@ -58,7 +61,7 @@ class KVCache:
     arrive in order: a step that starts anywhere but at the cached length is refused (a message
     replayed or reordered would otherwise corrupt the sequence silently)."""
 
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, max_bytes: int = KV_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: dict[int, dict[str, list]] = {}  # seq -> node -> [k, v, length]
@@ -169,6 +172,13 @@ def attend(step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
             y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         out.append(y.transpose(0, 1).reshape(seg.n, d))
     return torch.cat(out).unsqueeze(0) if out else q.new_zeros((1, 0, d))
+
+
+def kv_bytes_per_token(graph, nodes) -> int:
+    """Bytes of keys and values one position of one sequence takes in the cache of a stage
+    holding ``nodes`` (float32, as the ranks compute)."""
+    return sum(2 * graph.node(n)["args"]["d_model"] * 4 for n in nodes
+               if graph.node(n)["op"] in ("attention", "transformer_block"))
 
 
 def check_generative(graph) -> None:
