@@ -91,23 +91,29 @@ class RankCore:
         """One generation step (:mod:`fastserve.graph.decode`): drop the caches ``free`` names,
         run the packed sequences through the shard with this rank's cache, and, where the shard
         produces the ``logits`` tensor, sample one token per sequence. A step that fails drops
-        its sequences' caches here (the coordinator starts them again from position 0)."""
+        its sequences' caches here, whatever refused it (the coordinator may start them again from
+        position 0)."""
         self.cache.free(gen.get("free", []))
         segments = [Segment(*s) for s in gen["seqs"]]
+
+        def refuse(text: str, node: str | None = None) -> Message:
+            self.cache.free([s.seq for s in segments])
+            return self.error(msg, text, node)
+
         if len({s.seq for s in segments}) != len(segments) or \
                 any(s.seq < 0 or s.start < 0 or s.n < 1 for s in segments):
-            return self.error(msg, "a generation step needs distinct sequences, each with a "
-                                   "position >= 0 and at least one token")
+            return refuse("a generation step needs distinct sequences, each with a position "
+                          ">= 0 and at least one token")
         sample = gen.get("sample")
         if sample is not None and len(sample) != len(segments):
-            return self.error(msg, f"a generation step samples {len(sample)} sequences, "
-                                   f"it has {len(segments)}")
+            return refuse(f"a generation step samples {len(sample)} sequences, it has "
+                          f"{len(segments)}")
         samples = [Sampling()] * len(segments)
         try:
             if sample is not None:
                 samples = [Sampling(float(t), k, float(p), seed) for t, k, p, seed in sample]
         except ValueError as e:
-            return self.error(msg, f"a generation step's sampling: {e}")
+            return refuse(f"a generation step's sampling: {e}")
         sampler = gen.get("logits") in self.shard.output_names
         if not segments:  # only caches to free: pass it on
             return {"tokens": torch.zeros(0, dtype=torch.int64)} if sampler else {}
@@ -116,8 +122,8 @@ class RankCore:
             t = msg.tensors.get(name)
             if t is None or t.dim() < 2 or tuple(t.shape[:2]) != (1, tokens):
                 shape = None if t is None else tuple(t.shape)
-                return self.error(msg, f"a generation step of {tokens} tokens needs input "
-                                       f"'{name}' of shape (1, {tokens}, ...), got {shape}")
+                return refuse(f"a generation step of {tokens} tokens needs input '{name}' of "
+                              f"shape (1, {tokens}, ...), got {shape}")
         try:
             with torch.inference_mode():
                 outputs = self.shard.step(msg.tensors, Step(segments, self.cache))
@@ -127,9 +133,7 @@ class RankCore:
                     outputs = {"tokens": sample_tokens(
                         logits[last], samples, [s.start + s.n for s in segments])}
         except Exception as e:  # a node failing (or a full cache) must not take the rank down
-            self.cache.free([s.seq for s in segments])
-            return self.error(msg, f"{type(e).__name__}: {e}",
-                              getattr(self.shard, "current_node", None))
+            return refuse(f"{type(e).__name__}: {e}", getattr(self.shard, "current_node", None))
         return outputs
 
     def error(self, msg: Message, text: str, node: str | None = None) -> Message:

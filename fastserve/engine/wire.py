@@ -54,7 +54,8 @@ MAX_NAME = 256  # characters in a tensor name
 MAX_TEXT = 2048  # characters in any string of meta (an error's text is cut to this)
 MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the 513th
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
-MAX_SEQS = 1024  # sequences in one generation step (and freed by one message)
+MAX_SEQS = 512  # sequences in one generation step (and freed by one message); below the
+# receiver's msgpack bound on any array (MAX_TENSORS + MAX_TIMINGS)
 
 _NAMES = {v: k for k, v in DTYPES.items()}
 

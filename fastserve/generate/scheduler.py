@@ -115,7 +115,11 @@ class MLFQ:
         return self.levels - 1
 
     def reserve(self, seq: SeqState) -> int:
-        return seq.cached if seq.cached else seq.length
+        """Positions held: what is cached, plus the one a decode step in flight adds (a
+        prefill in flight adds the whole sequence)."""
+        if seq.cached:
+            return seq.cached + (1 if seq.in_flight else 0)
+        return seq.length
 
     def priority(self, seq: SeqState, now: float) -> tuple:
         level = 0 if now - seq.last_run >= self.starve_s else seq.level
@@ -136,8 +140,15 @@ class MLFQ:
             if s.id in evict:
                 continue
             need = 1 if s.cached else s.length  # the positions this step adds
+            mine = self.priority(s, now)
+            # evict only when dropping every lower-priority cache would make room (in-flight
+            # sequences hold the rest): else the victims recompute and nothing is gained
+            freeable = sum(v.cached for v in victims if v is not s and
+                           self.priority(v, now) > mine)
+            if used + need - freeable > kv_tokens:
+                continue
             while used + need > kv_tokens and victims and \
-                    self.priority(victims[0], now) > self.priority(s, now):
+                    self.priority(victims[0], now) > mine:
                 v = victims.pop(0)
                 evict.append(v.id)
                 used -= v.cached
@@ -145,8 +156,7 @@ class MLFQ:
                 continue  # does not fit now; a smaller job behind it may
             used += need
             run.append(s.id)
-            if s in victims:
-                victims.remove(s)
+            victims = [v for v in victims if v is not s]
         return Pick(run, evict)
 
     def account(self, seq: SeqState, seconds: float, costs: Costs) -> tuple[int, float]:

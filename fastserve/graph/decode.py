@@ -90,6 +90,8 @@ class KVCache:
         entry = nodes.get(node)
         have = entry[2] if entry else 0
         if start != have:
+            if not nodes:
+                del self._entries[seq]
             raise GenerationError(f"sequence {seq} steps at position {start} but node '{node}' "
                                   f"holds {have} positions of it")
         n = k.shape[1]
