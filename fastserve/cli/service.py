@@ -48,15 +48,24 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="The management token (scale, drain, stop); created (mode 0600) if it does "
               "not exist. Without it the management routes are off.")
+@click.option("--generate", is_flag=True, help="Serve text generation (POST /v1/completions "
+              "and /v1/chat/completions) instead of /v1/infer: SPEC must be a causal LM.")
+@click.option("--scheduler", type=click.Choice(["fcfs", "mlfq"]),
+              help="Generation: who runs next [default: fcfs].")
+@click.option("--max-seqs", type=click.IntRange(1), help="Generation: sequences per "
+              "micro-batch [default: 8].")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+              help="Generation: a transformers tokenizer directory [default: UTF-8 bytes].")
 @trust_option
 def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, max_replicas,
-              policy, stages, threads, max_batch, max_wait_ms, max_queue, token_file,
-              trust_code) -> None:
+              policy, stages, threads, max_batch, max_wait_ms, max_queue, token_file, generate,
+              scheduler, max_seqs, tokenizer, trust_code) -> None:
     """Deploy SPEC and serve it over HTTP until stopped.
 
     \b
-    Routes: POST /v1/infer, GET /healthz /readyz /v1/status /metrics, and with a token
-    POST /v1/scale /v1/drain /v1/stop.
+    Routes: POST /v1/infer (or with --generate POST /v1/completions and
+    /v1/chat/completions, streamed as server-sent events with "stream": true), GET /healthz
+    /readyz /v1/status /metrics, and with a token POST /v1/scale /v1/drain /v1/stop.
 
     \b
     Examples:
@@ -66,6 +75,7 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
       curl -s -H 'content-type: application/json' localhost:8000/v1/infer \\
            -d '{"inputs": {"x": [[0.1, ...]]}}'
       fastserve serve --config runtime/services/mlp.yaml
+      fastserve serve graphs/gpt2.yaml --generate --stages 2 --scheduler mlfq
       fastserve status; fastserve stop --token-file svc.token
     """
     from fastserve.service import ServiceConfig, load_config
@@ -98,6 +108,10 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
                                                           if v is not None}))
     if max_queue is not None:
         cfg = replace(cfg, limits=replace(cfg.limits, max_queue=max_queue))
+    gen = {"enabled": True if generate else None, "scheduler": scheduler, "max_seqs": max_seqs,
+           "tokenizer": tokenizer}
+    cfg = replace(cfg, generation=replace(cfg.generation, **{k: v for k, v in gen.items()
+                                                              if v is not None}))
     host, port = parse_listen(cfg.listen)
     token = read_token(cfg.token_file, create=True) if cfg.token_file else None
 
@@ -109,7 +123,8 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
     count = f"{service.plan.replicas} replica(s), from the plan" if cfg.plan and \
         r.policy == "static" else f"{r.min}" + (f"..{r.max}" if r.policy != "static" else "") \
         + " replica(s)"
-    say(f"serving graph '{service.graph.name}': {service.plan.stages} stage(s) per replica, "
+    what = "generating with" if cfg.generation.enabled else "serving"
+    say(f"{what} graph '{service.graph.name}': {service.plan.stages} stage(s) per replica, "
         f"{r.policy} policy ({count})")
     service.start()
     try:

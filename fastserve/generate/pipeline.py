@@ -85,11 +85,12 @@ class LocalPipeline(_Base):
 class DeploymentPipeline(_Base):
     """A running deployment's replicas and stages; its ranks hold the caches."""
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, stats=None) -> None:
+        """``stats``: where the flow's timings go (see :meth:`Deployment.flow`)."""
         super().__init__(deployment.graph, deployment.plan.cut, deployment.plan.replicas,
                          KV_BYTES)
         self.deployment = deployment
-        self.flow = deployment.flow()
+        self.flow = deployment.flow(stats)
 
     def send(self, replica: int, key: int, ids: torch.Tensor, meta: dict) -> None:
         item = WorkItem(key, replica, {self.input: ids}, len(meta["seqs"]), self._meta(meta))

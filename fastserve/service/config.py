@@ -27,6 +27,13 @@ A YAML file (read with the safe loader; every error names the file, the line and
       restart_budget: 5         # restarts in a row without a success before a replica gives up
       attempts: 3               # runs of a request whose replica failed, before a 503
       max_body_bytes: 67108864  # the largest request body the HTTP front reads
+    generation:
+      enabled: false            # serve /v1/completions and /v1/chat/completions (a causal LM
+                                # of the op library) instead of /v1/infer
+      scheduler: fcfs           # fcfs | mlfq (skip-join MLFQ)
+      max_seqs: 8               # sequences per micro-batch
+      max_tokens: 256           # the most new tokens one request may ask for
+      tokenizer: null           # a transformers tokenizer directory; default UTF-8 bytes
     listen: 127.0.0.1:8000
     token_file: service.token   # management routes (scale, drain, stop) need this token
 
@@ -37,7 +44,7 @@ Relative paths are relative to the config file. The same fields are the keyword 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +82,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Generation:
+    enabled: bool = False
+    scheduler: str = "fcfs"
+    max_seqs: int = 8
+    max_tokens: int = 256
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     spec: str
     trust_code: bool = False
@@ -84,6 +100,7 @@ class ServiceConfig:
     replicas: Replicas = field(default_factory=Replicas)
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
+    generation: Generation = field(default_factory=Generation)
     listen: str = "127.0.0.1:8000"
     token_file: str | None = None
     plan: str | None = None
@@ -101,8 +118,11 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "patience": (int, 1), "max_batch": (int, 1), "max_wait_ms": (float, 0.0),
     "max_queue": (int, 1), "deadline_s": (float, 0.01), "hang_s": (float, 0.5),
     "restart_budget": (int, 0), "attempts": (int, 1), "max_body_bytes": (int, 1024),
+    "max_seqs": (int, 1), "max_tokens": (int, 1),
 }
-_SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits}
+_SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits,
+             "generation": Generation}
+SCHEDULERS = ("fcfs", "mlfq")
 
 
 def check_config(cfg: ServiceConfig) -> None:
@@ -144,6 +164,15 @@ def check_config(cfg: ServiceConfig) -> None:
         fail("a static service needs at least one replica", "replicas.min")
     if r.policy != "static" and r.max < max(r.min, 1):
         fail(f"max ({r.max}) is below min ({r.min})", "replicas.max")
+    g = cfg.generation
+    if not isinstance(g.enabled, bool):
+        fail(f"expected true or false, got {describe(g.enabled)}", "generation.enabled")
+    if g.scheduler not in SCHEDULERS:
+        fail(f"expected one of {', '.join(SCHEDULERS)}, got {describe(g.scheduler)}",
+             "generation.scheduler")
+    if g.tokenizer is not None and (not isinstance(g.tokenizer, str) or not g.tokenizer):
+        fail(f"expected a tokenizer directory, got {describe(g.tokenizer)}",
+             "generation.tokenizer")
     parse_listen(cfg.listen, lambda m: fail(m, "listen"))
     if cfg.token_file is not None and (not isinstance(cfg.token_file, str) or not cfg.token_file):
         fail(f"expected the path of a token file, got {describe(cfg.token_file)}", "token_file")
@@ -190,6 +219,10 @@ def load_config(path: str | os.PathLike) -> ServiceConfig:
     for key in ("spec", "token_file", "plan", "hosts", "keys"):
         if isinstance(args.get(key), str) and args[key] and not os.path.isabs(args[key]):
             args[key] = str(base / args[key])
+    g = args.get("generation")
+    if g is not None and isinstance(g.tokenizer, str) and g.tokenizer and \
+            not os.path.isabs(g.tokenizer):
+        args["generation"] = replace(g, tokenizer=str(base / g.tokenizer))
     try:
         return ServiceConfig(**args)
     except ServiceConfigError as e:  # the same error, with the file and the key's line

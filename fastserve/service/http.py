@@ -260,7 +260,13 @@ def make_app(service: Service, token: str | None = None,
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(service.metrics.render(), media_type=PROMETHEUS)
 
+    extra = []
+    if service.generating:
+        from fastserve.service.openai import routes as completion_routes
+
+        extra = completion_routes(service, _body)
     return Starlette(routes=[
+        *extra,
         Route("/v1/infer", infer, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

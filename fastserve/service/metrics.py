@@ -31,6 +31,11 @@ class Metrics:
         self.batch_samples = Histogram("fastserve_batch_samples", "Samples per batch sent to "
                                        "a replica", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                        registry=r)
+        self.tokens = Counter("fastserve_generation_tokens", "Tokens generated and sent",
+                              registry=r)
+        self.first_token = Histogram("fastserve_time_to_first_token_seconds", "Seconds from "
+                                     "admission to a completion's first token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.restarts = Counter("fastserve_rank_restarts", "Replica restarts after a rank "
                                 "died or hung", registry=r)
         Gauge("fastserve_queue_depth", "Requests admitted and waiting for a replica",

@@ -24,6 +24,9 @@ import torch
 
 from fastserve.engine.deployment import Deployment, load_graph
 from fastserve.engine.keys import load_keys
+from fastserve.generate import Sampling, max_positions
+from fastserve.generate.text import load_tokenizer
+from fastserve.graph.decode import check_generative
 from fastserve.errors import InputsError, ServiceConfigError, ServiceError
 from fastserve.graph.inputs import check_inputs
 from fastserve.resources.inventory import Inventory, load_inventory, local_inventory
@@ -33,6 +36,7 @@ from fastserve.resources.policies import Dynamic, Hybrid, Observation, Policy, S
 from fastserve.service.config import ServiceConfig
 from fastserve.service.metrics import Metrics
 from fastserve.service.queue import Request, RequestQueue, shape_key
+from fastserve.service.generation import Completion, GenerationReplica, Sink
 from fastserve.service.replica import Replica
 
 Progress = Callable[[str], None]
@@ -90,6 +94,12 @@ class Service:
         self.in_flight = self.plan.stages + 1  # batches in flight per replica
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"]
+        self.generating = config.generation.enabled
+        if self.generating:  # a causal LM: completions instead of tensors
+            check_generative(self.graph)
+            self.tokenizer = load_tokenizer(config.generation.tokenizer)
+            self.max_len = max_positions(self.graph)
+            self.vocab = self.graph.spec.inputs[0].high
         mergeable = len(self.batched) == len(self.graph.spec.inputs)
         self.queue = RequestQueue(config.limits.max_queue, b.max_batch, b.max_wait_ms / 1000,
                                   mergeable)
@@ -163,6 +173,8 @@ class Service:
         Raises :class:`InputsError` (inputs that do not fit the graph) or ServiceError 503
         (overloaded, stopping) at once."""
         inputs = dict(inputs)
+        if self.generating:
+            raise ServiceError("this service generates text: POST /v1/completions", 404)
         try:
             check_inputs(self.graph, inputs)
         except InputsError:
@@ -182,6 +194,60 @@ class Service:
             self._arrived += samples
         request.future.add_done_callback(lambda f, r=request: self._finished(r, f))
         return request.future
+
+    def complete(self, prompt: list[int], sink: Sink, max_tokens: int = 16,
+                 sampling: Sampling = Sampling(), eos: tuple[int, ...] = ()) -> Completion:
+        """Admit one generation; ``sink(kind, value)`` gets each token as it comes
+        (``"token"``, id), then ``("done", reason)`` or ``("error", ServiceError)``, from a
+        replica's thread. Raises ServiceError 400 (a request the model cannot run) or 503
+        (overloaded, stopping) at once."""
+        if not self.generating:
+            raise ServiceError("this service runs /v1/infer; generation is off "
+                               "(generation.enabled)", 404)
+        limit = self.config.generation.max_tokens
+        problem = None
+        if not prompt:
+            problem = "the prompt is empty"
+        elif not 1 <= max_tokens <= limit:
+            problem = f"max_tokens must be between 1 and {limit} (generation.max_tokens)"
+        elif self.vocab is not None and not all(0 <= t < self.vocab for t in prompt):
+            problem = f"prompt token ids must be within [0, {self.vocab})"
+        elif self.max_len is not None and len(prompt) + max_tokens > self.max_len:
+            problem = (f"a prompt of {len(prompt)} tokens plus max_tokens {max_tokens} is "
+                       f"longer than the {self.max_len} positions of this model")
+        if problem:
+            self._count("invalid")
+            raise ServiceError(problem, 400)
+
+        def counted(kind: str, value) -> None:
+            if kind == "token":
+                self.metrics.tokens.inc()
+                if len(completion.sent) == 1:
+                    self.metrics.first_token.observe(completion.first_token -
+                                                     completion.accepted)
+            elif kind == "done":
+                self._count("ok")
+                self.metrics.latency.observe(time.monotonic() - completion.accepted)
+                if completion.taken is not None:
+                    self.metrics.queue_seconds.observe(completion.taken - completion.accepted)
+            else:
+                self._count("timeout" if value.status == 504 else "error")
+            sink(kind, value)
+
+        completion = Completion(list(prompt), max_tokens, sampling, eos,
+                                time.monotonic() + self.config.limits.deadline_s, counted)
+        try:
+            self.queue.put(completion)
+        except ServiceError:
+            self._count("overloaded")
+            raise
+        with self._lock:
+            self._arrived += max_tokens
+        return completion
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.metrics.requests.labels(outcome).inc()
 
     def infer(self, inputs: Mapping[str, torch.Tensor], timeout: float | None = None
               ) -> dict[str, torch.Tensor]:
@@ -260,9 +326,14 @@ class Service:
             for _ in range(replicas - len(running)):
                 lim = self.config.limits
                 index = self._next_index
-                rep = Replica(index, lambda i=index: self._deploy(i), self.queue, self.batched,
-                              hang_s=lim.hang_s, restart_budget=lim.restart_budget,
-                              attempts=lim.attempts, on_event=self._event)
+                kind, extra = Replica, {}
+                if self.generating:
+                    g = self.config.generation
+                    kind = GenerationReplica
+                    extra = {"scheduler": g.scheduler, "max_seqs": g.max_seqs}
+                rep = kind(index, lambda i=index: self._deploy(i), self.queue, self.batched,
+                           hang_s=lim.hang_s, restart_budget=lim.restart_budget,
+                           attempts=lim.attempts, on_event=self._event, **extra)
                 self._next_index += 1
                 self.replicas.append(rep)
                 rep.start()
@@ -342,6 +413,9 @@ class Service:
                           "ranks": [{"rank": k.config.rank, "name": k.name}
                                     for k in (r.dep.ranks if r.dep else []) if k is not None]}
                          for r in self.replicas],
+            "generation": {"scheduler": self.config.generation.scheduler,
+                           "max_seqs": self.config.generation.max_seqs,
+                           "tokenizer": self.tokenizer.name} if self.generating else None,
             "queue": len(self.queue),
             "requests": dict(self.outcomes),
             "restarts": self._retired_restarts + sum(r.restarts for r in self.replicas),

@@ -1,0 +1,157 @@
+"""A generating service on real ranks: completions over HTTP (plain, streamed, chat) equal
+transformers' greedy tokens; a rank killed mid-generation costs the stream nothing (no gap, no
+duplicate); bad bodies get a 400 naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+
+from fastserve.errors import ServiceError
+from fastserve.generate import Sampling
+from fastserve.service import Service, ServiceConfig
+from fastserve.service.config import Generation
+from fastserve.service.http import make_app
+from lms import hf_gpt2, hf_greedy, prompts, small_gpt2
+
+pytestmark = pytest.mark.timeout(120)
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    spec, weights = small_gpt2(tmp_path_factory.mktemp("lm"))
+    model = hf_gpt2(weights)
+    return spec, model
+
+
+def config(spec: str) -> ServiceConfig:
+    return ServiceConfig(spec=spec, stages=2, generation=Generation(
+        enabled=True, max_tokens=40, max_seqs=2))
+
+
+@pytest.fixture(scope="module")
+def svc(lm):
+    service = Service(config(lm[0])).start()
+    yield service
+    service.stop(drain=False)
+
+
+def call(svc, *requests):
+    async def main():
+        transport = httpx.ASGITransport(app=make_app(svc))
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            return await asyncio.gather(*[client.post(path, json=body)
+                                          for path, body in requests])
+    return asyncio.run(main())
+
+
+def test_concurrent_completions_equal_transformers_greedy(svc, lm):
+    _, model = lm
+    expected = [hf_greedy(model, p, STEPS) for p in prompts()]
+    answers = call(svc, *[("/v1/completions", {"prompt": p, "max_tokens": STEPS,
+                                               "temperature": 0}) for p in prompts()])
+    assert [a.status_code for a in answers] == [200] * 4
+    docs = [a.json() for a in answers]
+    assert [d["choices"][0]["token_ids"] for d in docs] == expected
+    assert all(d["object"] == "text_completion" and d["choices"][0]["finish_reason"] == "length"
+               and d["usage"]["completion_tokens"] == STEPS for d in docs)
+    metrics = svc.metrics.render().decode()
+    assert "fastserve_generation_tokens_total" in metrics
+    assert "fastserve_time_to_first_token_seconds_count" in metrics
+
+
+def test_a_stream_is_the_same_text_as_the_whole_answer(svc):
+    body = {"prompt": "hello", "max_tokens": 8, "temperature": 0.7, "seed": 5}
+    whole, streamed = call(svc, ("/v1/completions", body),
+                           ("/v1/completions", {**body, "stream": True}))
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [e.removeprefix("data: ") for e in streamed.text.strip().split("\n\n")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert sum((c["token_ids"] for c in chunks), []) == whole.json()["choices"][0]["token_ids"]
+    assert "".join(c["text"] for c in chunks) == whole.json()["choices"][0]["text"]
+    assert [c["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_chat_and_stop_strings(svc):
+    chat, = call(svc, ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}))
+    assert chat.status_code == 200, chat.text
+    doc = chat.json()
+    assert doc["object"] == "chat.completion"
+    text = doc["choices"][0]["message"]["content"]
+    assert len(doc["choices"][0]["token_ids"]) == 6 and text
+    stop = text[-1]  # the text ends just before the first place the stop string appears
+    cut, = call(svc, ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+        "stop": [stop]}))
+    choice = cut.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == \
+        text[:text.index(stop)]
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"prompt": []}, "'prompt'"),
+    ({"prompt": "x", "max_tokens": 41}, "'max_tokens'"),
+    ({"prompt": "x", "max_tokens": True}, "'max_tokens'"),
+    ({"prompt": "x", "temperature": "hot"}, "'temperature'"),
+    ({"prompt": "x", "top_p": 0}, "'top_p'"),
+    ({"prompt": "x", "n": 2}, "'n' can only be 1"),
+    ({"prompt": "x", "stop": ["a"] * 5}, "'stop'"),
+    ({"prompt": "x", "stream": "yes"}, "'stream'"),
+    ({"prompt": "x", "tools": []}, "unknown field(s) tools"),
+    ({"prompt": [600]}, "within [0, 500)"),
+    ({"prompt": [1] * 30, "max_tokens": 40}, "64 positions"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_completion_bodies_are_refused(svc, body, words):
+    answer, = call(svc, ("/v1/completions", body))
+    assert answer.status_code == 400 and words in answer.json()["error"]
+
+
+def test_infer_is_not_served_by_a_generating_service(svc):
+    answer, = call(svc, ("/v1/infer", {"inputs": {"ids": [[1, 2]]}}))
+    assert answer.status_code == 404 and "/v1/completions" in answer.json()["error"]
+
+
+def test_a_rank_killed_mid_generation_costs_the_stream_nothing(lm):
+    spec, model = lm
+    prompt = prompts()[1]
+    expected = hf_greedy(model, prompt, 40)
+    with Service(config(spec)) as svc:  # its own: the ranks it restarts belong to this test
+        generate_through_a_killed_rank(svc, prompt, expected)
+
+
+def generate_through_a_killed_rank(svc, prompt, expected):
+    restarts = svc.status()["restarts"]
+    tokens, ended = [], threading.Event()
+    outcome = {}
+
+    def sink(kind, value):
+        if kind == "token":
+            tokens.append(value)
+            if len(tokens) == 5:  # from the replica's own thread: the next step finds it dead
+                rep = next(r for r in svc.replicas if r.dep is not None)
+                os.kill(rep.dep.ranks[1].process.pid, signal.SIGKILL)
+        else:
+            outcome[kind] = value
+            ended.set()
+
+    svc.complete(prompt, sink, max_tokens=40, sampling=Sampling())
+    assert ended.wait(60)
+    assert outcome == {"done": "length"}
+    assert tokens == expected  # continued from the tokens already sent: no gap, no duplicate
+    assert svc.status()["restarts"] == restarts + 1
+
+
+def test_admission_refuses_what_the_model_cannot_run(svc):
+    with pytest.raises(ServiceError) as info:
+        svc.complete([], lambda k, v: None)
+    assert info.value.status == 400
