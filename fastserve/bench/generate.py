@@ -122,6 +122,7 @@ def _ms(s: float | None) -> float | None:
 def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                    requests: int = 40, load: float = 1.0, max_seqs: int = 4,
                    seconds: float = 120.0, rounds: int = 2, seed: int = 0,
+                   kv_tokens: int | None = None, quantum: float = 4.0,
                    trust_code: bool = False, progress: Progress = lambda _m: None) -> dict:
     graph, _, _ = load_graph(spec, None, trust_code)
     check_generative(graph)
@@ -162,12 +163,14 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
             jobs = workload(requests, rate, vocab, seed, longest)
             out["workload"] = {"requests": requests, "rate_per_s": rate,
                                "output_tokens": sum(j.max_tokens for j in jobs),
-                               "max_seqs": max_seqs}
+                               "max_seqs": max_seqs, "kv_tokens": kv_tokens,
+                               "quantum_steps": quantum}
             results: dict[str, list[dict]] = {"fcfs": [], "mlfq": []}
             for r in range(rounds):
-                for name, sched in (("fcfs", FCFS()), ("mlfq", MLFQ())):
+                for name, sched in (("fcfs", FCFS()), ("mlfq", MLFQ(quantum=quantum))):
                     progress(f"round {r + 1}/{rounds}: {requests} requests under {name}")
-                    gen = Generator(DeploymentPipeline(dep), sched, max_seqs=max_seqs)
+                    gen = Generator(DeploymentPipeline(dep), sched, max_seqs=max_seqs,
+                                    kv_tokens=kv_tokens)
                     results[name].append(_drive(gen, jobs, seconds))
             out["schedulers"] = {k: _median_of(v) for k, v in results.items()}
             f, m = out["schedulers"]["fcfs"], out["schedulers"]["mlfq"]

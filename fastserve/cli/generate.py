@@ -215,10 +215,15 @@ def _report(results, inputs, as_json, stream, verdict) -> None:
 @click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
               help="Interleaved rounds; medians are printed.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--kv-tokens", type=click.IntRange(300), default=None,
+              help="Positions the caches may hold (default: what the ranks hold); FCFS "
+              "reserves each job's prompt and whole output, MLFQ grows and evicts.")
+@click.option("--quantum", type=click.FloatRange(0.5), default=4.0, show_default=True,
+              help="MLFQ: the top level's quantum, in decode steps (doubling per level).")
 @click.option("--json", "as_json", is_flag=True)
 @trust_option
 def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, seconds, rounds,
-                       seed, as_json, trust_code) -> None:
+                       seed, kv_tokens, quantum, as_json, trust_code) -> None:
     """Generation: pipeline decode throughput against one 1-thread process, the runtime's cost
     per decode step, and FCFS against skip-join MLFQ on one heavy-tailed workload.
 
@@ -229,7 +234,8 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
     from fastserve.bench.generate import bench_generate
 
     out = bench_generate(spec, stages, seqs, tokens, requests, load, max_seqs, seconds, rounds,
-                         seed, trust_code, progress=lambda m: click.echo(m, err=True))
+                         seed, kv_tokens, quantum, trust_code,
+                         progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return

@@ -126,12 +126,14 @@ class RankCore:
                               f"shape (1, {tokens}, ...), got {shape}")
         try:
             with torch.inference_mode():
-                outputs = self.shard.step(msg.tensors, Step(segments, self.cache))
+                step = Step(segments, self.cache, last_only=sampler)
+                outputs = self.shard.step(msg.tensors, step)
                 if sampler:
                     logits = outputs[gen["logits"]][0]
-                    last = torch.tensor([s.n for s in segments]).cumsum(0) - 1
+                    if not step.sliced:
+                        logits = logits[step.last_rows()]
                     outputs = {"tokens": sample_tokens(
-                        logits[last], samples, [s.start + s.n for s in segments])}
+                        logits, samples, [s.start + s.n for s in segments])}
         except Exception as e:  # a node failing (or a full cache) must not take the rank down
             return refuse(f"{type(e).__name__}: {e}", getattr(self.shard, "current_node", None))
         return outputs

@@ -130,6 +130,11 @@ class Step:
     segments: list[Segment]
     cache: KVCache
     node: str = ""
+    # only each sequence's last row is wanted (the last stage samples from it): once no node
+    # that looks across positions is left, the rest run on those rows alone (a prefill's head
+    # computes one row of logits per sequence, not one per prompt token)
+    last_only: bool = False
+    sliced: bool = False  # the outputs hold only the last rows
     _positions: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -143,6 +148,10 @@ class Step:
                                          for s in self.segments]) if self.segments else \
                 torch.zeros(0, dtype=torch.int64)
         return self._positions
+
+    def last_rows(self) -> torch.Tensor:
+        """The packed row of each sequence's last token."""
+        return torch.tensor([s.n for s in self.segments]).cumsum(0) - 1
 
     def rows(self):
         """``(segment, first row)`` of each segment in the packed tensors."""

@@ -163,6 +163,9 @@ class SubgraphModule(nn.Module):
                         tuple(r for r in self.node_inputs[n]
                               if self.last_use[r] == i and r not in keep))
                        for i, n in enumerate(self.order)]
+        # from this step on no node looks across positions (see Step.last_only)
+        self._tail = 1 + max((i for i, s in enumerate(self._steps) if s[2] is not None),
+                             default=-1)
         self.__dict__["current_node"] = None
 
     def forward(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -174,7 +177,12 @@ class SubgraphModule(nn.Module):
         :mod:`fastserve.graph.decode`): nodes with a ``step`` method get it."""
         env = {k: tensors[k] for k in self.input_names}
         state = self.__dict__  # nn.Module.__setattr__ is slow; current_node is plain data
-        for n, module, stepper, refs, names, done in self._steps:
+        cut = self._tail if step is not None and step.last_only else -1
+        for i, (n, module, stepper, refs, names, done) in enumerate(self._steps):
+            if i == cut:
+                rows = step.last_rows()
+                env = {k: v.index_select(1, rows) for k, v in env.items()}
+                step.sliced = True
             state["current_node"] = n  # for error reports: which node raised
             if step is None or stepper is None:
                 out = module(*[env[r] for r in refs])

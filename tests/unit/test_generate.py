@@ -26,17 +26,19 @@ def lm(tmp_path_factory):
 
 def cuts(graph, stages):
     order = list(graph.order)  # wte, wpe, h.0, h.1, h.2, ln_f, lm_head
-    return {1: None, 2: [order[:3], order[3:]], 3: [order[:2], order[2:4], order[4:]]}[stages]
+    return {1: None, 2: [order[:3], order[3:]], 3: [order[:2], order[2:4], order[4:]],
+            # the last stage holds only the norm and the head: it runs on last rows alone
+            "head": [order[:5], order[5:]]}[stages]
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("stages", [1, 2, 3, "head"])
 def test_greedy_equals_transformers_generate(lm, stages):
     graph, expected = lm
     gen = Generator(LocalPipeline(graph, cuts(graph, stages)), max_seqs=3)
     got = gen.run([Request(p, STEPS) for p in prompts()])
     assert got == expected
     assert len({t for seq in got for t in seq}) > 10  # the check is not of a degenerate model
-    assert [c.cache.bytes for c in gen.pipeline.cores[0]] == [0] * stages
+    assert [c.cache.bytes for c in gen.pipeline.cores[0]] == [0] * gen.pipeline.stages
     assert gen.kv_in_use() == 0 and gen.active == 0
 
 
