@@ -15,6 +15,7 @@ by a message of its own when nothing else goes out.
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,6 +62,22 @@ class _Seq:
         return self.tokens[self.state.prompt:]
 
 
+def refusal(prompt: Sequence[int], max_tokens: int, vocab: int | None,
+            max_len: int | None) -> str | None:
+    """Why a model with ``vocab`` token ids and ``max_len`` positions cannot run a request,
+    or None."""
+    if not prompt:
+        return "a prompt needs at least one token"
+    if max_tokens < 1:
+        return f"max_tokens must be at least 1, got {max_tokens}"
+    if vocab is not None and not all(0 <= t < vocab for t in prompt):
+        return f"prompt token ids must be within [0, {vocab})"
+    if max_len is not None and len(prompt) + max_tokens > max_len:
+        return (f"a prompt of {len(prompt)} tokens plus {max_tokens} new ones is longer "
+                f"than the {max_len} positions of this model")
+    return None
+
+
 class Generator:
     """Generate for many requests at once over ``pipeline``.
 
@@ -80,7 +97,9 @@ class Generator:
         self.max_len = max_len if max_len is not None else getattr(pipeline, "max_len", None)
         self.clock = clock
         self.costs = Costs()
-        self._ids = itertools.count()
+        # sequence ids from a random base: a rank's caches outlive a generator that stopped
+        # without dropping them, and another generator's sequences must not meet them
+        self._ids = itertools.count(secrets.randbits(40) << 20)
         self._keys = itertools.count()
         self._seqs: dict[int, _Seq] = {}
         self._flight: dict[int, tuple[int, list[int], float]] = {}  # key -> replica, seqs, sent
@@ -94,16 +113,9 @@ class Generator:
     def submit(self, request: Request) -> int:
         """Queue ``request``; its sequence id."""
         prompt = [int(t) for t in request.prompt]
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        vocab = self.pipeline.vocab
-        if vocab is not None and not all(0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be within [0, {vocab})")
-        if self.max_len is not None and len(prompt) + request.max_tokens > self.max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens plus {request.max_tokens} new "
-                             f"ones is longer than the {self.max_len} positions of this model")
+        problem = refusal(prompt, request.max_tokens, self.pipeline.vocab, self.max_len)
+        if problem:
+            raise ValueError(problem)
         if len(prompt) + request.max_tokens > self.kv_tokens:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {request.max_tokens} new "
                              f"ones does not fit the KV budget of {self.kv_tokens} tokens")

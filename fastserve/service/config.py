@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fastserve.errors import ServiceConfigError
+from fastserve.generate.scheduler import SCHEDULERS
 from fastserve.units import host_port
 from fastserve.yamlio import describe, line_of, read_text, read_yaml
 
@@ -122,7 +123,6 @@ _NUMBERS: dict[str, tuple[type, float]] = {
 }
 _SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits,
              "generation": Generation}
-SCHEDULERS = ("fcfs", "mlfq")
 
 
 def check_config(cfg: ServiceConfig) -> None:

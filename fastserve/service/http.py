@@ -188,8 +188,7 @@ def make_app(service: Service, token: str | None = None,
                                  f"{MSGPACK}", 415)
             future = service.submit(inputs)
         except BadRequest as e:
-            service.outcomes["invalid"] += 1
-            service.metrics.requests.labels("invalid").inc()
+            service.count_outcome("invalid")
             return _error(str(e), e.status)
         except InputsError as e:
             return _error(e.reason if not e.key else f"input '{e.key}': {e.reason}", 400)

@@ -186,7 +186,7 @@ def routes(service: Service, body) -> list[Route]:
             prompt, max_tokens, sampling, stops, stream = parse(doc, service, chat)
             run = _Run(service, prompt, max_tokens, sampling, stops)
         except BadRequest as e:
-            service._count("invalid")
+            service.count_outcome("invalid")
             return JSONResponse({"error": str(e)}, status_code=400)
         except ServiceError as e:
             headers = {"Retry-After": "1"} if e.status == 503 else None

@@ -24,10 +24,11 @@ import torch
 
 from fastserve.engine.deployment import Deployment, load_graph
 from fastserve.engine.keys import load_keys
+from fastserve.errors import InputsError, ServiceConfigError, ServiceError
 from fastserve.generate import Sampling, max_positions
+from fastserve.generate.loop import refusal
 from fastserve.generate.text import load_tokenizer
 from fastserve.graph.decode import check_generative
-from fastserve.errors import InputsError, ServiceConfigError, ServiceError
 from fastserve.graph.inputs import check_inputs
 from fastserve.resources.inventory import Inventory, load_inventory, local_inventory
 from fastserve.resources.plan import Plan, load_plan
@@ -35,8 +36,8 @@ from fastserve.resources.planner import Constraints, plan
 from fastserve.resources.policies import Dynamic, Hybrid, Observation, Policy, State, Static
 from fastserve.service.config import ServiceConfig
 from fastserve.service.metrics import Metrics
-from fastserve.service.queue import Request, RequestQueue, shape_key
 from fastserve.service.generation import Completion, GenerationReplica, Sink
+from fastserve.service.queue import Request, RequestQueue, shape_key
 from fastserve.service.replica import Replica
 
 Progress = Callable[[str], None]
@@ -178,8 +179,7 @@ class Service:
         try:
             check_inputs(self.graph, inputs)
         except InputsError:
-            self.outcomes["invalid"] += 1
-            self.metrics.requests.labels("invalid").inc()
+            self.count_outcome("invalid")
             raise
         samples = next((inputs[n].shape[0] for n in self.batched), 1)
         request = Request(inputs, samples, shape_key(inputs, set(self.batched)),
@@ -187,8 +187,7 @@ class Service:
         try:
             self.queue.put(request)
         except ServiceError:
-            self.outcomes["overloaded"] += 1
-            self.metrics.requests.labels("overloaded").inc()
+            self.count_outcome("overloaded")
             raise
         with self._lock:
             self._arrived += samples
@@ -205,18 +204,11 @@ class Service:
             raise ServiceError("this service runs /v1/infer; generation is off "
                                "(generation.enabled)", 404)
         limit = self.config.generation.max_tokens
-        problem = None
-        if not prompt:
-            problem = "the prompt is empty"
-        elif not 1 <= max_tokens <= limit:
-            problem = f"max_tokens must be between 1 and {limit} (generation.max_tokens)"
-        elif self.vocab is not None and not all(0 <= t < self.vocab for t in prompt):
-            problem = f"prompt token ids must be within [0, {self.vocab})"
-        elif self.max_len is not None and len(prompt) + max_tokens > self.max_len:
-            problem = (f"a prompt of {len(prompt)} tokens plus max_tokens {max_tokens} is "
-                       f"longer than the {self.max_len} positions of this model")
+        problem = refusal(prompt, max_tokens, self.vocab, self.max_len)
+        if not problem and max_tokens > limit:
+            problem = f"max_tokens must be at most {limit} (generation.max_tokens)"
         if problem:
-            self._count("invalid")
+            self.count_outcome("invalid")
             raise ServiceError(problem, 400)
 
         def counted(kind: str, value) -> None:
@@ -226,12 +218,12 @@ class Service:
                     self.metrics.first_token.observe(completion.first_token -
                                                      completion.accepted)
             elif kind == "done":
-                self._count("ok")
+                self.count_outcome("ok")
                 self.metrics.latency.observe(time.monotonic() - completion.accepted)
                 if completion.taken is not None:
                     self.metrics.queue_seconds.observe(completion.taken - completion.accepted)
             else:
-                self._count("timeout" if value.status == 504 else "error")
+                self.count_outcome("timeout" if value.status == 504 else "error")
             sink(kind, value)
 
         completion = Completion(list(prompt), max_tokens, sampling, eos,
@@ -239,13 +231,14 @@ class Service:
         try:
             self.queue.put(completion)
         except ServiceError:
-            self._count("overloaded")
+            self.count_outcome("overloaded")
             raise
         with self._lock:
             self._arrived += max_tokens
         return completion
 
-    def _count(self, outcome: str) -> None:
+    def count_outcome(self, outcome: str) -> None:
+        """Count one request's outcome (ok, invalid, overloaded, timeout, error)."""
         self.outcomes[outcome] += 1
         self.metrics.requests.labels(outcome).inc()
 
@@ -263,8 +256,7 @@ class Service:
                 self.metrics.queue_seconds.observe(request.taken - request.accepted)
         else:
             outcome = "timeout" if getattr(error, "status", 0) == 504 else "error"
-        self.outcomes[outcome] += 1
-        self.metrics.requests.labels(outcome).inc()
+        self.count_outcome(outcome)
 
     # --- replicas ------------------------------------------------------------------------------
 

@@ -134,3 +134,14 @@ def test_a_node_that_looks_across_positions_is_named(node, why):
            "outputs": ["mix"]}
     with pytest.raises(GenerationError, match=why):
         check_generative(G.compile_graph(G.spec_from_dict(doc)))
+
+
+def test_a_generator_abandoned_mid_way_does_not_disturb_the_next(lm):
+    graph, expected = lm
+    pipe = LocalPipeline(graph)
+    first = Generator(pipe)
+    first.submit(Request(prompts()[0], STEPS))
+    for _ in range(3):
+        first.poll()  # three steps, then dropped without freeing its caches
+    assert pipe.cores[0][0].cache.bytes > 0
+    assert Generator(pipe).run([Request(p, STEPS) for p in prompts()]) == expected
