@@ -72,3 +72,44 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
 def prompts(lengths=(5, 11, 3, 8), seed: int = 1) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def small_llama(tmp_path: Path, layers: int = 3) -> tuple[str, dict[str, torch.Tensor]]:
+    """graphs/llama.yaml at a small size (grouped-query attention kept: 4 query heads, 2
+    key/value heads), its seeded weights in a checkpoint."""
+    doc = yaml.safe_load((ROOT / "graphs/llama.yaml").read_text())
+    doc["params"].update(vocab=VOCAB, d_model=D, n_heads=HEADS, n_kv_heads=HEADS // 2,
+                         d_ff=96, n_layers=layers)
+    weights = state_dict(build_nodes(G.compile_graph(G.spec_from_dict(doc))))
+    save_file(weights, str(tmp_path / "llama-small.safetensors"))
+    doc["weights"] = {"checkpoint": "llama-small.safetensors"}
+    spec = tmp_path / "llama-small.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    return str(spec), weights
+
+
+def hf_llama(weights: dict[str, torch.Tensor], layers: int = 3):
+    """transformers' Llama with the graph's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=96,
+                      num_hidden_layers=layers, num_attention_heads=HEADS,
+                      num_key_value_heads=HEADS // 2, max_position_embeddings=POSITIONS,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(layers):
+        for theirs, ours in [("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2"),
+                             ("self_attn.q_proj", "attn.q"), ("self_attn.k_proj", "attn.k"),
+                             ("self_attn.v_proj", "attn.v"), ("self_attn.o_proj", "attn.o"),
+                             ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"),
+                             ("mlp.down_proj", "mlp.down")]:
+            names[f"model.layers.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
+    own = model.state_dict()
+    assert set(names) == set(own), set(names) ^ set(own)
+    with torch.no_grad():
+        for theirs, ours in names.items():
+            own[theirs].copy_(weights[ours])
+    return model

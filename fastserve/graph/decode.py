@@ -30,7 +30,8 @@ from fastserve.errors import SpecError
 TOKENWISE = {"embedding", "linear", "layer_norm", "rms_norm", "gelu", "relu", "silu", "softmax",
              "dropout", "identity", "mlp", "lm_head", "add", "mul", "concat", "split"}
 # ops with a ``step`` method (positions or attention over a sequence's past)
-STEPPED = {"positional_embedding", "attention", "transformer_block"}
+STEPPED = {"positional_embedding", "attention", "transformer_block", "llama_block"}
+ATTENTION = {"attention", "transformer_block", "llama_block"}
 
 
 KV_BYTES = 1 << 30  # a rank's cache budget
@@ -161,18 +162,25 @@ class Step:
             row += s.n
 
 
-def attend(step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
-           ) -> torch.Tensor:
-    """Causal attention of packed rows ``(1, T, d)`` over each sequence's cached past and
-    present; returns ``(1, T, d)``. The projections ran on all rows at once; only this part is
-    per sequence (the pasts differ in length)."""
+def attend(step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+           kv_heads: int | None = None) -> torch.Tensor:
+    """Causal attention of packed rows, queries ``(1, T, heads * hd)`` and keys and values
+    ``(1, T, kv_heads * hd)`` (grouped-query attention when ``kv_heads`` < ``heads``), over
+    each sequence's cached past and present; returns ``(1, T, heads * hd)``. The projections
+    ran on all rows at once; only this part is per sequence (the pasts differ in length). The
+    cache holds ``kv_heads`` heads."""
     _, t, d = q.shape
     hd = d // heads
+    kv_heads = kv_heads or heads
     out = []
     for seg, row in step.rows():
-        qs, ks, vs = (x[0, row:row + seg.n].view(seg.n, heads, hd).transpose(0, 1)
-                      for x in (q, k, v))  # (heads, n, hd)
+        qs = q[0, row:row + seg.n].view(seg.n, heads, hd).transpose(0, 1)  # (heads, n, hd)
+        ks, vs = (x[0, row:row + seg.n].view(seg.n, kv_heads, hd).transpose(0, 1)
+                  for x in (k, v))
         keys, values = step.cache.extend(seg.seq, step.node, seg.start, ks, vs)
+        if kv_heads != heads:
+            keys = keys.repeat_interleave(heads // kv_heads, dim=0)
+            values = values.repeat_interleave(heads // kv_heads, dim=0)
         if seg.start == 0:
             y = F.scaled_dot_product_attention(qs, keys, values, is_causal=True)
         elif seg.n == 1:
@@ -188,8 +196,14 @@ def attend(step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 def kv_bytes_per_token(graph, nodes) -> int:
     """Bytes of keys and values one position of one sequence takes in the cache of a stage
     holding ``nodes`` (float32, as the ranks compute)."""
-    return sum(2 * graph.node(n)["args"]["d_model"] * 4 for n in nodes
-               if graph.node(n)["op"] in ("attention", "transformer_block"))
+    total = 0
+    for n in nodes:
+        d = graph.node(n)
+        if d["op"] in ATTENTION:
+            args = d["args"]
+            heads = args["n_heads"]
+            total += 2 * args["d_model"] * (args.get("n_kv_heads") or heads) // heads * 4
+    return total
 
 
 def check_generative(graph) -> None:
@@ -202,7 +216,7 @@ def check_generative(graph) -> None:
         raise GenerationError(f"graph '{graph.name}' has {len(graph.inputs)} inputs and "
                               f"{len(graph.outputs)} outputs; generation needs token ids in and "
                               f"logits out", file=graph.spec.file)
-    if not any(graph.node(n)["op"] in ("attention", "transformer_block") for n in graph.order):
+    if not any(graph.node(n)["op"] in ATTENTION for n in graph.order):
         raise GenerationError(f"graph '{graph.name}' has no attention: it is not a language "
                               f"model", file=graph.spec.file)
     for n in graph.order:

@@ -162,6 +162,94 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class RotaryAttention(nn.Module):
+    """Llama-style causal self-attention: separate q, k, v and output projections without
+    bias, rotary position embeddings (rotate-half form, base ``rope_theta``) on q and k, and
+    grouped-query attention (``n_kv_heads`` key/value heads shared by ``n_heads`` query
+    heads)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 rope_theta: float = 10000.0) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads or n_heads % n_kv_heads or (d_model // n_heads) % 2:
+            raise SpecError(f"d_model {d_model}, n_heads {n_heads} and n_kv_heads "
+                            f"{n_kv_heads}: d_model must split into heads of an even size "
+                            f"and n_heads into groups of n_kv_heads")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+        self.rope_theta = rope_theta  # frequencies are computed per call: not a weight
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+        """Rotary embedding of ``x`` (batch, seq, heads * head_dim) at ``positions`` (seq,)."""
+        b, s, _ = x.shape
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device)
+        inv_freq = 1.0 / self.rope_theta ** (half / self.head_dim)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # (seq, head_dim)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x = x.view(b, s, heads, self.head_dim)
+        x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x * cos[:, None, :] + rotated * sin[:, None, :]).reshape(b, s, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        positions = torch.arange(s, device=x.device)
+        q = self.rotate(self.q(x), positions, self.n_heads)
+        k = self.rotate(self.k(x), positions, self.n_kv_heads)
+        v = self.v(x)
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, d))
+
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        positions = step.positions()
+        q = self.rotate(self.q(x), positions, self.n_heads)
+        k = self.rotate(self.k(x), positions, self.n_kv_heads)
+        return self.o(attend(step, q, k, self.v(x), self.n_heads, self.n_kv_heads))
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x)), without bias."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LlamaBlock(nn.Module):
+    """Llama decoder layer: x + attn(rms_norm(x)), then x + swiglu(rms_norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 d_ff: int | None = None, eps: float = 1e-6,
+                 rope_theta: float = 10000.0) -> None:
+        super().__init__()
+        self.ln1 = nn.RMSNorm(d_model, eps=eps)
+        self.attn = RotaryAttention(d_model, n_heads, n_kv_heads, rope_theta)
+        self.ln2 = nn.RMSNorm(d_model, eps=eps)
+        self.mlp = SwiGLU(d_model, d_ff or 4 * d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.attn.step(self.ln1(x), step)
+        return x + self.mlp(self.ln2(x))
+
+
 class LMHead(nn.Module):
     """Projection to vocabulary logits. With ``tie`` the weight is another node's (the
     embedding's); it is bound after build, see ``fastserve.graph.module``."""
@@ -261,6 +349,9 @@ register("mlp", required=("d_model",),
          optional={"d_ff": None, "activation": "gelu", "bias": True})(MLP)
 register("transformer_block", required=("d_model", "n_heads"),
          optional={"d_ff": None, "activation": "gelu", "eps": 1e-5, "bias": True})(TransformerBlock)
+register("llama_block", required=("d_model", "n_heads"),
+         optional={"n_kv_heads": None, "d_ff": None, "eps": 1e-6, "rope_theta": 10000.0},
+         doc="Llama decoder layer: RMSNorm, rotary grouped-query attention, SwiGLU")(LlamaBlock)
 register("lm_head", required=("d_model", "vocab_size"), optional={"bias": False, "tie": None},
          doc="logits; 'tie: <node id>' shares that embedding node's weight")(LMHead)
 register("conv2d", required=("in_channels", "out_channels", "kernel_size"),

@@ -11,7 +11,7 @@ import pytest
 from fastserve.engine import Deployment, Layout
 from fastserve.errors import RankDeadError
 from fastserve.generate import DeploymentPipeline, Generator, Request
-from lms import hf_gpt2, hf_greedy, prompts, small_gpt2
+from lms import hf_gpt2, hf_greedy, hf_llama, prompts, small_gpt2, small_llama
 
 pytestmark = pytest.mark.timeout(120)
 STEPS = 10
@@ -53,3 +53,12 @@ def test_rank_killed_mid_generation_is_named(lm):
                 gen.poll()
         assert time.monotonic() - start < 3
         assert info.value.rank == 1 and "SIGKILL" in str(info.value)
+
+
+def test_llama_on_two_stages_equals_transformers_generate(tmp_path):
+    spec, weights = small_llama(tmp_path)
+    model = hf_llama(weights)
+    expected = [hf_greedy(model, p, STEPS) for p in prompts()]
+    with Deployment.from_spec(spec, Layout(1, 2), timeout=30) as dep:
+        gen = Generator(DeploymentPipeline(dep), max_seqs=2)
+        assert gen.run([Request(p, STEPS) for p in prompts()]) == expected

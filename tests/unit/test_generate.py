@@ -10,7 +10,8 @@ import torch
 import fastserve.graph as G
 from fastserve.generate import MLFQ, Generator, LocalPipeline, Request, Sampling
 from fastserve.graph.decode import GenerationError, check_generative
-from lms import ROOT, hf_gpt2, hf_greedy, prompts, small_gpt2
+from fastserve.graph.module import build_reference
+from lms import ROOT, hf_gpt2, hf_greedy, hf_llama, prompts, small_gpt2, small_llama
 
 STEPS = 12
 
@@ -22,6 +23,14 @@ def lm(tmp_path_factory):
     model = hf_gpt2(weights)
     expected = [hf_greedy(model, p, STEPS) for p in prompts()]
     return graph, expected
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    spec, weights = small_llama(tmp_path_factory.mktemp("llama"))
+    graph = G.load(spec)
+    model = hf_llama(weights)
+    return graph, model, [hf_greedy(model, p, STEPS) for p in prompts()]
 
 
 def cuts(graph, stages):
@@ -145,3 +154,31 @@ def test_a_generator_abandoned_mid_way_does_not_disturb_the_next(lm):
         first.poll()  # three steps, then dropped without freeing its caches
     assert pipe.cores[0][0].cache.bytes > 0
     assert Generator(pipe).run([Request(p, STEPS) for p in prompts()]) == expected
+
+
+def test_the_llama_block_equals_transformers_llama(llama):
+    graph, model, _ = llama
+    ids = torch.tensor([prompts()[1]])
+    with torch.inference_mode():
+        torch.testing.assert_close(build_reference(graph)({"ids": ids})["lm_head"],
+                                   model(ids).logits)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_llama_greedy_equals_transformers_generate(llama, stages):
+    graph, _, expected = llama  # rotary positions, grouped-query attention, an untied head
+    order = list(graph.order)  # embed, layers.0-2, norm, lm_head
+    cut = {1: None, 2: [order[:2], order[2:]], 3: [order[:2], order[2:4], order[4:]]}[stages]
+    got = Generator(LocalPipeline(graph, cut), max_seqs=3).run(
+        [Request(p, STEPS) for p in prompts()])
+    assert got == expected
+    assert len({t for seq in got for t in seq}) > 10
+
+
+def test_the_shipped_llama_generates_the_same_through_two_stages():
+    graph = G.load(str(ROOT / "graphs/llama.yaml"))
+    reqs = [Request(p, 6) for p in prompts()[:2]]
+    order = list(graph.order)
+    one = Generator(LocalPipeline(graph)).run(reqs)
+    two = Generator(LocalPipeline(graph, [order[:5], order[5:]])).run(reqs)
+    assert one == two and all(len(t) == 6 for t in one)
