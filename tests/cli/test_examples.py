@@ -33,6 +33,11 @@ PRINTS = {
         r"plan: \w+, \d+ x \d+, \d+ micro-batch\(es\); .*",
         r"served 128 samples in .* every output equals the reference",
     ],
+    "06_generate.py": [
+        r"streamed 8 tokens: \[\d+(, \d+){7}\]",
+        r"cache bytes per rank once every sequence ended: \{0: 0, 1: 0\}",
+        r"4 prompts of \[2, 3, 6\] tokens, greedy and sampled: the same tokens as in this process",
+    ],
     "05_three_hosts.py": [
         *(rf"rank {k} \(stage {k}\) ran on host \S+ at 127\.0\.0\.\d:\d+" for k in range(3)),
         r"the pipeline over three hosts equals the single-process reference, to the last bit",
