@@ -56,6 +56,7 @@ class _Seq:
     state: SeqState
     replica: int
     tokens: list[int] = field(default_factory=list)  # prompt + generated
+    cancelled: bool = False  # ends when its step in flight comes back
 
     @property
     def generated(self) -> list[int]:
@@ -135,7 +136,7 @@ class Generator:
         if s is not None and not s.state.in_flight:
             self._finish(s, "cancelled")
         elif s is not None:
-            s.request = Request(s.request.prompt, 0, s.request.sampling, s.request.eos)
+            s.cancelled = True
 
     @property
     def active(self) -> int:
@@ -257,6 +258,9 @@ class Generator:
         for s, token in zip(seqs, tokens.tolist()):
             st = s.state
             st.in_flight = False
+            if s.cancelled:  # its caller wants no more: the token is not given out
+                self._finish(s, "cancelled")
+                continue
             st.cached = len(s.tokens)
             st.level, st.attained = self.scheduler.account(st, seconds, self.costs)
             s.tokens.append(token)
