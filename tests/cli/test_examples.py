@@ -45,8 +45,15 @@ PRINTS = {
 }
 
 
+# examples whose ground the default run covers elsewhere (partition and export tests, the hosts
+# tests, the generation tests), run with -m slow to keep the default run within its time
+SLOW = {"03_partition.py", "05_three_hosts.py", "06_generate.py"}
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+@pytest.mark.parametrize("script", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+    for name in sorted(p.name for p in (ROOT / "examples").glob("*.py"))])
 def test_example_runs(script):
     assert script in PRINTS, f"say above what examples/{script} prints"
     run = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True,

@@ -33,6 +33,7 @@ CASES = {
     "attention": ([SEQ], "float32", {"d_model": 8, "n_heads": 2}, SEQ),
     "mlp": ([SEQ], "float32", {"d_model": 8, "d_ff": 16}, SEQ),
     "transformer_block": ([SEQ], "float32", {"d_model": 8, "n_heads": 2}, SEQ),
+    "llama_block": ([SEQ], "float32", {"d_model": 8, "n_heads": 2, "n_kv_heads": 1}, SEQ),
     "lm_head": ([SEQ], "float32", {"d_model": 8, "vocab_size": 13}, (2, 5, 13)),
     "conv2d": ([IMG], "float32", {"in_channels": 3, "out_channels": 4, "kernel_size": 3,
                                   "padding": 1}, (2, 4, 8, 8)),

@@ -205,6 +205,48 @@ def ref_transformer_block(m, a, x):
     return x + _mlp(m.mlp, ln2, d, a.get("d_ff"), a.get("activation", "gelu"), bias)
 
 
+@check("llama_block", bf16_tol=5e-2)
+def ref_llama_block(m, a, x):
+    """Written from the Llama paper's description, not from the op: rotary embedding as a
+    complex rotation of (first half, second half) pairs, each query head reading key/value head
+    h // group, an explicit causal softmax."""
+    d, h = a["d_model"], a["n_heads"]
+    kv, eps, theta = a.get("n_kv_heads") or h, a.get("eps", 1e-6), a.get("rope_theta", 1e4)
+    d_ff, hd = a.get("d_ff") or 4 * d, d // h
+    b, s, _ = x.shape
+
+    def rms(t, w):
+        return t / torch.sqrt((t * t).mean(-1, keepdim=True) + eps) * _param(w, d)
+
+    def rope(t, heads):  # (b, s, heads * hd) -> (b, heads, s, hd), rotated by position
+        t = t.reshape(b, s, heads, hd).permute(0, 2, 1, 3)
+        angle = torch.arange(s, dtype=torch.float64)[:, None] * \
+            theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)[None, :]
+        z = torch.complex(t[..., :hd // 2].double(), t[..., hd // 2:].double()) * \
+            torch.polar(torch.ones_like(angle), angle)
+        return torch.cat([z.real, z.imag], -1).to(t.dtype)
+
+    att = m.attn
+    y = rms(x, m.ln1.weight)
+    q = rope(_linear(y, _param(att.q.weight, d, d)), h)
+    k = rope(_linear(y, _param(att.k.weight, kv * hd, d)), kv)
+    v = _linear(y, _param(att.v.weight, kv * hd, d)).reshape(b, s, kv, hd).permute(0, 2, 1, 3)
+    heads = []
+    allowed = torch.arange(s)[None, :] <= torch.arange(s)[:, None]
+    for i in range(h):
+        j = i // (h // kv)
+        scores = (q[:, i] @ k[:, j].transpose(-1, -2) / math.sqrt(hd)).masked_fill(
+            ~allowed, float("-inf"))
+        heads.append(_softmax(scores, -1) @ v[:, j])
+    attn = torch.stack(heads, 1).permute(0, 2, 1, 3).reshape(b, s, d)
+    x = x + _linear(attn, _param(att.o.weight, d, d))
+    y = rms(x, m.ln2.weight)
+    mlp = m.mlp
+    gated = _silu(_linear(y, _param(mlp.gate.weight, d_ff, d))) * \
+        _linear(y, _param(mlp.up.weight, d_ff, d))
+    return x + _linear(gated, _param(mlp.down.weight, d, d_ff))
+
+
 @check("lm_head")
 def ref_lm_head(m, a, x):
     d, vocab = a["d_model"], a["vocab_size"]
@@ -388,6 +430,10 @@ CASES = [
     Case("transformer_block", {"d_model": 8, "n_heads": 2, "activation": "gelu_tanh"},
          [(1, 4, 8)]),
     Case("transformer_block", {"d_model": 8, "n_heads": 2, "activation": "silu"}, [(3, 3, 8)]),
+    Case("llama_block", {"d_model": 16, "n_heads": 4, "n_kv_heads": 2}, [(2, 5, 16)]),
+    Case("llama_block", {"d_model": 16, "n_heads": 4}, [(1, 1, 16)]),
+    Case("llama_block", {"d_model": 12, "n_heads": 2, "n_kv_heads": 1, "d_ff": 20,
+                         "eps": 1e-3, "rope_theta": 500.0}, [(3, 7, 12)], scale=2),
     Case("lm_head", HEAD, [(1, 8)]),
     Case("lm_head", HEAD, [(2, 3, 8)]),
     Case("lm_head", {**HEAD, "bias": True}, [(2, 3, 8)]),
