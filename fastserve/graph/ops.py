@@ -142,16 +142,14 @@ class MLP(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
-class TransformerBlock(nn.Module):
-    """GPT-2 style pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+class PreNormBlock(nn.Module):
+    """A pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x)). Subclasses build the
+    four parts."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None,
-                 activation: str = "gelu", eps: float = 1e-5, bias: bool = True) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=eps)
-        self.attn = CausalSelfAttention(d_model, n_heads, bias=bias)
-        self.ln2 = nn.LayerNorm(d_model, eps=eps)
-        self.mlp = MLP(d_model, d_ff, activation, bias=bias)
+    ln1: nn.Module
+    attn: nn.Module
+    ln2: nn.Module
+    mlp: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -160,6 +158,18 @@ class TransformerBlock(nn.Module):
     def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         x = x + self.attn.step(self.ln1(x), step)
         return x + self.mlp(self.ln2(x))
+
+
+class TransformerBlock(PreNormBlock):
+    """GPT-2 style block: layer norms, fused-qkv attention, GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None,
+                 activation: str = "gelu", eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, eps=eps)
+        self.attn = CausalSelfAttention(d_model, n_heads, bias=bias)
+        self.ln2 = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, d_ff, activation, bias=bias)
 
 
 class RotaryAttention(nn.Module):
@@ -182,13 +192,14 @@ class RotaryAttention(nn.Module):
         self.k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(d_model, d_model, bias=False)
-        self.rope_theta = rope_theta  # frequencies are computed per call: not a weight
+        # made once here, not per step; a plain tensor, not a buffer: no checkpoint holds it
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
+        self.inv_freq = 1.0 / rope_theta ** (half / self.head_dim)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
         """Rotary embedding of ``x`` (batch, seq, heads * head_dim) at ``positions`` (seq,)."""
         b, s, _ = x.shape
-        half = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=x.device)
-        inv_freq = 1.0 / self.rope_theta ** (half / self.head_dim)
+        inv_freq = self.inv_freq.to(x.device)  # no copy on the CPU; meta when costed
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)  # (seq, head_dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -229,8 +240,8 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class LlamaBlock(nn.Module):
-    """Llama decoder layer: x + attn(rms_norm(x)), then x + swiglu(rms_norm(x))."""
+class LlamaBlock(PreNormBlock):
+    """Llama decoder layer: RMSNorms, rotary grouped-query attention, SwiGLU."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  d_ff: int | None = None, eps: float = 1e-6,
@@ -240,14 +251,6 @@ class LlamaBlock(nn.Module):
         self.attn = RotaryAttention(d_model, n_heads, n_kv_heads, rope_theta)
         self.ln2 = nn.RMSNorm(d_model, eps=eps)
         self.mlp = SwiGLU(d_model, d_ff or 4 * d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        x = x + self.attn.step(self.ln1(x), step)
-        return x + self.mlp(self.ln2(x))
 
 
 class LMHead(nn.Module):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fastserve.errors import EngineError, FastServeError, ServiceError
+from fastserve.errors import EngineError, ServiceError
 from fastserve.generate import DeploymentPipeline, Generator, Request, Sampling
 from fastserve.generate import scheduler as make_scheduler
 from fastserve.service.replica import HEALTH_EVERY_S, Replica
@@ -165,22 +165,9 @@ class GenerationReplica(Replica):
             return
         self._active[sid] = c
 
-    def _failed(self, error: FastServeError | OSError) -> None:
-        """The deployment failed: its completions go back to the front of the queue with the
-        tokens they have sent (or fail after ``attempts`` runs), its ranks stop."""
-        self.last_error = str(error)
-        again = []
-        for c in self._take_held():
-            c.attempts += 1
-            if c.attempts >= self.attempts:
-                c.fail(ServiceError(f"a replica failed {c.attempts} times while generating "
-                                    f"this; last: {error}", 503))
-            else:
-                again.append(c)
-        self.queue.requeue(again)
-        self._shutdown(grace_s=0.2)
-
     def _take_held(self) -> list[Completion]:
+        """The completions in flight, which go back to the queue with the tokens they have
+        sent when the deployment fails (:meth:`Replica._failed`)."""
         held = [c for c in self._active.values() if not c.ended]
         self._active = {}
         self.held = 0

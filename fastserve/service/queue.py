@@ -38,6 +38,11 @@ class Request:
     taken: float | None = None  # when a replica last took it
     future: Future = field(default_factory=Future)
 
+    @property
+    def ended(self) -> bool:
+        """It has its answer (or its error)."""
+        return self.future.done()
+
     def answer(self, outputs: Mapping[str, torch.Tensor]) -> bool:
         """Deliver the outputs; False if the request already had its answer."""
         try:

@@ -213,7 +213,8 @@ class Replica(threading.Thread):
             r.fail(ServiceError(f"the model failed on this request: {e}", 500))
 
     def _failed(self, error: FastServeError | OSError) -> None:
-        """The deployment failed: put back what it held, stop its ranks."""
+        """The deployment failed: put back what it held (or fail it after ``attempts`` runs),
+        stop its ranks."""
         self.last_error = str(error)
         again = []
         for r in self._take_held():
@@ -221,7 +222,7 @@ class Replica(threading.Thread):
             if r.attempts >= self.attempts:
                 r.fail(ServiceError(f"a replica failed {r.attempts} times while running this "
                                     f"request; last: {error}", 503))
-            elif not r.future.done():
+            elif not r.ended:
                 again.append(r)
         self.queue.requeue(again)
         self._shutdown(grace_s=0.2)
