@@ -293,6 +293,61 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
     click.echo("(resident memory above an idle rank, over the rank's weight bytes)")
 
 
+@bench.command("compare")
+@click.argument("spec", default="graphs/gpt2.yaml", type=click.Path(dir_okay=False))
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seq", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--stages", type=click.IntRange(2), default=2, show_default=True,
+              help="N: pipeline stages, replicas, and threads of the N-thread process.")
+@click.option("--micro-batches", type=click.IntRange(1), default=8, show_default=True,
+              help="Micro-batches of the pipeline; every other run works in chunks of the "
+              "same number of samples.")
+@click.option("--stream", type=click.IntRange(1), default=3, show_default=True,
+              help="Batches sent back to back for the streamed figures.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Interleaved rounds; the median of each run is kept.")
+@click.option("--no-torch", is_flag=True,
+              help="Leave torch.distributed.pipelining out (it needs a chain cut).")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
+              help="Cut the pipeline by these measured node times ('fastserve profile SPEC "
+              "--dim seq=128'), not by FLOPs; torch pipelining runs on the same cut.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, no_torch,
+                      profile_path, as_json) -> None:
+    """FastServe against what you would run instead, interleaved in one run: one process with
+    1 and N threads, torch.distributed.pipelining with N stages over gloo on FastServe's cut,
+    a FastServe N-stage pipeline and N FastServe replicas (alone and streamed).
+
+    Prints samples/s and the ratios of the targets: the streamed pipeline and replicas
+    against N x one 1-thread process (95%) and the N-thread process (1.0x), the pipeline
+    against torch pipelining (1.2x). Both FastServe deployments are first checked against one
+    process (assert_close). GPT-2 small at the defaults takes several minutes.
+    """
+    from fastserve.bench.compare import bench_compare
+    from fastserve.resources.costmodel import Profile
+
+    out = bench_compare(spec, batch=batch, seq=seq, stages=stages, micro_batches=micro_batches,
+                        stream=stream, rounds=rounds, torch_pipelining=not no_torch,
+                        profile=Profile.load(profile_path) if profile_path else None,
+                        progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(f"{out['graph']}, batch {batch}, seq {seq}, micro-batches of "
+               f"{out['micro_batch_samples']} samples, cut {out['cut']} (by {out['cut_by']}), "
+               f"streams of {stream}, "
+               f"median of {rounds} round(s)")
+    click.echo(table(["run", "seconds per batch", "samples/s"],
+                     [(k, f"{v:.3f}", f"{out['samples_per_s'][k]:.2f}")
+                      for k, v in out["seconds_per_batch"].items()], "lrr"))
+    for k, v in out["ratios"].items():
+        click.echo(f"{k}: {v:.2f}x")
+    click.echo("FastServe pipeline, per micro-batch: " + "; ".join(
+        f"stage {k} compute {v['compute_s'] * 1e3:.1f} ms, transfer "
+        f"{v['transfer_s'] * 1e3:.1f} ms, queue {v['queue_s'] * 1e3:.1f} ms"
+        for k, v in out["pipeline_stages"].items()))
+
+
 @bench.command("load")
 @click.option("--model", "models", multiple=True, type=click.Choice(["bert", "llama"]),
               help="Models to load (default: both).")

@@ -40,6 +40,7 @@ from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
+from fastserve.resources.costmodel import Profile
 from fastserve.resources.inventory import Inventory, local_inventory
 from fastserve.resources.plan import Plan, check_plan
 from fastserve.resources.planner import Constraints, plan
@@ -150,11 +151,12 @@ class Deployment:
                   dims: Mapping[str, int] | None = None, transport: str = "ipc",
                   micro_batches: int | None = None, batch: int = 8,
                   inventory: Inventory | None = None, trust_code: bool = False,
-                  **options) -> Deployment:
+                  profile: Profile | None = None, **options) -> Deployment:
         """Plan and deploy a spec file, or a partition export directory (its shards are the
         stages). ``layout``, ``micro_batches`` and ``transport`` are constraints to the planner
         (:func:`fastserve.resources.planner.plan`), which plans for ``batch`` samples on
-        ``inventory`` (default: this machine); ``options`` go to the constructor."""
+        ``inventory`` (default: this machine), from measured node times when given a
+        ``profile`` (``fastserve profile``); ``options`` go to the constructor."""
         layout = layout or Layout()
         graph, cut, export_dir = load_graph(spec, dims, trust_code)
         if cut is not None and layout.stages not in (None, len(cut)):
@@ -165,7 +167,8 @@ class Deployment:
             replicas=layout.replicas, stages=len(cut) if cut else layout.stages,
             strategy=layout.strategy, threads=layout.threads, cut=cut,
             micro_batches=micro_batches, batch=batch, transport=transport)
-        chosen = plan(graph, inventory or local_inventory(), constraints=constraints)
+        chosen = plan(graph, inventory or local_inventory(), constraints=constraints,
+                      profile=profile)
         return cls(graph, chosen, trust_code=trust_code, export_dir=export_dir,
                    inventory=inventory, **options)
 

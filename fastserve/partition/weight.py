@@ -9,10 +9,15 @@ it picks one with the fewest bytes crossing the cuts.
 
 With ``capacities`` (relative speeds or sizes of heterogeneous targets, in shard order) it
 minimises ``max(cost_i / capacity_i)``: a target twice as fast gets up to twice the work.
+
+``work`` (with ``by="flops"``) replaces each node's FLOPs by a cost of the caller's, in graph
+order: the planner passes measured node times, so that a memory-bound node (an LM head whose
+weights are read for every few rows) costs what it takes, not what its FLOPs say.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -28,14 +33,15 @@ COSTS = ("params", "flops")
 
 
 def weight_shards(graph: Graph, shards: int, by: str = "params",
-                  capacities: Sequence[float] | None = None) -> Sharding:
+                  capacities: Sequence[float] | None = None,
+                  work: Sequence[float] | None = None) -> Sharding:
     """Cut ``graph`` into ``shards`` contiguous shards minimising the largest ``by`` cost.
 
     Example: ``weight_shards(load("graphs/gpt2.yaml"), 4)`` balances GPT-2's weight bytes over 4
     shards; ``weight_shards(g, 2, by="flops", capacities=[2, 1])`` gives the first target (twice
     as fast) about two thirds of the FLOPs.
     """
-    search = _Search(graph, shards, by, capacities)
+    search = _Search(graph, shards, by, capacities, work)
     objective, budgets = search.smallest()
     bounds = cheapest_cuts(search.los_for(budgets), search.costs.cut_bytes)
     if bounds is None:  # cannot happen: smallest_budgets returns a feasible budget
@@ -43,29 +49,32 @@ def weight_shards(graph: Graph, shards: int, by: str = "params",
     if search.caps is not None:  # the exact ratio of the cut found, not the bisection's bound
         objective = max(_segment_cost(search.costs, by, q, p) / c
                         for q, p, c in zip([0, *bounds], bounds, search.caps))
-    policy = {"shards": search.k, "by": by,
+    policy = {"shards": search.k, "by": by if work is None else "measured time",
               "capacities": None if capacities is None else list(capacities),
               "objective": objective}
     return shards_from_bounds(graph, bounds, "weight", policy=policy)
 
 
 def weight_objective(graph: Graph, shards: int, by: str = "params",
-                     capacities: Sequence[float] | None = None) -> float:
+                     capacities: Sequence[float] | None = None,
+                     work: Sequence[float] | None = None) -> float:
     """The optimum of :func:`weight_shards` (largest cost, or cost over capacity) without
     building the cut: cheaper, for a planner that may discard the shape anyway."""
-    return _Search(graph, shards, by, capacities).smallest()[0]
+    return _Search(graph, shards, by, capacities, work).smallest()[0]
 
 
 class _Search:
     """The bisection's inputs for one graph, cost and capacities."""
 
-    def __init__(self, graph: Graph, shards, by: str, capacities):
+    def __init__(self, graph: Graph, shards, by: str, capacities, work=None):
         self.costs = costs = chain_costs(graph)
         self.k = check_shard_count(graph, shards)
         self.caps = check_capacities(capacities, self.k)
         if by not in COSTS:
             raise PartitionError(f"the weight strategy balances by 'params' or 'flops', not "
                                  f"{by!r}")
+        if work is not None:
+            self.costs = costs = _with_work(costs, work, by)
         self.by = by
         self._lo_for = segment_fit(costs, by)
         self._cache: dict[int, np.ndarray] = {}
@@ -85,6 +94,19 @@ class _Search:
         high = _segment_cost(costs, by, 0, costs.n)  # any cut's largest shard costs at most this
         additive = prefix if by == "flops" or not costs.borrows else None
         return smallest_budgets(self.los_for, self.k, self.caps, low, high, additive)
+
+
+def _with_work(costs: ChainCosts, work: Sequence[float], by: str) -> ChainCosts:
+    """``costs`` with each node's FLOPs replaced by ``work`` (rounded to integers: the bisection
+    searches integer budgets)."""
+    w = np.asarray(work, dtype=np.float64)
+    if by != "flops" or w.shape != (costs.n,) or not np.isfinite(w).all() or (w < 0).any():
+        raise PartitionError(f"work must be one finite non-negative cost per node "
+                             f"({costs.n}), balanced as flops; got {w.shape[0] if w.ndim else 0} "
+                             f"for by={by!r}")
+    node = np.rint(w).astype(np.int64)
+    return dataclasses.replace(costs, node_flops=node,
+                               flops=np.concatenate([[0], np.cumsum(node)]).astype(np.int64))
 
 
 def segment_fit(costs: ChainCosts, by: str):

@@ -324,8 +324,10 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
 
 
 class _Cut:
-    """The min-max FLOPs cut for relative stage speeds ``caps``: its objective is found first
-    (a bisection), the cut itself and its costs only when a plan needs them."""
+    """The min-max cut for relative stage speeds ``caps``, of FLOPs, or of measured time when
+    the profile timed the nodes (FLOPs misjudge memory-bound nodes such as an LM head): its
+    objective is found first (a bisection), the cut itself and its costs only when a plan
+    needs them."""
 
     def __init__(self, graph: Graph, caps: tuple[float, ...], profile: cm.Profile | None):
         self.graph, self.caps, self.profile = graph, caps, profile
@@ -334,8 +336,11 @@ class _Cut:
         self._costs: list[cm.ShardCosts] | None = None
         if p > len(graph):
             raise PartitionError("more stages than nodes")
-        # the objective bounds the plan only when the model costs FLOPs (no measured seconds)
         measured = profile is not None and profile.node_seconds
+        # each node's measured seconds per sample in FLOPs of the profiling host (FLOPs for a
+        # node the profile did not time)
+        self.work = [cm.node_work(graph, n, profile) for n in graph.order] if measured else None
+        # the objective bounds the plan only when the model costs FLOPs (no measured seconds)
         self.objective = None if measured else (
             weight_objective(graph, p, by="flops", capacities=list(caps)) if p > 1
             else float(graph.flops))
@@ -345,7 +350,8 @@ class _Cut:
         if self._sharding is None:
             p = len(self.caps)
             self._sharding = weight_shards(self.graph, p, by="flops",
-                                           capacities=list(self.caps) if p > 1 else None)
+                                           capacities=list(self.caps) if p > 1 else None,
+                                           work=self.work)
         return self._sharding
 
     @property

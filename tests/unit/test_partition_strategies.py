@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -187,3 +188,29 @@ def test_the_public_api_spelling(mlp):
     sharding = partition(mlp, "weight", shards=2)
     assert isinstance(sharding, Sharding) and len(sharding) == 2
     assert fs.validate(sharding).ok
+
+
+# --- weight, by the caller's per-node work ----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weight_by_given_work_is_the_min_max_cut(mlp, seed):
+    import random
+
+    from fastserve.partition import weight_shards
+
+    rng = random.Random(seed)
+    work = [rng.choice([0, 1, 5, 20, 100]) * 1.0 for _ in mlp.order]
+    k = rng.randint(2, 4)
+    sharding = weight_shards(mlp, k, by="flops", work=work)
+    cost = dict(zip(mlp.order, work))
+    best = min(max(sum(work[q:p]) for q, p in zip((0, *cut), (*cut, len(work))))
+               for cut in itertools.combinations(range(1, len(work)), k - 1))
+    assert max(sum(cost[n] for n in s.nodes) for s in sharding) == best
+    assert sharding.policy["by"] == "measured time"
+    with pytest.raises(PartitionError, match="one finite non-negative cost per node"):
+        weight_shards(mlp, k, by="flops", work=work[:-1])
+    with pytest.raises(PartitionError, match="one finite non-negative cost per node"):
+        weight_shards(mlp, k, by="params", work=work)
+    with pytest.raises(PartitionError, match="one finite non-negative cost per node"):
+        weight_shards(mlp, k, by="flops", work=[-1.0] + work[1:])

@@ -216,3 +216,21 @@ def test_measured_times_are_interpolated_between_batches_and_scaled_beyond():
     assert cm.interpolate(table, 2) == pytest.approx(12.0)
     assert cm.interpolate(table, 10) == pytest.approx(28.0)
     assert cm.interpolate(table, 32) == pytest.approx(80.0)  # per sample as at the largest
+
+
+def test_with_measured_node_times_the_cut_balances_time_not_flops():
+    """Four nodes of equal FLOPs, the last one measured three times slower (memory-bound, as
+    an LM head is): FLOPs cut 2 + 2, measured time 3 + 1."""
+    graph = chain([32, 32, 32, 32, 32])
+    inv = Inventory("one", (Host("h", "10.0.0.1", 2, 2**40, 1.0),), FAST_LINKS)
+    fixed = Constraints(replicas=1, stages=2, micro_batches=1, batch=4, threads=1)
+    by_flops = plan(graph, inv, constraints=fixed, profile=no_call_costs(graph))
+    assert [len(s) for s in by_flops.cut] == [2, 2]
+    seconds = {"n0": 1e-6, "n1": 1e-6, "n2": 1e-6, "n3": 3e-6}
+    timed = cm.Profile(seconds, {"h": 1e9}, {}, call_seconds=0.0)
+    by_time = plan(graph, inv, constraints=fixed, profile=timed)
+    assert [list(s) for s in by_time.cut] == [["n0", "n1", "n2"], ["n3"]]
+    # a profile that does not time every node costs the others their FLOPs
+    flops = graph.node("n0")["flops"]
+    partial = cm.Profile({"n3": 3 * flops / 1e9}, {"h": 1e9}, {}, call_seconds=0.0)
+    assert [len(s) for s in plan(graph, inv, constraints=fixed, profile=partial).cut] == [3, 1]

@@ -1,0 +1,40 @@
+"""``fastserve bench compare`` through the CLI boundary, on the small MLP: every run it names is
+measured (torch.distributed.pipelining included), the FastServe runs were checked against one
+process, and each ratio is the quotient of the rates it names."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from fastserve.cli.app import run_cli
+from lms import ROOT
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
+    code = run_cli(["bench", "compare", str(ROOT / "graphs/mlp.yaml"), "--batch", "8",
+                    "--micro-batches", "4", "--stream", "2", "--rounds", "2", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    assert "checking the deployments against one process" in out.err
+    runs = {"one_process_1_thread", "one_process_2_threads", "fastserve_pipeline_2_stages",
+            "fastserve_pipeline_2_stages_stream", "fastserve_2_replicas",
+            "fastserve_2_replicas_stream", "torch_pipelining_2_stages"}
+    assert set(doc["seconds_per_batch"]) == runs
+    assert doc["micro_batch_samples"] == 2 and sum(doc["cut"]) == 14 and len(doc["cut"]) == 2
+    for name, seconds in doc["seconds_per_round"].items():
+        assert len(seconds) == 2 and all(s > 0 for s in seconds), name
+        assert doc["samples_per_s"][name] == pytest.approx(8 / statistics.median(seconds))
+    rate = doc["samples_per_s"]
+    one = rate["one_process_1_thread"]
+    assert doc["ratios"]["fastserve_2_replicas_stream / (2 x one 1-thread process)"] == \
+        pytest.approx(rate["fastserve_2_replicas_stream"] / (2 * one))
+    assert doc["ratios"]["fastserve_pipeline_2_stages_stream / torch pipelining"] == \
+        pytest.approx(rate["fastserve_pipeline_2_stages_stream"]
+                      / rate["torch_pipelining_2_stages"])
+
