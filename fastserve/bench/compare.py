@@ -9,7 +9,9 @@ Measured in each round, one after another (so that a noisy neighbour slows them 
 * torch.distributed.pipelining: N stage processes over gloo, GPipe, on FastServe's cut (the
   peer a user would pick instead), 1 thread each;
 * a FastServe N-stage pipeline: one batch alone, and a stream of batches back to back;
-* N FastServe replicas of the whole model: alone and streamed, micro-batches of the same size.
+* N FastServe replicas of the whole model: alone and streamed, micro-batches of the same size;
+* with ``sockets``, both streamed again on deployments that send results over the ipc socket
+  instead of the shared-memory ring (:mod:`fastserve.engine.ring`): what the ring buys.
 
 Everything is started before the first round and kept running. The FastServe outputs are
 checked against the single process (``torch.testing.assert_close``) once, before timing.
@@ -126,7 +128,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2,
                   micro_batches: int = 8, stream: int = 3, rounds: int = 3,
-                  torch_pipelining: bool = True, profile=None,
+                  torch_pipelining: bool = True, profile=None, sockets: bool = False,
                   progress: Progress = lambda _m: None) -> dict:
     """Seconds per batch of each way of running ``spec`` (medians of ``rounds`` interleaved
     rounds), samples/s, and the ratios the performance targets are stated in. With a
@@ -146,6 +148,16 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         reps = stack.enter_context(Deployment.from_spec(
             spec, Layout(stages, 1, None, 1), dims=dims, micro_batches=per_replica,
             batch=batch, timeout=600))
+        socket_deps = {}
+        if sockets:
+            progress("starting both again with results over the socket (no ring)")
+            for key, layout, micro in ((f"fastserve_pipeline_{stages}_stages_stream_sockets",
+                                        Layout(1, stages, None, 1), micro_batches),
+                                       (f"fastserve_{stages}_replicas_stream_sockets",
+                                        Layout(stages, 1, None, 1), per_replica)):
+                socket_deps[key] = (stack.enter_context(Deployment.from_spec(
+                    spec, layout, dims=dims, micro_batches=micro, batch=batch, timeout=600,
+                    profile=profile, ring_bytes=0)), micro)
         graph = pipe.graph
         inputs = random_inputs(graph, batch, dims)
         batched = pipe.batched
@@ -161,7 +173,8 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         progress("checking the deployments against one process")
         expected = {k: torch.cat([c[k] for c in one()]) for k in graph.outputs}
         for name, dep, micro in (("pipeline", pipe, micro_batches),
-                                 ("replicas", reps, per_replica)):
+                                 ("replicas", reps, per_replica), *(
+                                     (k, d, m) for k, (d, m) in socket_deps.items())):
             got = dep.run(inputs, micro_batches=micro)
             for k in graph.outputs:
                 try:
@@ -190,6 +203,9 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
             f"fastserve_{stages}_replicas_stream": lambda: _timed(
                 lambda: reps.run_batches([inputs] * stream, per_replica)) / stream,
         }
+        for key, (dep, micro) in socket_deps.items():
+            runs[key] = lambda dep=dep, micro=micro: _timed(
+                lambda: dep.run_batches([inputs] * stream, micro)) / stream
         if torch_pipe is not None:
             runs[f"torch_pipelining_{stages}_stages"] = lambda: torch_pipe.run(stream) / stream
         seconds: dict[str, list[float]] = {k: [] for k in runs}
@@ -207,6 +223,9 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         if name.startswith(("fastserve", "torch")):
             ratios[f"{name} / ({stages} x one 1-thread process)"] = rate[name] / (stages * one1)
             ratios[f"{name} / one {stages}-thread process"] = rate[name] / oneN
+    for key in socket_deps:
+        ratios[f"{key.removesuffix('_sockets')} / the same over sockets"] = \
+            rate[key.removesuffix("_sockets")] / rate[key]
     if torch_pipe is not None:
         peer = rate[f"torch_pipelining_{stages}_stages"]
         for name in (f"fastserve_pipeline_{stages}_stages",

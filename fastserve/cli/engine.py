@@ -311,9 +311,12 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
               help="Cut the pipeline by these measured node times ('fastserve profile SPEC "
               "--dim seq=128'), not by FLOPs; torch pipelining runs on the same cut.")
+@click.option("--sockets", is_flag=True,
+              help="Also run both deployments streamed with results over the ipc socket "
+              "instead of the shared-memory ring, to see what the ring buys.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, no_torch,
-                      profile_path, as_json) -> None:
+                      profile_path, sockets, as_json) -> None:
     """FastServe against what you would run instead, interleaved in one run: one process with
     1 and N threads, torch.distributed.pipelining with N stages over gloo on FastServe's cut,
     a FastServe N-stage pipeline and N FastServe replicas (alone and streamed).
@@ -329,7 +332,7 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
     out = bench_compare(spec, batch=batch, seq=seq, stages=stages, micro_batches=micro_batches,
                         stream=stream, rounds=rounds, torch_pipelining=not no_torch,
                         profile=Profile.load(profile_path) if profile_path else None,
-                        progress=lambda m: click.echo(m, err=True))
+                        sockets=sockets, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return

@@ -271,8 +271,9 @@ class Agent:
         if not isinstance(ups, list) or not 0 < len(ups) <= 64 or \
                 not all(isinstance(u, str) and _KEY.match(u) for u in ups):
             raise ValueError("config 'upstream_keys' must be a list of CURVE keys")
+        # a shared-memory ring (an inherited descriptor) never crosses hosts
         return RankConfig(**{**doc, "data_in": f"tcp://{self.host}:*",
-                             "workdir": self.workdir})
+                             "workdir": self.workdir, "ring_fd": None, "ring_bytes": 0})
 
     def _stop(self, numbers: list[int]) -> None:
         stopping = [self.ranks.pop(n) for n in numbers if n in self.ranks]

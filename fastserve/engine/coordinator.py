@@ -90,10 +90,13 @@ class Merger:
         self._single = [len(items) == 1 for items in batches]
         self._out: list[dict[str, torch.Tensor]] = [{} for _ in batches]
 
-    def add(self, key: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    def add(self, key: int, tensors: Mapping[str, torch.Tensor], borrowed: bool = False) -> None:
+        """Copy a result into its rows. ``borrowed`` tensors (a result ring's, valid until the
+        next receive) are copied even when they are a whole batch."""
         b, row, rows = self._where[key]
         if self._single[b]:
-            self._out[b] = dict(tensors)
+            self._out[b] = {k: v.clone() for k, v in tensors.items()} if borrowed else \
+                dict(tensors)
             return
         out = self._out[b]
         for name, t in tensors.items():

@@ -32,6 +32,7 @@ from fastserve.engine.launcher import Addresses
 from fastserve.engine.placement import Placement, Rank
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
+from fastserve.engine.ring import RING_BYTES, Ring
 from fastserve.engine.security import Guard, KeyPair
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
@@ -80,8 +81,8 @@ class Deployment:
                  progress: Progress | None = None, retain_memory: bool = True,
                  trust_code: bool = False, export_dir: str | None = None,
                  inventory: Inventory | None = None, keys: ClusterKeys | None = None,
-                 coordinator_address: str | None = None, ray_address: str | None = None
-                 ) -> None:
+                 coordinator_address: str | None = None, ray_address: str | None = None,
+                 ring_bytes: int = RING_BYTES) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
@@ -93,7 +94,9 @@ class Deployment:
         tcp; this process then binds on ``coordinator_address`` (default: its address on the
         route to the first such host). Ranks on hosts whose launcher is ``ray`` start as Ray
         actors (:mod:`fastserve.engine.raylaunch`) on the cluster at ``ray_address`` (default:
-        the one this process is connected to, else ``RAY_ADDRESS`` or 'auto')."""
+        the one this process is connected to, else ``RAY_ADDRESS`` or 'auto').
+        ``ring_bytes``: the shared-memory ring each last-stage rank on this host sends its
+        results through (:mod:`fastserve.engine.ring`); 0 sends them over the socket."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -144,6 +147,9 @@ class Deployment:
         self.dropped: Counter = Counter()
         secure = plan.transport == "tcp"
         self._keys = KeyPair.new() if secure else None
+        self.ring_bytes = ring_bytes
+        self._rings: dict[int, Ring] = {}  # last-stage rank -> its result ring
+        self._ring_data: dict[int, memoryview] = {}
         self._rank_keys = [KeyPair.new() if secure else None for _ in plan.ranks]
 
     @classmethod
@@ -236,6 +242,11 @@ class Deployment:
                 rp = plan.rank(r, k)
                 key = keys[rp.rank]
                 upstream = me if k == 0 else public[rp.rank - 1]  # who may send it data
+                ring = None
+                if k == p - 1 and self.ring_bytes and plan.transport == "ipc" and \
+                        self._placement.remote.get(rp.host) is None:  # on this host
+                    ring = self._rings[rp.rank] = Ring.create(self.ring_bytes)
+                    self._ring_data[rp.rank] = ring.data
                 cfg = RankConfig(
                     rank=rp.rank, stage=k, replica=r, data_in=addr.new(f"r{r}s{k}"),
                     control=control, threads=rp.threads, trust_code=self.trust_code,
@@ -243,8 +254,11 @@ class Deployment:
                     secret_key=key and key.secret,
                     upstream_keys=[upstream] if upstream else [],
                     downstream_key=public[rp.rank + 1] if k + 1 < p else me,
-                    coordinator_key=me)
+                    coordinator_key=me, ring_fd=ring and ring.fd,
+                    ring_bytes=ring.size if ring else 0)
                 self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
+                if ring is not None:
+                    ring.close_fd()  # the rank holds its own descriptor now
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
@@ -351,6 +365,8 @@ class Deployment:
                 s.close(linger=0)
         self._ctx.term()
         self.addresses.close()
+        for ring in getattr(self, "_rings", {}).values():
+            ring.close()
 
     def refused(self) -> int:
         """Peers refused by authentication on this coordinator's sockets so far (tcp)."""
@@ -413,8 +429,9 @@ class Deployment:
             per_batch.append([replace(w, key=len(items) + w.key) for w in work])
             items += per_batch[-1]
         merger = Merger(per_batch)
-        for item, tensors in self._stream(items):
-            merger.add(item.key, tensors)
+        # results are merged from where they arrived (a result ring too) before the next one
+        for item, tensors in self._stream(items, borrow=True):
+            merger.add(item.key, tensors, borrowed=True)
         return merger.results()
 
     def run_requests(self, requests: Sequence[Mapping[str, torch.Tensor]]
@@ -440,11 +457,12 @@ class Deployment:
                 yield done.pop(expected)
                 expected += 1
 
-    def _stream(self, items: Iterable[WorkItem], room: Callable[[], bool] = lambda: True
-                 ) -> Iterator[tuple[WorkItem, dict[str, torch.Tensor]]]:
+    def _stream(self, items: Iterable[WorkItem], room: Callable[[], bool] = lambda: True,
+                borrow: bool = False) -> Iterator[tuple[WorkItem, dict[str, torch.Tensor]]]:
         """Send ``items`` and yield each with its result as results arrive. An item is taken
         from the iterable only when its replica has fewer than ``max_in_flight`` in flight and
-        ``room()`` holds: bounded queues, back-pressure up to the caller."""
+        ``room()`` holds: bounded queues, back-pressure up to the caller. ``borrow``: see
+        :meth:`Flow.receive`."""
         flow = self.flow()
         source = iter(items)
         upcoming = next(source, None)
@@ -462,10 +480,11 @@ class Deployment:
                     raise EngineError(f"no result for {self.timeout:.0f} s although every "
                                       f"rank answers health checks; raise --timeout for "
                                       f"slow runs")
-                done = flow.receive()
+                done = flow.receive(borrow=borrow)
                 if done is not None:
                     yield done
         finally:
+            flow.release()
             self.stats.seconds += time.perf_counter() - t0
 
     def flow(self, stats: RunStats | None = None) -> Flow:
@@ -509,6 +528,7 @@ class Flow:
         self.in_flight = [0] * dep.plan.replicas
         self.sent: dict[int, tuple[WorkItem, int, float]] = {}  # key -> item, replica, sent at
         self.last_progress = time.monotonic()
+        self._lent: tuple[Ring, int] | None = None  # a borrowed result's ring and end
 
     @property
     def pending(self) -> int:
@@ -534,9 +554,22 @@ class Flow:
         """Work is in flight and no result has come for the deployment's ``timeout``."""
         return bool(self.sent) and time.monotonic() - self.last_progress > self.dep.timeout
 
-    def receive(self, wait_ms: int = 100) -> tuple[WorkItem, dict[str, torch.Tensor]] | None:
+    def release(self) -> None:
+        """Give a borrowed result's bytes back to its ring (see :meth:`receive`)."""
+        if self._lent is not None:
+            ring, end = self._lent
+            self._lent = None
+            ring.release(end)
+
+    def receive(self, wait_ms: int = 100, borrow: bool = False
+                ) -> tuple[WorkItem, dict[str, torch.Tensor]] | None:
         """The next result of this flow, waiting up to ``wait_ms``; None if none came. A rank
-        that died raises :class:`RankDeadError`, a rank that raised :class:`RankError`."""
+        that died raises :class:`RankDeadError`, a rank that raised :class:`RankError`.
+
+        A result that came through a shared-memory ring is copied out of it, unless
+        ``borrow``: then its tensors view the ring until the next :meth:`receive` or
+        :meth:`release` (a caller that merges each result at once saves the copy)."""
+        self.release()
         dep = self.dep
         ready = dep._results.poll(wait_ms)
         # junk that keeps arriving must not postpone the liveness check: once a tenth of a
@@ -546,14 +579,23 @@ class Flow:
         if not ready:
             return None
         try:
-            msg = decode(dep._results.recv_multipart(copy=False))
+            msg = decode(dep._results.recv_multipart(copy=False), dep._ring_data)
         except WireError as e:
             dep.dropped[e.reason] += 1
             return None
         if msg.request != self.request or msg.micro not in self.sent or \
                 msg.kind not in ("data", "error"):
+            # (a straggler's ring bytes are released by the next result from that ring)
             dep.dropped["unrequested"] += 1
             return None
+        shm = msg.meta.get("shm")
+        if shm is not None:
+            ring = dep._rings[shm[0]]
+            try:
+                ring.take(shm[1])
+            except WireError as e:
+                dep.dropped[e.reason] += 1
+                return None
         self.last_progress = time.monotonic()
         item, replica, at = self.sent.pop(msg.micro)
         self.in_flight[replica] -= 1
@@ -565,6 +607,12 @@ class Flow:
             raise error
         self.stats.add_timings(msg.meta.get("timings", []), at)
         self.stats.samples += item.samples
+        if shm is not None:
+            self._lent = (ring, shm[1])
+            if not borrow:
+                tensors = {k: v.clone() for k, v in msg.tensors.items()}
+                self.release()
+                return item, tensors
         # the tensors live on the received ZeroMQ frames, which they keep alive
         return item, msg.tensors
 

@@ -90,7 +90,8 @@ def log_tail(path: str, limit: int) -> str:
 
 def launch_local(config: RankConfig, log_dir: str) -> RankProcess:
     """Start one rank as a subprocess of this process; its stderr goes to a file in log_dir
-    (a pipe nobody reads could fill and block the rank)."""
+    (a pipe nobody reads could fill and block the rank). A config's ``ring_fd`` is inherited
+    by the rank, as the same number."""
     env = dict(os.environ)
     # one thread pool size for every runtime in the rank; torch reads the config's `threads`
     env.update(OMP_NUM_THREADS=str(config.threads), MKL_NUM_THREADS=str(config.threads))
@@ -102,6 +103,7 @@ def launch_local(config: RankConfig, log_dir: str) -> RankProcess:
             [sys.executable, "-m", "fastserve.engine.rank", "--parent", str(os.getpid()),
              "--rank", str(config.rank)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            pass_fds=() if config.ring_fd is None else (config.ring_fd,),
             # a terminal's Ctrl-C goes to the driver alone, which stops the ranks in order
             start_new_session=True)
     try:

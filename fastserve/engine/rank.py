@@ -19,6 +19,8 @@ rank
   own, so a long batch does not make a live rank look dead;
 * never blocks on a send: a result the next peer cannot take yet waits in an outbox while the
   rank stops reading new data (back-pressure) but keeps answering control;
+* a last-stage rank on the coordinator's host copies its results into a shared-memory ring it
+  inherited (:mod:`fastserve.engine.ring`) and sends only their header, when they fit;
 * rejects and counts malformed messages by reason and keeps serving.
 """
 
@@ -59,6 +61,10 @@ class RankConfig:
     upstream_keys: list[str] = field(default_factory=list)
     downstream_key: str | None = None
     coordinator_key: str | None = None
+    # a last-stage rank on the coordinator's host: the shared-memory ring its results go
+    # through (an inherited memfd, fastserve.engine.ring), and its size
+    ring_fd: int | None = None
+    ring_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -122,8 +128,10 @@ def serve(cfg: RankConfig) -> int:
 
     from fastserve.engine.core import RankCore
     from fastserve.engine.memory import retain_freed_memory
+    from fastserve.engine.ring import Ring
     from fastserve.engine.security import Guard, KeyPair
     from fastserve.engine.wire import MAX_MESSAGE_BYTES, WireError, decode, encode
+    from fastserve.errors import EngineError
 
     retain_freed_memory()  # activations of every micro-batch reuse the last one's pages
     torch.set_num_threads(cfg.threads)
@@ -169,6 +177,14 @@ def serve(cfg: RankConfig) -> int:
             tell({"event": "failed", "rank": cfg.rank,
                   "error": f"cannot bind its data socket {cfg.data_in}: {e}"})
             return 1
+        ring = None
+        if cfg.ring_fd is not None:
+            try:
+                ring = Ring.open(int(cfg.ring_fd), int(cfg.ring_bytes))
+            except (OSError, ValueError, TypeError, EngineError) as e:
+                tell({"event": "failed", "rank": cfg.rank,
+                      "error": f"cannot map its result ring: {e}"[:2000]})
+                return 1
         tell({"event": "hello", "rank": cfg.rank,
               "endpoint": pull.getsockopt_string(zmq.LAST_ENDPOINT)})
         load = _await_load(ctl)
@@ -205,6 +221,12 @@ def serve(cfg: RankConfig) -> int:
 
         def frames_of(out) -> list:
             try:
+                placed = ring.put(out.tensors) if ring is not None and out.kind == "data" \
+                    else None
+                if placed is not None:  # the header alone: the tensors are in the ring
+                    return encode(out.kind, request=out.request, micro=out.micro,
+                                  tensors=out.tensors,
+                                  meta={**out.meta, "shm": [cfg.rank, *placed]})[:1]
                 return encode(out.kind, request=out.request, micro=out.micro,
                               tensors=out.tensors, meta=out.meta)
             except WireError as e:  # e.g. an output dtype the wire does not carry

@@ -18,6 +18,9 @@ apart from the ids so that both ends can keep the layouts they have seen: a smal
 costs one msgpack call per end beyond building its tensors. (It shares a frame with the ids
 because a CURVE link pays for every frame it encrypts.)
 
+A result may instead leave its tensors in a shared-memory ring (:mod:`fastserve.engine.ring`):
+its meta ``shm`` then says which ring and where, and only the header frame travels.
+
 Every field of a received message is checked for type, range and consistency before anything is
 built from it, and ``meta`` follows a schema per kind (:data:`META`): unknown keys, wrong types and
 oversized values are refused. Anything that does not match raises :class:`WireError` with a
@@ -54,6 +57,7 @@ MAX_NAME = 256  # characters in a tensor name
 MAX_TEXT = 2048  # characters in any string of meta (an error's text is cut to this)
 MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the 513th
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
+SHM_ALIGN = 64  # every tensor in a shared-memory ring starts on a cache line
 MAX_SEQS = 512  # sequences in one generation step (and freed by one message); below the
 # receiver's msgpack bound on any array (MAX_TENSORS + MAX_TIMINGS)
 
@@ -192,8 +196,12 @@ _GEN = _record({"seqs": _list_of(_ints(3), MAX_SEQS), "free": _list_of(_int, MAX
 
 # kind -> (fields, required keys). Control messages go both ways: commands to a rank, and the
 # rank's ready/failed events to the coordinator.
+# a result whose tensors lie in a shared-memory ring (fastserve.engine.ring): the ring's id,
+# where the message ends in the ring's byte count, and each tensor's offset in layout order
+_SHM = _list_of(_int, MAX_TENSORS + 2)
+
 META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
-    "data": ({"timings": _TIMINGS, "gen": _GEN}, frozenset()),
+    "data": ({"timings": _TIMINGS, "gen": _GEN, "shm": _SHM}, frozenset()),
     "error": ({"timings": _TIMINGS, "error": _ERROR}, frozenset({"error"})),
     # "load" carries the rank's shard record as a uint8 tensor and the plan hash; "ready"
     # answers with the same hash and the nodes the rank built
@@ -317,15 +325,19 @@ def _pack_layout(key: list) -> bytes:
     return layout
 
 
-def decode(frames: Sequence[Any]) -> Message:
-    """Validate and decode frames from :func:`encode`; raise :class:`WireError` otherwise."""
+def decode(frames: Sequence[Any], rings: Mapping[int, Any] | None = None) -> Message:
+    """Validate and decode frames from :func:`encode`; raise :class:`WireError` otherwise.
+
+    ``rings``: the shared-memory rings (id -> buffer) results may lie in (see
+    :mod:`fastserve.engine.ring`); a message whose meta says ``shm`` has no tensor frames, and
+    its tensors are views of its ring, each checked to lie inside it."""
     try:
-        return _decode(frames)
+        return _decode(frames, rings)
     except RecursionError:  # a backstop: no check should recurse on received data
         raise WireError("header nested too deeply", "header") from None
 
 
-def _decode(frames: Sequence[Any]) -> Message:
+def _decode(frames: Sequence[Any], rings: Mapping[int, Any] | None = None) -> Message:
     if not frames:
         raise WireError("empty message", "empty")
     if len(frames) > MAX_TENSORS + 1:
@@ -339,6 +351,8 @@ def _decode(frames: Sequence[Any]) -> Message:
                         f"(length {n if head.nbytes >= 4 else 'missing'})", "header")
     kind, specs = _layout(head[4:4 + n])
     request, micro, meta = _ids(kind, head[4 + n:])
+    if "shm" in meta:
+        return Message(kind, request, micro, _in_ring(meta["shm"], specs, frames, rings), meta)
     if len(frames) != len(specs) + 1:
         raise WireError(f"the layout declares {len(specs)} tensors but {len(frames) - 1} frames "
                         f"follow (truncated or padded message)", "frames")
@@ -358,6 +372,33 @@ def _decode(frames: Sequence[Any]) -> Message:
             # which matters for small messages
             tensors[name] = torch.from_numpy(np.frombuffer(buf, np_dtype).reshape(shape))
     return Message(kind, request, micro, tensors, meta)
+
+
+def _in_ring(shm: list, specs: tuple[_Spec, ...], frames: Sequence[Any],
+             rings: Mapping[int, Any] | None) -> dict[str, torch.Tensor]:
+    """Tensors viewing a ring: ``shm`` is [ring id, end, offset per tensor]."""
+    ring = rings.get(shm[0]) if rings is not None and shm else None
+    if ring is None:
+        raise WireError(f"a shared-memory message names ring {_show(shm[0] if shm else None)}, "
+                        f"which this link does not have", "shm")
+    if len(frames) != 1 or len(shm) != len(specs) + 2:
+        raise WireError(f"a shared-memory message carries {len(frames) - 1} frames and "
+                        f"{len(shm) - 2} offsets for {len(specs)} tensors", "shm")
+    size = memoryview(ring).nbytes
+    tensors: dict[str, torch.Tensor] = {}
+    for (name, dtype, np_dtype, shape, nbytes), at in zip(specs, shm[2:]):
+        if at % SHM_ALIGN or not 0 <= at <= size - nbytes:
+            raise WireError(f"tensor '{name}' at offset {at} ({nbytes} bytes) is not an "
+                            f"aligned place inside the ring of {size} bytes", "shm")
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif np_dtype is None:  # bfloat16
+            arr = np.frombuffer(ring, np.int16, nbytes // 2, at).reshape(shape)
+            tensors[name] = torch.from_numpy(arr).view(torch.bfloat16)
+        else:
+            arr = np.frombuffer(ring, np_dtype, nbytes // np_dtype.itemsize, at)
+            tensors[name] = torch.from_numpy(arr.reshape(shape))
+    return tensors
 
 
 def _unpack(buf: memoryview, what: str) -> Any:

@@ -156,6 +156,12 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         for req in range(4):  # guesses at the next request id
             sock.send_multipart(encode("data", request=req, micro=0,
                                        tensors={head: torch.zeros(8, 10)}))
+        # headers that point into the last rank's result ring: outside it, into a ring that
+        # does not exist, and (with a guessed request) far ahead of what the rank wrote
+        assert list(dep._rings) == [0]
+        for shm in ([0, 1 << 40, dep.ring_bytes], [5, 64, 0], [0, 1 << 40, 0]):
+            sock.send_multipart(encode("data", request=1, micro=0, meta={"shm": shm},
+                                       tensors={head: torch.zeros(8, 10)})[:1])
         sock.close(linger=1000)
         # the same on the data and control sockets
         data = zmq.Context.instance().socket(zmq.PUSH)
@@ -169,6 +175,8 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         assert dep.control("health")[0]["ok"]
         assert dep.ranks[0].process.poll() is None
         assert dep.dropped["header"] >= 1 and dep.dropped["meta"] >= 1
+        assert dep.dropped["shm"] >= 2 and dep.dropped["unrequested"] >= 5
+        exact(dep)  # the ring still carries results
         data.close(linger=0)
         ctl.close(linger=0)
 

@@ -1,0 +1,47 @@
+"""Results through the shared-memory ring (fastserve.engine.ring) on real rank processes: equal
+to the reference whether they fit in the ring, wrap around it many times or do not fit at all,
+and results handed to the caller stay intact while the ring is reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastserve.graph as G
+from fastserve.engine import Deployment, Layout
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP = str(ROOT / "graphs/mlp.yaml")
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
+    # the MLP's output is 40 bytes per sample: 8 samples (320 bytes) fit three times in a
+    # 1,024-byte ring, 32 samples (1,280 bytes) do not fit and go over the socket
+    with Deployment.from_spec(MLP, Layout(1, 2), timeout=60, ring_bytes=1024) as dep:
+        ring = dep._rings[1]
+        requests = [G.random_inputs(dep.graph, batch=8, seed=s) for s in range(12)]
+        got = dep.run_requests(requests)  # each result copied out before the ring moves on
+        for inputs, out in zip(requests, got):
+            torch.testing.assert_close(out["head"], G.reference(dep.graph, inputs)["head"])
+        # through the ring and round it (one that finds the ring full goes over the socket)
+        assert ring._expected > 1024
+        taken = ring._expected
+        big = G.random_inputs(dep.graph, batch=32, seed=99)
+        out = dep.run(big, micro_batches=1)
+        torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
+        assert ring._expected == taken  # too large for the ring: it came over the socket
+        # a batch merged straight from the ring (borrowed, then released) in 4 micro-batches
+        out = dep.run(big, micro_batches=4)
+        torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
+        assert ring._expected > taken
+
+
+def test_without_a_ring_results_come_over_the_socket():
+    with Deployment.from_spec(MLP, Layout(2, 1), timeout=60, ring_bytes=0) as dep:
+        assert dep._rings == {}
+        inputs = G.random_inputs(dep.graph, batch=8)
+        torch.testing.assert_close(dep.run(inputs)["head"],
+                                   G.reference(dep.graph, inputs)["head"])
