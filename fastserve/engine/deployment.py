@@ -32,7 +32,7 @@ from fastserve.engine.launcher import Addresses
 from fastserve.engine.placement import Placement, Rank
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
-from fastserve.engine.ring import RING_BYTES, Ring
+from fastserve.engine.ring import Ring, ring_size
 from fastserve.engine.security import Guard, KeyPair
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
@@ -41,7 +41,7 @@ from fastserve.graph import Graph, compile_graph, load_spec
 from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
-from fastserve.resources.costmodel import Profile
+from fastserve.resources.costmodel import Profile, micro_batch_size
 from fastserve.resources.inventory import Inventory, local_inventory
 from fastserve.resources.plan import Plan, check_plan
 from fastserve.resources.planner import Constraints, plan
@@ -82,7 +82,7 @@ class Deployment:
                  trust_code: bool = False, export_dir: str | None = None,
                  inventory: Inventory | None = None, keys: ClusterKeys | None = None,
                  coordinator_address: str | None = None, ray_address: str | None = None,
-                 ring_bytes: int = RING_BYTES) -> None:
+                 ring_bytes: int | None = None) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
@@ -96,7 +96,8 @@ class Deployment:
         actors (:mod:`fastserve.engine.raylaunch`) on the cluster at ``ray_address`` (default:
         the one this process is connected to, else ``RAY_ADDRESS`` or 'auto').
         ``ring_bytes``: the shared-memory ring each last-stage rank on this host sends its
-        results through (:mod:`fastserve.engine.ring`); 0 sends them over the socket."""
+        results through (:mod:`fastserve.engine.ring`); None sizes it for two of the plan's
+        micro-batches of results, 0 sends them over the socket."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -147,7 +148,8 @@ class Deployment:
         self.dropped: Counter = Counter()
         secure = plan.transport == "tcp"
         self._keys = KeyPair.new() if secure else None
-        self.ring_bytes = ring_bytes
+        self.ring_bytes = ring_size(self.sharding[-1].out_bytes * micro_batch_size(
+            plan.batch, plan.replicas, plan.micro_batches)) if ring_bytes is None else ring_bytes
         self._rings: dict[int, Ring] = {}  # last-stage rank -> its result ring
         self._ring_data: dict[int, memoryview] = {}
         self._rank_keys = [KeyPair.new() if secure else None for _ in plan.ranks]

@@ -35,12 +35,22 @@ from fastserve.engine.wire import SHM_ALIGN as ALIGN
 from fastserve.errors import EngineError, WireError
 
 HEADER = 4096  # the released-bytes counter; the data starts page-aligned after it
-RING_BYTES = 256 << 20  # default size: two of GPT-2's 4-sample, 128-token logits
+MIN_RING_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 40
+DEFAULT_MAX_BYTES = 1 << 30  # what a ring sized from a plan takes at most
 
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def ring_size(result_bytes: int) -> int:
+    """A ring for results of about ``result_bytes``: room for two (one being merged while the
+    next arrives), in whole MiB, 1 MiB to 1 GiB. Its pages are taken only as they are written,
+    and they count in the resident memory of both processes, so it is kept to what a plan
+    needs; a larger result goes over the socket."""
+    mib = -(-2 * max(0, result_bytes) // MIN_RING_BYTES) * MIN_RING_BYTES
+    return min(DEFAULT_MAX_BYTES, max(MIN_RING_BYTES, mib))
 
 
 class Ring:
@@ -56,7 +66,7 @@ class Ring:
         self._expected = 0  # reader: the end of the last message taken
 
     @classmethod
-    def create(cls, size: int = RING_BYTES, name: str = "fastserve-ring") -> Ring:
+    def create(cls, size: int, name: str = "fastserve-ring") -> Ring:
         if not 0 < size <= MAX_RING_BYTES or size % ALIGN:
             raise EngineError(f"a ring holds 1 byte to 1 TiB, in multiples of {ALIGN}; got "
                               f"{size}")

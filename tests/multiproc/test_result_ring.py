@@ -39,8 +39,21 @@ def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
         assert ring._expected > taken
 
 
-def test_without_a_ring_results_come_over_the_socket():
-    with Deployment.from_spec(MLP, Layout(2, 1), timeout=60, ring_bytes=0) as dep:
+def test_rings_are_sized_from_the_plan_or_left_out():
+    from fastserve.engine.ring import ring_size
+
+    assert ring_size(0) == 1 << 20 and ring_size(103 << 20) == 206 << 20
+    assert ring_size(1 << 40) == 1 << 30
+    dep = Deployment.from_spec(str(ROOT / "graphs/gpt2.yaml"), Layout(1, 1),
+                               dims={"seq": 128}, batch=32, micro_batches=8)
+    try:  # (planned, not started)
+        # 4 samples of GPT-2's logits (4 x 128 x 50,257 float32) twice, in whole MiB
+        assert dep.ring_bytes == ring_size(4 * 128 * 50257 * 4) == 197 << 20
+    finally:
+        dep.stop()
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60) as dep:
+        assert list(dep._rings) == [0] and dep._rings[0].size == dep.ring_bytes == 1 << 20
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=0) as dep:
         assert dep._rings == {}
         inputs = G.random_inputs(dep.graph, batch=8)
         torch.testing.assert_close(dep.run(inputs)["head"],
