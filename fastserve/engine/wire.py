@@ -194,12 +194,12 @@ _GEN = _record({"seqs": _list_of(_ints(3), MAX_SEQS), "free": _list_of(_int, MAX
                 "logits": _text, "sample": _list_of(_sampling, MAX_SEQS)},
                frozenset({"seqs"}))
 
-# kind -> (fields, required keys). Control messages go both ways: commands to a rank, and the
-# rank's ready/failed events to the coordinator.
 # a result whose tensors lie in a shared-memory ring (fastserve.engine.ring): the ring's id,
 # where the message ends in the ring's byte count, and each tensor's offset in layout order
 _SHM = _list_of(_int, MAX_TENSORS + 2)
 
+# kind -> (fields, required keys). Control messages go both ways: commands to a rank, and the
+# rank's ready/failed events to the coordinator.
 META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
     "data": ({"timings": _TIMINGS, "gen": _GEN, "shm": _SHM}, frozenset()),
     "error": ({"timings": _TIMINGS, "error": _ERROR}, frozenset({"error"})),
