@@ -83,8 +83,10 @@ class TorchPipeline:
             if k == 0:
                 cfg["inputs"] = [[inputs[n].tolist(), names[inputs[n].dtype]]
                                  for n in shard.inputs]
+            # (a terminal's Ctrl-C goes to the driver, which closes their stdin: they exit)
             proc = subprocess.Popen([sys.executable, "-m", "fastserve.bench.torchpipe"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
             self.procs.append(proc)
             proc.stdin.write(json.dumps(cfg) + "\n")
             proc.stdin.flush()
@@ -214,6 +216,9 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
                 progress(f"round {r + 1}/{rounds}: {name}")
                 seconds[name].append(run())
         stages_seen = pipe.stats.to_json()["stages"]
+        # the share of results that came through the ring (the rest found it full)
+        through_ring = {name: dep.stats.ring_results / max(1, dep.stats.results)
+                        for name, dep in (("pipeline", pipe), ("replicas", reps))}
 
     median = {k: statistics.median(v) for k, v in seconds.items()}
     rate = {k: batch / v for k, v in median.items()}
@@ -237,4 +242,5 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
             "cut_by": "measured node times" if profile is not None else "FLOPs",
             "seconds_per_batch": median, "seconds_per_round": seconds,
             "samples_per_s": rate, "ratios": ratios,
-            "pipeline_stages": {str(k): v for k, v in stages_seen.items()}}
+            "pipeline_stages": {str(k): v for k, v in stages_seen.items()},
+            "results_through_ring": through_ring}

@@ -229,3 +229,58 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
         },
         "rank_memory": pipe_mem,
     }
+
+
+def bench_request(spec: str = "graphs/mlp.yaml", *, batch: int = 1, blocks: int = 9,
+                  n: int = 200, progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Latency of one small request: eager in this process (1 thread), a raw pyzmq ipc round
+    trip of the input's bytes, and ``Deployment.run`` through one rank and through two stages
+    (1 thread each); medians of ``blocks`` interleaved blocks of ``n`` requests. What a
+    deployment adds over eager is stated in raw round trips, the unit of the targets."""
+    from fastserve.engine.deployment import Deployment, Layout
+    from fastserve.graph import build_reference, random_inputs
+
+    progress("starting one rank and a 2-stage pipeline")
+    addresses = Addresses("ipc")
+    raw = _Echo(addresses, "raw")
+    try:
+        with Deployment.from_spec(spec, Layout(1, 1, None, 1), batch=batch) as one, \
+                Deployment.from_spec(spec, Layout(1, 2, None, 1), batch=batch) as two:
+            inputs = random_inputs(one.graph, batch)
+            module = build_reference(one.graph)
+            expected = module(inputs)
+            for dep in (one, two):  # exact, and warm
+                for k, v in dep.run(inputs).items():
+                    torch.testing.assert_close(v, expected[k])
+            tensors = list(inputs.values())
+            header = encode("data", tensors=inputs)[0]
+            payload = [t.numpy().tobytes() for t in tensors]
+
+            def raw_trip() -> None:
+                raw.push.send_multipart([header, *payload], copy=False)
+                raw.pull.recv_multipart(copy=False)
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.inference_mode():
+                    runs = {"eager": lambda: module(inputs), "raw_rtt": raw_trip,
+                            "one_rank": lambda: one.run(inputs),
+                            "two_stages": lambda: two.run(inputs)}
+                    times: dict[str, list[float]] = {k: [] for k in runs}
+                    for b in range(blocks):
+                        progress(f"block {b + 1}/{blocks}")
+                        for k, fn in runs.items():
+                            fn()
+                            times[k].append(_time_block(fn, n))
+            finally:
+                torch.set_num_threads(previous)
+    finally:
+        raw.close()
+        addresses.close()
+    us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    return {"graph": one.graph.name, "batch": batch, "blocks": blocks, "requests_per_block": n,
+            "microseconds": us,
+            "one_rank_over_eager_in_raw_rtts": (us["one_rank"] - us["eager"]) / us["raw_rtt"],
+            "two_stages_over_eager_in_raw_rtts": (us["two_stages"] - us["eager"])
+            / us["raw_rtt"]}

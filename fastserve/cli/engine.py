@@ -293,6 +293,36 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
     click.echo("(resident memory above an idle rank, over the rank's weight bytes)")
 
 
+@bench.command("request")
+@click.argument("spec", default="graphs/mlp.yaml", type=click.Path(dir_okay=False))
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--blocks", type=click.IntRange(1), default=9, show_default=True,
+              help="Interleaved blocks; the median block is kept.")
+@click.option("--requests", "n", type=click.IntRange(1), default=200, show_default=True,
+              help="Requests per block.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_request_cmd(spec, batch, blocks, n, as_json) -> None:
+    """Latency of one small request through one rank and through two stages, against eager
+    in-process and a raw pyzmq ipc round trip of the same input bytes.
+
+    Targets (MLP, batch 1): one rank at most eager + 1.5 raw round trips; two stages at most
+    eager + 2.
+    """
+    from fastserve.bench.engine import bench_request
+
+    out = bench_request(spec, batch=batch, blocks=blocks, n=n,
+                        progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(f"{out['graph']}, batch {batch}, median of {blocks} blocks of {n} requests")
+    click.echo(table(["path", "us per request"],
+                     [(k, f"{v:.0f}") for k, v in out["microseconds"].items()], "lr"))
+    click.echo(f"one rank: eager + {out['one_rank_over_eager_in_raw_rtts']:.2f} raw round "
+               f"trips (target 1.5); two stages: eager + "
+               f"{out['two_stages_over_eager_in_raw_rtts']:.2f} (target 2)")
+
+
 @bench.command("compare")
 @click.argument("spec", default="graphs/gpt2.yaml", type=click.Path(dir_okay=False))
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
@@ -349,6 +379,8 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
         f"stage {k} compute {v['compute_s'] * 1e3:.1f} ms, transfer "
         f"{v['transfer_s'] * 1e3:.1f} ms, queue {v['queue_s'] * 1e3:.1f} ms"
         for k, v in out["pipeline_stages"].items()))
+    click.echo("results through the shared-memory ring (the rest found it full): " + ", ".join(
+        f"{k} {v:.0%}" for k, v in out["results_through_ring"].items()))
 
 
 @bench.command("load")

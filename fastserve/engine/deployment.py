@@ -609,7 +609,9 @@ class Flow:
             raise error
         self.stats.add_timings(msg.meta.get("timings", []), at)
         self.stats.samples += item.samples
+        self.stats.results += 1
         if shm is not None:
+            self.stats.ring_results += 1
             self._lent = (ring, shm[1])
             if not borrow:
                 tensors = {k: v.clone() for k, v in msg.tensors.items()}

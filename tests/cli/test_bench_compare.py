@@ -1,6 +1,6 @@
-"""``fastserve bench compare`` through the CLI boundary, on the small MLP: every run it names is
-measured (torch.distributed.pipelining included), the FastServe runs were checked against one
-process, and each ratio is the quotient of the rates it names."""
+"""``fastserve bench compare`` and ``bench request`` through the CLI boundary, on the small
+MLP: every run they name is measured (torch.distributed.pipelining included), the FastServe runs
+were checked against one process, and each ratio is the quotient of the figures it names."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
     for name, seconds in doc["seconds_per_round"].items():
         assert len(seconds) == 2 and all(s > 0 for s in seconds), name
         assert doc["samples_per_s"][name] == pytest.approx(8 / statistics.median(seconds))
+    # the MLP's results (80 bytes) always fit its 1 MiB rings
+    assert doc["results_through_ring"] == {"pipeline": 1.0, "replicas": 1.0}
     rate = doc["samples_per_s"]
     one = rate["one_process_1_thread"]
     assert doc["ratios"]["fastserve_2_replicas_stream / (2 x one 1-thread process)"] == \
@@ -38,3 +40,17 @@ def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
         pytest.approx(rate["fastserve_pipeline_2_stages_stream"]
                       / rate["torch_pipelining_2_stages"])
 
+
+
+def test_bench_request_states_the_overhead_in_raw_round_trips(capsys):
+    code = run_cli(["bench", "request", str(ROOT / "graphs/mlp.yaml"), "--blocks", "2",
+                    "--requests", "5", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    us = doc["microseconds"]
+    assert set(us) == {"eager", "raw_rtt", "one_rank", "two_stages"}
+    assert all(v > 0 for v in us.values())
+    assert us["one_rank"] > us["raw_rtt"]  # a rank's round trip includes a raw one
+    assert doc["one_rank_over_eager_in_raw_rtts"] == pytest.approx(
+        (us["one_rank"] - us["eager"]) / us["raw_rtt"])

@@ -28,11 +28,13 @@ def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
             torch.testing.assert_close(out["head"], G.reference(dep.graph, inputs)["head"])
         # through the ring and round it (one that finds the ring full goes over the socket)
         assert ring._expected > 1024
-        taken = ring._expected
+        assert dep.stats.results == 12 and 3 <= dep.stats.ring_results <= 12
+        taken, through = ring._expected, dep.stats.ring_results
         big = G.random_inputs(dep.graph, batch=32, seed=99)
         out = dep.run(big, micro_batches=1)
         torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
-        assert ring._expected == taken  # too large for the ring: it came over the socket
+        # too large for the ring: it came over the socket
+        assert ring._expected == taken and dep.stats.ring_results == through
         # a batch merged straight from the ring (borrowed, then released) in 4 micro-batches
         out = dep.run(big, micro_batches=4)
         torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
