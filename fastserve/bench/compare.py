@@ -59,7 +59,8 @@ class TorchPipeline:
     """N torch.distributed.pipelining stage processes on a FastServe cut; see
     :mod:`fastserve.bench.torchpipe`."""
 
-    def __init__(self, dep, inputs: Mapping[str, torch.Tensor], micro_batches: int) -> None:
+    def __init__(self, dep, inputs: Mapping[str, torch.Tensor], micro_batches: int,
+                 trust_code: bool = False) -> None:
         from fastserve.graph.dtypes import DTYPES
         from fastserve.graph.records import shard_record
 
@@ -77,7 +78,7 @@ class TorchPipeline:
         self.procs: list[subprocess.Popen] = []
         for k, shard in enumerate(shards):
             cfg = {"stage": k, "stages": len(shards), "port": port, "threads": 1,
-                   "micro_batches": micro_batches,
+                   "micro_batches": micro_batches, "trust_code": trust_code,
                    "record": shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
                                           list(shard.outputs))}
             if k == 0:
@@ -131,7 +132,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2,
                   micro_batches: int = 8, stream: int = 3, rounds: int = 3,
                   torch_pipelining: bool = True, profile=None, sockets: bool = False,
-                  progress: Progress = lambda _m: None) -> dict:
+                  trust_code: bool = False, progress: Progress = lambda _m: None) -> dict:
     """Seconds per batch of each way of running ``spec`` (medians of ``rounds`` interleaved
     rounds), samples/s, and the ratios the performance targets are stated in. With a
     ``profile`` (:class:`fastserve.resources.costmodel.Profile`) the pipeline is cut by measured
@@ -146,10 +147,10 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         progress(f"starting a {stages}-stage pipeline and {stages} replicas")
         pipe = stack.enter_context(Deployment.from_spec(
             spec, Layout(1, stages, None, 1), dims=dims, micro_batches=micro_batches,
-            batch=batch, timeout=600, profile=profile))
+            batch=batch, timeout=600, profile=profile, trust_code=trust_code))
         reps = stack.enter_context(Deployment.from_spec(
             spec, Layout(stages, 1, None, 1), dims=dims, micro_batches=per_replica,
-            batch=batch, timeout=600))
+            batch=batch, timeout=600, trust_code=trust_code))
         socket_deps = {}
         if sockets:
             progress("starting both again with results over the socket (no ring)")
@@ -159,7 +160,7 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
                                         Layout(stages, 1, None, 1), per_replica)):
                 socket_deps[key] = (stack.enter_context(Deployment.from_spec(
                     spec, layout, dims=dims, micro_batches=micro, batch=batch, timeout=600,
-                    profile=profile, ring_bytes=0)), micro)
+                    profile=profile, ring_bytes=0, trust_code=trust_code)), micro)
         graph = pipe.graph
         inputs = random_inputs(graph, batch, dims)
         batched = pipe.batched
@@ -169,7 +170,7 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         torch_pipe = None
         if torch_pipelining:
             progress(f"starting {stages} torch.distributed.pipelining stages (gloo)")
-            torch_pipe = TorchPipeline(pipe, inputs, micro_batches)
+            torch_pipe = TorchPipeline(pipe, inputs, micro_batches, trust_code)
             stack.callback(torch_pipe.close)
 
         progress("checking the deployments against one process")

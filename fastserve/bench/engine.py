@@ -167,6 +167,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2,
                    replicas: int = 2, micro_batches: int = 8, stream: int = 4, repeats: int = 2,
+                   trust_code: bool = False,
                    progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Throughput of pipelines and replicas vs single processes, and rank memory vs weights.
 
@@ -179,7 +180,7 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     from fastserve.graph import build_reference, compile_graph, load_spec, random_inputs
 
     dims = {"seq": seq}
-    graph = compile_graph(load_spec(spec), dims)
+    graph = compile_graph(load_spec(spec, trust_code=trust_code), dims)
     inputs = random_inputs(graph, batch, dims)
     progress("single process, 1 thread and p threads")
     module = build_reference(graph)
@@ -190,7 +191,8 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     def deployed(layout: Layout, micro: int) -> tuple[float, float, list[dict]]:
         """Seconds for one batch alone, seconds per batch in a stream, rank memory."""
         progress(f"{layout.replicas} replica(s) x {layout.stages} stage(s)")
-        with Deployment.from_spec(spec, layout, dims=dims, timeout=300) as dep:
+        with Deployment.from_spec(spec, layout, dims=dims, timeout=300,
+                                  trust_code=trust_code) as dep:
             dep.run(inputs, micro_batches=micro)  # warm up: connections, allocator
             alone = min(_timed(lambda: dep.run(inputs, micro_batches=micro))
                         for _ in range(repeats))

@@ -45,7 +45,8 @@ def main() -> int:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}",
                             rank=stage, world_size=stages)
     try:
-        module = _Positional(build_from_record(cfg["record"]))
+        module = _Positional(build_from_record(cfg["record"],
+                                               trust_code=cfg["trust_code"]))
         pipe = PipelineStage(module, stage, stages, torch.device("cpu"))
         schedule = ScheduleGPipe(pipe, cfg["micro_batches"])
         args = tuple(torch.tensor(v, dtype=DTYPES[d]) for v, d in cfg.get("inputs", []))

@@ -257,8 +257,9 @@ def bench_transport_cmd(transports, blocks, as_json) -> None:
 @click.option("--repeats", type=click.IntRange(1), default=2, show_default=True,
               help="Timed runs per configuration; the best is kept.")
 @click.option("--json", "as_json", is_flag=True)
+@trust_option
 def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream, repeats,
-                       as_json) -> None:
+                       as_json, trust_code) -> None:
     """A p-stage pipeline (1 thread per rank) vs one process with 1 and p threads; d replicas
     vs one; each rank's resident memory vs its shard's weights.
 
@@ -272,7 +273,7 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
 
     out = bench_pipeline(spec, batch=batch, seq=seq, stages=stages, replicas=replicas,
                          micro_batches=micro_batches, stream=stream, repeats=repeats,
-                         progress=lambda m: click.echo(m, err=True))
+                         trust_code=trust_code, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return
@@ -345,8 +346,9 @@ def bench_request_cmd(spec, batch, blocks, n, as_json) -> None:
               help="Also run both deployments streamed with results over the ipc socket "
               "instead of the shared-memory ring, to see what the ring buys.")
 @click.option("--json", "as_json", is_flag=True)
+@trust_option
 def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, no_torch,
-                      profile_path, sockets, as_json) -> None:
+                      profile_path, sockets, as_json, trust_code) -> None:
     """FastServe against what you would run instead, interleaved in one run: one process with
     1 and N threads, torch.distributed.pipelining with N stages over gloo on FastServe's cut,
     a FastServe N-stage pipeline and N FastServe replicas (alone and streamed).
@@ -362,7 +364,8 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
     out = bench_compare(spec, batch=batch, seq=seq, stages=stages, micro_batches=micro_batches,
                         stream=stream, rounds=rounds, torch_pipelining=not no_torch,
                         profile=Profile.load(profile_path) if profile_path else None,
-                        sockets=sockets, progress=lambda m: click.echo(m, err=True))
+                        sockets=sockets, trust_code=trust_code,
+                        progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return

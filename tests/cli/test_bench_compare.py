@@ -54,3 +54,10 @@ def test_bench_request_states_the_overhead_in_raw_round_trips(capsys):
     assert us["one_rank"] > us["raw_rtt"]  # a rank's round trip includes a raw one
     assert doc["one_rank_over_eager_in_raw_rtts"] == pytest.approx(
         (us["one_rank"] - us["eager"]) / us["raw_rtt"])
+
+
+@pytest.mark.parametrize("command", ["compare", "pipeline"])
+def test_a_spec_that_runs_code_needs_trust_before_anything_starts(capsys, command):
+    code = run_cli(["bench", command, str(ROOT / "graphs/gpt2-hf-tiny.yaml")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--trust-code" in err and "Traceback" not in err
