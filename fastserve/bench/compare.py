@@ -218,7 +218,7 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
                 seconds[name].append(run())
         stages_seen = pipe.stats.to_json()["stages"]
         # the share of results that came through the ring (the rest found it full)
-        through_ring = {name: dep.stats.ring_results / max(1, dep.stats.results)
+        through_ring = {name: dep.received["ring"] / max(1, sum(dep.received.values()))
                         for name, dep in (("pipeline", pipe), ("replicas", reps))}
 
     median = {k: statistics.median(v) for k, v in seconds.items()}

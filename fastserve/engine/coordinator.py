@@ -163,8 +163,6 @@ class RunStats:
     samples: int = 0
     seconds: float = 0.0
     stages: dict[int, StageTimes] = field(default_factory=dict)
-    results: int = 0  # micro-batch results received
-    ring_results: int = 0  # of which through a shared-memory ring (the rest: the socket)
 
     @property
     def throughput(self) -> float:
@@ -179,8 +177,7 @@ class RunStats:
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "seconds": self.seconds,
-                "throughput": self.throughput, "results": self.results,
-                "ring_results": self.ring_results,
+                "throughput": self.throughput,
                 "stages": {s: {"compute_s": v.mean_compute, "transfer_s": v.transfer,
                                "queue_s": v.queue, "micro_batches": v.count}
                            for s, v in sorted(self.stages.items())},

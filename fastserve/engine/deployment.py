@@ -146,6 +146,8 @@ class Deployment:
         # messages the coordinator received and dropped, by reason: malformed (the wire's
         # reason), "unrequested" (a result for no request in flight), "control"
         self.dropped: Counter = Counter()
+        # results taken, by how they came: "ring" (shared memory) or "socket"
+        self.received: Counter = Counter()
         secure = plan.transport == "tcp"
         self._keys = KeyPair.new() if secure else None
         self.ring_bytes = ring_size(self.sharding[-1].out_bytes * micro_batch_size(
@@ -585,22 +587,33 @@ class Flow:
         except WireError as e:
             dep.dropped[e.reason] += 1
             return None
+        shm = msg.meta.get("shm")
+        ring = dep._rings[shm[0]] if shm is not None else None  # (decode checked the id)
         if msg.request != self.request or msg.micro not in self.sent or \
                 msg.kind not in ("data", "error"):
-            # (a straggler's ring bytes are released by the next result from that ring)
             dep.dropped["unrequested"] += 1
+            if ring is not None:  # a straggler of an earlier run: its bytes are free again
+                try:
+                    ring.take(shm[1])
+                    ring.release(shm[1])
+                except WireError:
+                    pass
             return None
-        shm = msg.meta.get("shm")
-        if shm is not None:
-            ring = dep._rings[shm[0]]
-            try:
-                ring.take(shm[1])
-            except WireError as e:
-                dep.dropped[e.reason] += 1
-                return None
         self.last_progress = time.monotonic()
         item, replica, at = self.sent.pop(msg.micro)
         self.in_flight[replica] -= 1
+        if ring is not None:
+            p = dep.plan.stages
+            try:
+                if shm[0] != replica * p + p - 1:
+                    raise WireError(f"ring {shm[0]} is not replica {replica}'s", "shm")
+                ring.take(shm[1])
+            except WireError as e:  # a rank out of step with its ring: name it, do not wait
+                dep.dropped[e.reason] += 1
+                error = RankError(f"micro-batch {msg.micro}'s result is not a valid message "
+                                  f"of its result ring: {e}", rank=shm[0])
+                error.item = item
+                raise error from None
         if msg.kind == "error":
             err = msg.meta.get("error", {})
             error = RankError(err.get("message", "unknown error"), rank=err.get("rank"),
@@ -609,9 +622,8 @@ class Flow:
             raise error
         self.stats.add_timings(msg.meta.get("timings", []), at)
         self.stats.samples += item.samples
-        self.stats.results += 1
+        dep.received["ring" if shm is not None else "socket"] += 1
         if shm is not None:
-            self.stats.ring_results += 1
             self._lent = (ring, shm[1])
             if not borrow:
                 tensors = {k: v.clone() for k, v in msg.tensors.items()}

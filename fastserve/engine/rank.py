@@ -221,14 +221,16 @@ def serve(cfg: RankConfig) -> int:
 
         def frames_of(out) -> list:
             try:
+                # encoded first: a result the wire refuses takes no room in the ring
+                frames = encode(out.kind, request=out.request, micro=out.micro,
+                                tensors=out.tensors, meta=out.meta)
                 placed = ring.put(out.tensors) if ring is not None and out.kind == "data" \
                     else None
                 if placed is not None:  # the header alone: the tensors are in the ring
                     return encode(out.kind, request=out.request, micro=out.micro,
                                   tensors=out.tensors,
                                   meta={**out.meta, "shm": [cfg.rank, *placed]})[:1]
-                return encode(out.kind, request=out.request, micro=out.micro,
-                              tensors=out.tensors, meta=out.meta)
+                return frames
             except WireError as e:  # e.g. an output dtype the wire does not carry
                 err = core.error(out, f"could not send the result: {e}")
                 return encode(err.kind, request=err.request, micro=err.micro, meta=err.meta)

@@ -23,6 +23,7 @@ coordinator merges straight from the ring into the output and then releases the 
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -35,6 +36,9 @@ from fastserve.engine.wire import SHM_ALIGN as ALIGN
 from fastserve.errors import EngineError, WireError
 
 HEADER = 4096  # the released-bytes counter; the data starts page-aligned after it
+# a ring's size is fixed for its life: a rank that shrank it would make the coordinator's next
+# read of a dropped page a SIGBUS
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MIN_RING_BYTES = 1 << 20
 MAX_RING_BYTES = 1 << 40
 DEFAULT_MAX_BYTES = 1 << 30  # what a ring sized from a plan takes at most
@@ -64,15 +68,23 @@ class Ring:
         self.data = memoryview(self._map)[HEADER:]
         self._written = 0  # writer: bytes handed out (never decreases)
         self._expected = 0  # reader: the end of the last message taken
+        # reader: what it has released, kept here too (the shared counter is the writer's to
+        # read, and a writer could write it)
+        self._freed = 0
 
     @classmethod
     def create(cls, size: int, name: str = "fastserve-ring") -> Ring:
         if not 0 < size <= MAX_RING_BYTES or size % ALIGN:
             raise EngineError(f"a ring holds 1 byte to 1 TiB, in multiples of {ALIGN}; got "
                               f"{size}")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        if fd < 3:  # a rank inherits it as the same number: keep clear of stdin, out, err
+            low = fd
+            fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(low)
         try:
             os.ftruncate(fd, HEADER + size)  # sparse: pages are taken as they are written
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             return cls(fd, size)
         except BaseException:
             os.close(fd)
@@ -83,8 +95,9 @@ class Ring:
         """The ring behind an inherited descriptor, which must be a shared-memory file of
         exactly the size the coordinator said."""
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != HEADER + size or size % ALIGN:
-            raise EngineError(f"descriptor {fd} is not a ring of {size} bytes")
+        if not stat.S_ISREG(st.st_mode) or st.st_size != HEADER + size or size % ALIGN or \
+                fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+            raise EngineError(f"descriptor {fd} is not a sealed ring of {size} bytes")
         return cls(fd, size)
 
     def close_fd(self) -> None:
@@ -137,13 +150,13 @@ class Ring:
         """Accept a message whose writer says it ends at ``end``: after every message taken
         before it, and no further ahead of what was released than a writer can place it (a
         skip to the start, under a ring, then at most a ring). Raise WireError otherwise."""
-        released = int(self._released[0])
-        if not self._expected < end <= released + 2 * self.size:
+        if not self._expected < end <= self._freed + 2 * self.size:
             raise WireError(f"a shared-memory message ends at {end}, outside the ring's "
-                            f"window ({self._expected}, {released + 2 * self.size}]", "shm")
+                            f"window ({self._expected}, {self._freed + 2 * self.size}]", "shm")
         self._expected = end
 
     def release(self, end: int) -> None:
-        """The bytes of every message up to ``end`` may be written again."""
-        if end > int(self._released[0]):
+        """The bytes of every message up to ``end`` (one taken) may be written again."""
+        if end > self._freed:
+            self._freed = end
             self._released[0] = end

@@ -4,6 +4,7 @@ and results handed to the caller stay intact while the ring is reused."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import fastserve.graph as G
 from fastserve.engine import Deployment, Layout
+from fastserve.engine.coordinator import WorkItem
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = str(ROOT / "graphs/mlp.yaml")
@@ -28,17 +30,32 @@ def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
             torch.testing.assert_close(out["head"], G.reference(dep.graph, inputs)["head"])
         # through the ring and round it (one that finds the ring full goes over the socket)
         assert ring._expected > 1024
-        assert dep.stats.results == 12 and 3 <= dep.stats.ring_results <= 12
-        taken, through = ring._expected, dep.stats.ring_results
+        assert sum(dep.received.values()) == 12 and 3 <= dep.received["ring"] <= 12
+        taken, through = ring._expected, dep.received["ring"]
         big = G.random_inputs(dep.graph, batch=32, seed=99)
         out = dep.run(big, micro_batches=1)
         torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
         # too large for the ring: it came over the socket
-        assert ring._expected == taken and dep.stats.ring_results == through
+        assert ring._expected == taken and dep.received["ring"] == through
         # a batch merged straight from the ring (borrowed, then released) in 4 micro-batches
         out = dep.run(big, micro_batches=4)
         torch.testing.assert_close(out["head"], G.reference(dep.graph, big)["head"])
         assert ring._expected > taken
+
+
+def test_results_of_an_abandoned_flow_free_the_ring_for_the_next_runs():
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=1024) as dep:
+        x = G.random_inputs(dep.graph, batch=8)
+        abandoned = dep.flow()
+        for key in range(3):  # three results of 320 bytes fill the ring; nobody takes them
+            abandoned.send(WorkItem(key, 0, x, 8))
+        deadline = time.monotonic() + 30
+        while dep.control("stats")[0]["processed"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(3):  # the stragglers are dropped, and their ring bytes released
+            torch.testing.assert_close(dep.run(x)["head"], G.reference(dep.graph, x)["head"])
+        assert dep.dropped["unrequested"] == 3
+        assert dep.received["ring"] >= 1  # the ring is in use again
 
 
 def test_rings_are_sized_from_the_plan_or_left_out():

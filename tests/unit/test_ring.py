@@ -80,6 +80,15 @@ def test_what_does_not_fit_goes_inline(ring):
     assert ring.put({"x": torch.zeros(0)}) is None  # nothing to place
 
 
+def test_the_reader_trusts_its_own_count_of_what_it_released(ring):
+    ring.take(1024)
+    ring.release(1024)
+    ring._released[0] = 1 << 50  # the shared counter, as a rank could write it
+    with pytest.raises(WireError):
+        ring.take(1 << 49)  # still outside the window the reader itself opened
+    ring.take(2048)
+
+
 def test_an_end_outside_the_readers_window_is_refused(ring):
     ring.take(1024)
     for end in (1024, 512, 2 * 4096 + 1, -5):
@@ -128,8 +137,10 @@ def test_a_ring_message_is_refused_where_there_is_no_ring_or_with_frames(ring):
 def test_open_accepts_only_a_ring_of_the_size_it_was_told(ring):
     fd = os.dup(ring.fd)
     try:
-        with pytest.raises(EngineError, match="not a ring of 8192 bytes"):
+        with pytest.raises(EngineError, match="not a sealed ring of 8192 bytes"):
             Ring.open(fd, 8192)
+        with pytest.raises(OSError):  # sealed: the rank cannot shrink it under the reader
+            os.ftruncate(fd, 0)
         other = Ring.open(fd, 4096)  # the same memory, as a rank maps it
         frames = send(other, {"x": torch.arange(10.0)})
         assert torch.equal(decode(frames, {3: ring.data}).tensors["x"], torch.arange(10.0))
@@ -140,12 +151,15 @@ def test_open_accepts_only_a_ring_of_the_size_it_was_told(ring):
         if fd >= 0:
             os.close(fd)
     r, w = os.pipe()
+    unsealed = os.memfd_create("unsealed")
+    os.ftruncate(unsealed, HEADER + 4096)
     try:
-        with pytest.raises(EngineError, match="not a ring"):
-            Ring.open(r, 4096)
+        for bad in (r, unsealed):
+            with pytest.raises(EngineError, match="not a sealed ring"):
+                Ring.open(bad, 4096)
     finally:
-        os.close(r)
-        os.close(w)
+        for f in (r, w, unsealed):
+            os.close(f)
     for size in (0, 100, -64):
         with pytest.raises(EngineError, match="multiples of"):
             Ring.create(size)
