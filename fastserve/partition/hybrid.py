@@ -50,7 +50,8 @@ def hybrid_shards(graph: Graph, shards: int, memory_caps: int | str | Sequence[i
     caps = memory_cap_list(memory_caps, k)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise PartitionError(f"batch must be a positive integer, got {batch!r}")
-    if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or \
+            not 0 <= tolerance < math.inf:
         raise PartitionError(f"tolerance must be a number >= 0, got {tolerance!r}")
 
     memory_lo: dict[int, np.ndarray] = {}
@@ -95,11 +96,11 @@ def _cap(size: int | str | float) -> int:
 
 def memory_cap_list(memory_caps, k: int) -> list[int]:
     """One cap in bytes per shard from a size, a text size, or a list of one or ``k`` of them."""
-    if isinstance(memory_caps, (str, int, float)) and not isinstance(memory_caps, bool):
-        return [_cap(memory_caps)] * k
     if memory_caps is None:
         raise PartitionError("the hybrid strategy needs memory_caps (e.g. '2GB' or one per "
                              "shard)")
+    if isinstance(memory_caps, str) or not isinstance(memory_caps, Sequence):
+        return [_cap(memory_caps)] * k  # one size (a bool or junk is refused by _cap)
     caps = [_cap(c) for c in memory_caps]
     if len(caps) == 1:
         return caps * k

@@ -72,14 +72,19 @@ def test_exception_in_a_rank_names_rank_stage_node_and_rank_keeps_serving(faulty
         torch.testing.assert_close(dep.run(good)["out"], G.reference(dep.graph, good)["out"])
 
 
-def test_rank_killed_mid_run_is_named(faulty_spec):
+def test_rank_killed_mid_run_is_named(faulty_spec, tmp_path, monkeypatch):
+    busy = tmp_path / "busy"  # the slow rank creates it when its first micro-batch starts
+    monkeypatch.setenv("FAULTY_BUSY", str(busy))
     with Deployment.from_spec(faulty_spec("Slow"), Layout(1, 3), timeout=30, trust_code=True) as dep:
         victim = dep.ranks[1]
         x = {"x": torch.randn(8, 4)}
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(dep.run, x, 8)
-            time.sleep(0.5)
-            victim.process.send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while not busy.exists() and time.monotonic() < deadline and not future.done():
+                time.sleep(0.01)
+            assert busy.exists() and not future.done(), "the slow rank never started its work"
+            victim.process.send_signal(signal.SIGKILL)  # in the middle of a micro-batch
             with pytest.raises(RankDeadError) as info:
                 future.result(timeout=30)
         assert info.value.rank == 1

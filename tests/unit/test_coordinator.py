@@ -45,3 +45,56 @@ def test_merger_rejects_an_output_without_the_batch_dimension():
     merger = Merger([items])
     with pytest.raises(EngineError, match="keep the batch dimension"):
         merger.add(items[0].key, {"y": torch.randn(3)})
+
+
+def test_run_stats_splits_each_hop_into_transfer_and_queue_exactly():
+    from fastserve.engine.coordinator import RunStats, stage_path
+    # two micro-batches through two stages; times in seconds, chosen to be exact in binary
+    first = [{"rank": 0, "stage": 0, "recv": 10.0, "start": 10.25, "end": 11.0, "sent": 11.5},
+             {"rank": 1, "stage": 1, "recv": 11.5, "start": 12.0, "end": 14.0}]
+    second = [{"rank": 0, "stage": 0, "recv": 20.0, "start": 21.0, "end": 21.5},
+              {"rank": 1, "stage": 1, "recv": 21.5, "start": 21.25, "end": 22.0}]
+    # stage 1 of the first: its hop runs from stage 0's send (11.5), not its end (11.0);
+    # a clock running backwards between hosts gives a zero hop, never a negative one
+    assert list(stage_path(first, 10.0)) == [(0, 0.75, 0.25), (1, 2.0, 0.5)]
+    assert list(stage_path(second, 20.0)) == [(0, 0.5, 1.0), (1, 0.75, 0.0)]
+    stats = RunStats(samples=8, seconds=4.0)
+    stats.add_timings(first, 10.0)
+    stats.add_timings(second, 20.0)
+    assert stats.to_json() == {
+        "samples": 8, "seconds": 4.0, "throughput": 2.0,
+        "stages": {0: {"compute_s": 0.625, "transfer_s": 0.25, "queue_s": 0.375,
+                       "micro_batches": 2},
+                   1: {"compute_s": 1.375, "transfer_s": 0.0, "queue_s": 0.25,
+                       "micro_batches": 2}},
+        "note": "per micro-batch means; transfer = fastest hop of the run"}
+    assert RunStats().to_json()["throughput"] == 0.0 and RunStats().stages == {}
+
+
+def test_plan_work_refuses_an_empty_batch_and_disagreeing_batch_sizes():
+    with pytest.raises(EngineError) as info:
+        plan_work({"x": torch.randn(0, 2)}, ["x"], replicas=1, micro_batches=1)
+    assert str(info.value) == "the batch is empty"
+    with pytest.raises(EngineError) as info:
+        plan_work({"x": torch.randn(3, 2), "y": torch.randn(4)}, ["x", "y"], replicas=1,
+                  micro_batches=1)
+    assert str(info.value) == "batched inputs disagree on the batch size: {'x': 3, 'y': 4}"
+
+
+@pytest.mark.parametrize("micro_batches, sizes", [(1, [5]), (0, [5]), (2, [3, 2]),
+                                                  (9, [1, 1, 1, 1, 1])])
+def test_plan_work_makes_at_most_the_micro_batches_asked_for(micro_batches, sizes):
+    items = plan_work({"x": torch.arange(5.0)}, ["x"], replicas=1, micro_batches=micro_batches)
+    assert [i.samples for i in items] == sizes and [i.key for i in items] == list(range(len(sizes)))
+
+
+def test_a_whole_batch_result_is_kept_as_received_unless_it_is_borrowed():
+    items = plan_work({"x": torch.randn(3, 2)}, ["x"], replicas=1, micro_batches=1)
+    received = {"y": torch.randn(3, 4)}
+    merger = Merger([items])
+    merger.add(items[0].key, received)
+    assert merger.results()[0]["y"] is received["y"]  # no copy of a result we own
+    borrowed = Merger([items])
+    borrowed.add(items[0].key, received, borrowed=True)
+    out = borrowed.results()[0]["y"]
+    assert torch.equal(out, received["y"]) and out.data_ptr() != received["y"].data_ptr()
