@@ -59,8 +59,11 @@ MAX_TEXT = 2048  # characters in any string of meta (an error's text is cut to t
 MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the 513th
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
 SHM_ALIGN = 64  # every tensor in a shared-memory ring starts on a cache line
-MAX_SEQS = 512  # sequences in one generation step (and freed by one message); below the
-# receiver's msgpack bound on any array (MAX_TENSORS + MAX_TIMINGS)
+MAX_SEQS = 512  # sequences in one generation step (and freed by one message)
+MAX_NODES = 1 << 16  # node names in a rank's "ready" event (GPT-3 175B has about 1,400)
+# the receiver's msgpack bound on any array: the longest list a schema allows (the header's byte
+# bound caps the work a junk header can cause anyway)
+MAX_ARRAY = max(MAX_NODES, MAX_TENSORS + MAX_TIMINGS)
 
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -230,7 +233,7 @@ META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
                  "rank": _int, "pid": _int, "load_s": _number, "read_s": _number,
                  "rss": _int,
                  "rss_before_load": _int, "rss_peak": _int, "weight_bytes": _int,
-                 "error": _text, "plan": _text, "nodes": _list_of(_text, 1 << 16),
+                 "error": _text, "plan": _text, "nodes": _list_of(_text, MAX_NODES),
                  "threads": _int, "endpoint": _text, "data_out": _text},
                 frozenset()),
     "reply": ({"cmd": _one_of(*COMMANDS), "rank": _int, "ok": _bool, "busy": _bool,
@@ -303,6 +306,9 @@ def encode(kind: str, *, request: int = 0, micro: int = 0,
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
+        if t.dtype not in _NAMES:  # (before numpy sees it: numpy lacks some torch dtypes)
+            raise WireError(f"tensor '{name}' has dtype {t.dtype}, which the wire does not "
+                            f"carry", "dtype")
         key.append((name, t.dtype, t.shape))
         # a numpy view of the storage keeps `t` alive for as long as ZeroMQ holds the frame;
         # numpy has no bfloat16, so that one travels as raw bytes
@@ -325,10 +331,7 @@ def _pack_layout(key: list) -> bytes:
     """The layout of ``key`` ([kind, (name, dtype, shape), ...]) with its length in front,
     checked by decoding it (so a sender refuses what a receiver would), and remembered."""
     kind, specs = key[0], []  # (encode checked the kind)
-    for name, dtype, shape in key[1:]:
-        if dtype not in _NAMES:
-            raise WireError(f"tensor '{name}' has dtype {dtype}, which the wire does not "
-                            f"carry", "dtype")
+    for name, dtype, shape in key[1:]:  # (encode checked every dtype)
         specs.append([name, _NAMES[dtype], list(shape)])
     if len(specs) > MAX_TENSORS:
         raise WireError(f"{len(specs)} tensors in one message; at most {MAX_TENSORS}", "tensors")
@@ -424,7 +427,7 @@ def _unpack(buf: memoryview, what: str) -> Any:
     try:
         # msgpack's own limits bound what a hostile header can make it allocate
         return msgpack.unpackb(buf, raw=False, strict_map_key=True,
-                               max_array_len=MAX_TENSORS + MAX_TIMINGS, max_map_len=64)
+                               max_array_len=MAX_ARRAY, max_map_len=64)
     except Exception as e:  # msgpack raises many types for garbage
         raise WireError(f"{what} is not valid msgpack: {type(e).__name__}", "header") from None
 
