@@ -60,7 +60,7 @@ MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
 SHM_ALIGN = 64  # every tensor in a shared-memory ring starts on a cache line
 MAX_SEQS = 512  # sequences in one generation step (and freed by one message)
-MAX_NODES = 1 << 16  # node names in a rank's "ready" event (GPT-3 175B has about 1,400)
+MAX_NODES = 1 << 16  # node names in a rank's "ready" event (a captured model has one per op)
 # the receiver's msgpack bound on any array: the longest list a schema allows (the header's byte
 # bound caps the work a junk header can cause anyway)
 MAX_ARRAY = max(MAX_NODES, MAX_TENSORS + MAX_TIMINGS)

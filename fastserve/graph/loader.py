@@ -334,14 +334,19 @@ def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
         ctx.fail(f"{len(raw)} nodes, more than {ctx.limits.max_nodes} (Limits.max_nodes)", doc,
                  "nodes", "nodes")
     out: list[NodeSpec] = []
-    seen: dict[str, int | None] = {n: None for n in input_names}
+    seen: dict[str, int | None] = {n: None for n in input_names}  # id -> its line
+
+    def claim(name: str, line: int | None, container, key, path) -> None:
+        """Take ``name`` for a node or a repeat block (whose id then means its last output),
+        refusing one already taken: the later one would silently shadow it."""
+        if name in seen:
+            what = "a graph input" if seen[name] is None and name in input_names else \
+                f"line {seen[name]}" if seen[name] else "an earlier node"
+            ctx.fail(f"duplicate id '{name}' (already used by {what})", container, key, path)
+        seen[name] = line
 
     def add(node: NodeSpec, container, key, path) -> None:
-        if node.id in seen:
-            what = "a graph input" if seen[node.id] is None and node.id in input_names else \
-                f"line {seen[node.id]}" if seen[node.id] else "an earlier node"
-            ctx.fail(f"duplicate id '{node.id}' (already used by {what})", container, key, path)
-        seen[node.id] = node.line
+        claim(node.id, node.line, container, key, path)
         out.append(node)
         ctx.nodes += 1
 
@@ -349,7 +354,7 @@ def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
         path = f"nodes[{i}]"
         _expect(ctx, item, dict, "a node mapping", raw, i, path)
         if "repeat" in item:
-            _repeat(ctx, item, params, raw, i, path, add, aliases)
+            _repeat(ctx, item, params, raw, i, path, add, aliases, claim)
         else:
             node = _node(ctx, item, params, raw, i, path, {}, aliases)
             add(node, raw, i, path)
@@ -380,9 +385,12 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
         op, args = "module", {"target": target, "kwargs": args}
     else:
         op = _expect(ctx, item["op"], str, "an op name", item, "op", f"{path}.op")
+        if op == "module":  # only the `module:` key checks that the code is trusted
+            ctx.fail("a user module is named with 'module: package.module:Name', not with "
+                     "'op: module'", item, "op", f"{path}.op")
         if op not in OPS:
-            ctx.fail(f"unknown op '{op}'; known ops: {', '.join(sorted(OPS))}", item, "op",
-                     f"{path}.op")
+            known = ", ".join(sorted(o for o in OPS if o != "module"))
+            ctx.fail(f"unknown op '{op}'; known ops: {known}", item, "op", f"{path}.op")
         spec = OPS[op]
         allowed = set(spec.required) | set(spec.optional)
         for k in args:
@@ -420,7 +428,7 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
 
 
 def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
-            aliases: dict[str, str]) -> None:
+            aliases: dict[str, str], claim) -> None:
     _check_keys(ctx, item, _REPEAT_KEYS, {"repeat", "id", "nodes"}, path)
     count = _subst(ctx, item["repeat"], params, item, "repeat", f"{path}.repeat")
     _expect(ctx, count, int, "a positive repeat count", item, "repeat", f"{path}.repeat")
@@ -432,6 +440,8 @@ def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
     rid = _expect(ctx, item["id"], str, "a string id", item, "id", f"{path}.id")
     if not _ID.match(rid):
         ctx.fail(f"repeat id '{rid}' is not an identifier", item, "id", f"{path}.id")
+    claim(rid, item.lines.get("id") if isinstance(item, Located) else None, item, "id",
+          f"{path}.id")
     body = _expect(ctx, item["nodes"], list, "a list of nodes", item, "nodes", f"{path}.nodes")
     if not body:
         ctx.fail("a repeat block needs at least one node", item, "nodes", f"{path}.nodes")
