@@ -354,7 +354,7 @@ def _nodes(ctx: _Ctx, doc: dict, params: dict, input_names: set[str],
         path = f"nodes[{i}]"
         _expect(ctx, item, dict, "a node mapping", raw, i, path)
         if "repeat" in item:
-            _repeat(ctx, item, params, raw, i, path, add, aliases, claim)
+            _repeat(ctx, item, params, path, add, aliases, claim)
         else:
             node = _node(ctx, item, params, raw, i, path, {}, aliases)
             add(node, raw, i, path)
@@ -427,8 +427,8 @@ def _node(ctx: _Ctx, item: dict, params: dict, container, idx, path: str,
                     line)
 
 
-def _repeat(ctx: _Ctx, item: dict, params: dict, container, idx, path: str, add,
-            aliases: dict[str, str], claim) -> None:
+def _repeat(ctx: _Ctx, item: dict, params: dict, path: str, add, aliases: dict[str, str],
+            claim) -> None:
     _check_keys(ctx, item, _REPEAT_KEYS, {"repeat", "id", "nodes"}, path)
     count = _subst(ctx, item["repeat"], params, item, "repeat", f"{path}.repeat")
     _expect(ctx, count, int, "a positive repeat count", item, "repeat", f"{path}.repeat")
