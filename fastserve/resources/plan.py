@@ -67,7 +67,8 @@ class Plan:
     latency_s: float
     throughput: float  # samples per second
     bubble: float
-    bounds: tuple[int, ...]  # cut positions in graph.order (end indices)
+    # where each stage ends in the order of its nodes: graph.order, or that of a fixed cut
+    bounds: tuple[int, ...]
     # per micro-batch round: the coordinator sending every replica's inputs and receiving and
     # merging its outputs
     coordinator_s: float = 0.0

@@ -180,6 +180,11 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
     if objective not in ("throughput", "latency"):
         raise PlanError(f"objective must be 'throughput' or 'latency', not '{objective}'")
     c = constraints
+    if c.cut is not None:  # a fixed cut fixes the stage count
+        if c.stages not in (None, len(c.cut)):
+            raise PlanError(f"the fixed cut has {len(c.cut)} stages, but stages={c.stages} "
+                            f"was asked")
+        c = replace(c, stages=len(c.cut))
     hosts = inventory.hosts
     total_work = c.batch * sum(cm.node_work(graph, n, profile) for n in graph.order)
     # upper bounds on the FLOP/s that R ranks can have: perfect scaling on every core, and R
@@ -247,7 +252,8 @@ def _describe(searched: dict[str, set[int]]) -> str:
             "oversubscribed": "more ranks than cores, as fixed by the constraints",
             "groups": "every split between groups of identical hosts, even within a group",
             "proportional": "one packing proportional to cores (not exhaustive)"}
-    return "; ".join(f"{len(r)} rank counts ({min(r)}..{max(r)}): {what[k]}"
+    return "; ".join((f"{len(r)} rank counts ({min(r)}..{max(r)})" if len(r) > 1 else
+                      f"rank count {min(r)}") + f": {what[k]}"
                      for k, r in sorted(searched.items()))
 
 
@@ -436,13 +442,14 @@ class _Candidate:
         return Plan(graph=self.graph.name, mode=_mode(d, p), replicas=d, stages=p,
                     micro_batches=m, batch=c.batch, ranks=ranks, stage_plans=stages,
                     latency_s=self.latency_s, throughput=self.throughput,
-                    bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.graph, self.sharding)),
+                    bubble=cm.bubble(p, m), bounds=tuple(_bounds(self.sharding)),
                     coordinator_s=self.steps[p], transport=c.transport)
 
 
-def _bounds(graph: Graph, sharding: Sharding) -> list[int]:
-    pos = {n: i for i, n in enumerate(graph.order)}
-    return [pos[s.nodes[-1]] + 1 for s in sharding]
+def _bounds(sharding: Sharding) -> list[int]:
+    """Where each stage ends in the order of its nodes: graph.order, or the order of a fixed
+    cut (an export may list its nodes in another topological order)."""
+    return list(itertools.accumulate(len(s.nodes) for s in sharding))
 
 
 def _better(a: _Candidate, b: Plan | None, objective: str, c: Constraints) -> bool:
@@ -458,15 +465,19 @@ def _better(a: _Candidate, b: Plan | None, objective: str, c: Constraints) -> bo
 
 def _with_alternatives(best: Plan, considered: list[dict], objective: str,
                        c: Constraints) -> Plan:
-    """The best few other plans of each (replicas, stages), with why they lost."""
+    """The best other plan of each (replicas, stages), the best eight of them, with why they
+    lost: best by the objective, those within the latency target first."""
+    def rank(a: dict) -> tuple:
+        over = c.latency_ms is not None and a["latency_s"] * 1e3 > c.latency_ms
+        return over, -a["throughput"] if objective == "throughput" else a["latency_s"]
     by_shape: dict[tuple, dict] = {}
     for alt in considered:
         key = (alt["replicas"], alt["stages"])
         if key == (best.replicas, best.stages):
             continue
-        if key not in by_shape or alt["throughput"] > by_shape[key]["throughput"]:
+        if key not in by_shape or rank(alt) < rank(by_shape[key]):
             by_shape[key] = alt
-    alts = sorted(by_shape.values(), key=lambda a: -a["throughput"])[:8]
+    alts = sorted(by_shape.values(), key=rank)[:8]
     for a in alts:
         if c.latency_ms is not None and a["latency_s"] * 1e3 > c.latency_ms:
             a["lost"] = f"latency {a['latency_s'] * 1e3:.1f} ms above the {c.latency_ms} ms target"
