@@ -368,9 +368,11 @@ class _Cut:
 
 
 def _memory_share(host: Host, replicas: list[list[_Slot]]) -> int:
-    """A rank's share of its host's memory: the host's memory over the ranks placed on it."""
+    """What a rank's shard may use of its host's memory: the host's memory over the ranks
+    placed on it, less the rank's runtime (the hybrid strategy caps weights and activations;
+    the planner's memory check adds the runtime)."""
     on_host = sum(1 for rep in replicas for s in rep if s.host is host)
-    return host.memory_bytes // on_host
+    return max(0, host.memory_bytes // on_host - cm.RUNTIME_BASELINE)
 
 
 class _StrategyCut(_Cut):

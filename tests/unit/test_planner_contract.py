@@ -574,9 +574,9 @@ WIDE = [8192] * 9  # 8 linear nodes of 8192 x 8192: 256 MiB of weights each, 2 G
 
 
 def test_hybrid_caps_each_rank_at_its_share_of_its_hosts_memory():
-    """Two ranks on one host share its memory: each is capped at half of it. Half holds half
-    the model (and a runtime) but a quarter would not, nor would half hold the whole model:
-    one rank of the whole model (cap: all the memory) or two of half (cap: half each)."""
+    """Two ranks on one host share its memory: each shard is capped at half of it less a
+    runtime. Half holds half the model and a runtime, but a quarter would not, nor would half
+    hold the whole model: one rank of the whole model or two of half."""
     graph = chain(WIDE)
     weights = sum(graph.node(n)["params_bytes"] for n in graph.order)
     memory = 2 * cm.RUNTIME_BASELINE + weights + 16 * 2**20
@@ -585,23 +585,42 @@ def test_hybrid_caps_each_rank_at_its_share_of_its_hosts_memory():
     chosen = plan(graph, inv, constraints=Constraints(batch=4, strategy="hybrid"),
                   profile=free_calls())
     assert (chosen.replicas, chosen.stages) == (1, 2)  # 2 replicas of the whole: no cut fits
-    expected = strategy_cut(graph, "hybrid", 2, [memory // 2, memory // 2])
+    share = memory // 2 - cm.RUNTIME_BASELINE  # weights // 2 + 8 MiB
+    expected = strategy_cut(graph, "hybrid", 2, [share, share])
     assert chosen.cut == tuple(s.nodes for s in expected)
     check_numbers(graph, inv, chosen, free_calls())
     assert sum(r.memory_bytes for r in chosen.ranks) <= memory
 
 
 def test_hybrid_cuts_again_for_each_placements_memory_shares():
-    """Hosts of equal speed, b with little memory: b and c get a cut that spares b, a and c
-    (the same speeds) must get their own, balanced, cut -- and b cannot hold a rank at all."""
+    """Hosts of equal speed, b with little memory: b and c get a cut that spares b (one node
+    on b: its share less a runtime holds one), a and c (the same speeds) must get their own,
+    balanced, cut, which is faster."""
     graph = chain(WIDE)
-    small = 600 * 2**20  # below a runtime and 2 nodes: every rank on b is refused
+    small = 600 * 2**20  # a runtime and one node (576 MiB), not two (832 MiB)
+    share_b = small - cm.RUNTIME_BASELINE
+    assert [len(s.nodes) for s in strategy_cut(graph, "hybrid", 2, [share_b, TB])] == [1, 7]
     inv = Inventory("three", (host("a"), host("b", memory=small), host("c")), FAST)
     chosen = plan(graph, inv, constraints=Constraints(replicas=1, stages=2, batch=2,
                                                       strategy="hybrid"), profile=free_calls())
     assert [s.host for s in chosen.stage_plans] == ["a", "c"]
     assert chosen.cut == tuple(s.nodes for s in strategy_cut(graph, "hybrid", 2, [TB, TB]))
     assert [len(s) for s in chosen.cut] == [4, 4]
+    check_numbers(graph, inv, chosen, free_calls())
+
+
+def test_hybrid_leaves_room_for_the_runtime_of_a_small_hosts_rank():
+    """Two stages on b (600 MiB) and c: capped at all of b's memory the hybrid cut would give
+    b two nodes (512 MiB), which with its runtime (832 MiB) the planner must refuse; capped at
+    b's memory less a runtime it gives b one node, which fits."""
+    graph = chain(WIDE)
+    small = 600 * 2**20
+    inv = Inventory("two", (host("b", memory=small), host("c")), FAST)
+    chosen = plan(graph, inv, constraints=Constraints(replicas=1, stages=2, batch=2,
+                                                      strategy="hybrid"), profile=free_calls())
+    assert [s.host for s in chosen.stage_plans] == ["b", "c"]
+    assert [len(s) for s in chosen.cut] == [1, 7]
+    assert chosen.ranks[0].memory_bytes <= small
     check_numbers(graph, inv, chosen, free_calls())
 
 
