@@ -45,6 +45,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               "others to join its batch while its replica is busy [default: 2].")
 @click.option("--max-queue", type=click.IntRange(1), help="Requests admitted and waiting; "
               "beyond it, 503 with Retry-After [default: 256].")
+@click.option("--queue-budget-ms", type=click.FloatRange(0), help="Refuse (503) a request "
+              "when the queued ones are expected to take longer than this (from the measured "
+              "seconds per sample); 0: as long as the deadline [default: 0].")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="The management token (scale, drain, stop); created (mode 0600) if it does "
               "not exist. Without it the management routes are off.")
@@ -58,8 +61,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               help="Generation: a transformers tokenizer directory [default: UTF-8 bytes].")
 @trust_option
 def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, max_replicas,
-              policy, stages, threads, max_batch, max_wait_ms, max_queue, token_file, generate,
-              scheduler, max_seqs, tokenizer, trust_code) -> None:
+              policy, stages, threads, max_batch, max_wait_ms, max_queue, queue_budget_ms,
+              token_file, generate, scheduler, max_seqs, tokenizer, trust_code) -> None:
     """Deploy SPEC and serve it over HTTP until stopped.
 
     \b
@@ -106,8 +109,9 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
     batch = {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
     cfg = replace(cfg, batching=replace(cfg.batching, **{k: v for k, v in batch.items()
                                                           if v is not None}))
-    if max_queue is not None:
-        cfg = replace(cfg, limits=replace(cfg.limits, max_queue=max_queue))
+    limits = {"max_queue": max_queue, "queue_budget_ms": queue_budget_ms}
+    cfg = replace(cfg, limits=replace(cfg.limits, **{k: v for k, v in limits.items()
+                                                      if v is not None}))
     gen = {"enabled": True if generate else None, "scheduler": scheduler, "max_seqs": max_seqs,
            "tokenizer": tokenizer}
     cfg = replace(cfg, generation=replace(cfg.generation, **{k: v for k, v in gen.items()
@@ -217,14 +221,16 @@ def stop_cmd(url, token_file) -> None:
               help="The service's dynamic batching bound.")
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="The service's admission bound (what the overload phase meets).")
+@click.option("--queue-budget-ms", type=click.FloatRange(0), help="The overload phase's "
+              "queue budget (see 'fastserve serve --help') [default: the open loop's p50].")
 @click.option("--format", "body_format", type=click.Choice(["json", "msgpack"]),
               default="json", show_default=True,
               help="Request and answer bodies: JSON lists, or msgpack with raw tensor bytes "
               "(what large outputs such as a language model's logits need).")
 @click.option("--json", "as_json", is_flag=True)
 @trust_option
-def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, body_format,
-                    as_json, trust_code) -> None:
+def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queue_budget_ms,
+                    body_format, as_json, trust_code) -> None:
     """The service against the engine alone: the HTTP front's overhead one request at a time,
     and closed- and open-loop load (batch-1 requests, every answer checked).
 
@@ -236,7 +242,7 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, body
     from fastserve.bench.serve import bench_serve
 
     out = bench_serve(spec, clients, requests, seconds, max_batch, max_queue, trust_code,
-                      body_format, progress=lambda m: click.echo(m, err=True))
+                      body_format, queue_budget_ms, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -258,7 +264,8 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, body
                    f"(p99 {_ms(o['refused_p99_ms'])}), {o['failed']} failed otherwise")
     ratio = out["overload"]["admitted_p99_over_unloaded_p99"]
     if ratio is not None:
-        click.echo(f"admitted p99 under 2x overload / open-loop p99: {ratio:.2f}x")
+        click.echo(f"admitted p99 under 2x overload (queue budget "
+                   f"{out['overload']['queue_budget_ms']:.1f} ms) / open-loop p99: {ratio:.2f}x")
 
 
 def _ms(value: float | None) -> str:

@@ -22,6 +22,8 @@ A YAML file (read with the safe loader; every error names the file, the line and
       max_wait_ms: 2            # how long the first request of a batch waits for others
     limits:
       max_queue: 256            # requests admitted and waiting; beyond: 503 + Retry-After
+      queue_budget_ms: 0        # nor when the queued requests are expected to take longer
+                                # (measured seconds per sample); 0: as long as deadline_s
       deadline_s: 30            # a request not answered by then gets 504
       hang_s: 3                 # a rank silent to health checks this long is restarted
       restart_budget: 5         # restarts in a row without a success before a replica gives up
@@ -75,6 +77,7 @@ class Batching:
 @dataclass(frozen=True)
 class Limits:
     max_queue: int = 256
+    queue_budget_ms: float = 0.0
     deadline_s: float = 30.0
     hang_s: float = 3.0
     restart_budget: int = 5
@@ -117,8 +120,9 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "stages": (int, 1), "threads": (int, 1),
     "min": (int, 0), "max": (int, 1), "interval_s": (float, 0.05), "cooldown": (int, 0),
     "patience": (int, 1), "max_batch": (int, 1), "max_wait_ms": (float, 0.0),
-    "max_queue": (int, 1), "deadline_s": (float, 0.01), "hang_s": (float, 0.5),
-    "restart_budget": (int, 0), "attempts": (int, 1), "max_body_bytes": (int, 1024),
+    "max_queue": (int, 1), "queue_budget_ms": (float, 0.0), "deadline_s": (float, 0.01),
+    "hang_s": (float, 0.5), "restart_budget": (int, 0), "attempts": (int, 1),
+    "max_body_bytes": (int, 1024),
     "max_seqs": (int, 1), "max_tokens": (int, 1),
 }
 _SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits,

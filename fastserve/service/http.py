@@ -169,6 +169,7 @@ def make_app(service: Service, token: str | None = None,
     async def infer(request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
+            service.admits()  # refusing before the body is read is what keeps overload cheap
             body = await _body(request, limit)
             if kind == MSGPACK:
                 try:

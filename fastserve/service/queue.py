@@ -1,7 +1,10 @@
 """Admission and dynamic batching: the queue between the HTTP front and the replicas.
 
-A request is admitted only while fewer than ``max_queue`` wait (beyond that the caller gets an
-immediate :class:`ServiceError` 503, so admitted requests keep their latency). Replicas take
+A request is admitted only while fewer than ``max_queue`` wait, and while the work ahead of it
+is expected to take no longer than ``budget_s`` (the samples queued and held by replicas, times
+the seconds per sample the replicas were measured to answer at; generations, whose length is
+not known ahead, are bounded by ``max_queue`` only); beyond either bound the caller gets an
+immediate :class:`ServiceError` 503, so admitted requests keep their latency. Replicas take
 work from the one shared queue when they have room, so routing is least-loaded by construction.
 :meth:`RequestQueue.take` hands out the oldest request together with younger ones of the same
 shape, up to ``max_batch`` samples, as soon as that batch is full or its oldest request has
@@ -13,6 +16,7 @@ future only if nothing has, and a request whose replica failed is put back at th
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -23,6 +27,10 @@ from typing import Mapping
 import torch
 
 from fastserve.errors import ServiceError
+
+# weight of the newest answered batch in the measured seconds per sample: a few batches follow
+# a change of load, a single slow one does not swing admission
+RATE_WEIGHT = 0.2
 
 
 @dataclass(eq=False)
@@ -36,6 +44,7 @@ class Request:
     accepted: float = field(default_factory=time.monotonic)
     attempts: int = 0  # runs that failed because a replica failed
     taken: float | None = None  # when a replica last took it
+    running: bool = False  # a replica holds it (counted in the queue's work in flight)
     future: Future = field(default_factory=Future)
 
     @property
@@ -70,33 +79,88 @@ class RequestQueue:
     """Bounded FIFO of admitted requests, taken in batches of one shape."""
 
     def __init__(self, max_queue: int, max_batch: int, max_wait_s: float,
-                 mergeable: bool = True) -> None:
+                 mergeable: bool = True, budget_s: float = math.inf) -> None:
         """``mergeable`` False: every batch is one request (the graph has inputs that are
-        not batched, which concatenation would change)."""
+        not batched, which concatenation would change). ``budget_s``: the longest expected
+        wait a request is admitted into."""
         self.max_queue, self.max_batch, self.max_wait_s = max_queue, max_batch, max_wait_s
         self.mergeable = mergeable
+        self.budget_s = budget_s
         self._items: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed: str | None = None
+        self.per_sample: float | None = None  # measured seconds per answered sample
+        self._last_answer: float | None = None
+        self._running = 0  # samples of the requests replicas hold, not yet answered
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, request: Request) -> None:
-        """Admit ``request`` or refuse it at once (503): the queue is full or closed."""
+        """Admit ``request`` or refuse it at once (503): the queue is full, its work would
+        outlast the budget, or it is closed."""
         with self._cond:
-            if self._closed is not None:
-                raise ServiceError(self._closed, 503)
-            if len(self._items) >= self.max_queue:
-                raise ServiceError(f"overloaded: {len(self._items)} requests already wait "
-                                   f"(limits.max_queue); retry shortly", 503)
+            self._admit()
             self._items.append(request)
             self._cond.notify()
+        if isinstance(request, Request):  # a generation has no future: its sink is told
+            request.future.add_done_callback(lambda _f: self._ended(request))
+
+    def _ended(self, request: Request) -> None:
+        with self._cond:
+            if request.running:
+                request.running = False
+                self._running -= request.samples
+
+    def admits(self) -> None:
+        """Raise the 503 that :meth:`put` would raise now (the HTTP front asks before it
+        reads a body: under overload, refusing costs less than parsing)."""
+        with self._cond:
+            self._admit()
+
+    def _admit(self) -> None:
+        if self._closed is not None:
+            raise ServiceError(self._closed, 503)
+        if len(self._items) >= self.max_queue:
+            raise ServiceError(f"overloaded: {len(self._items)} requests already wait "
+                               f"(limits.max_queue); retry shortly", 503)
+        wait = self.expected_wait()
+        if wait > self.budget_s:
+            raise ServiceError(f"overloaded: the requests queued and running need about "
+                               f"{wait * 1e3:.0f} ms, more than the {self.budget_s * 1e3:.0f} "
+                               f"ms a request may wait (limits.queue_budget_ms); retry "
+                               f"shortly", 503)
+
+    def expected_wait(self) -> float:
+        """Seconds a request admitted now is expected to wait before its own batch runs: the
+        samples queued ahead of it and those the replicas hold, times the measured seconds
+        per sample (0 before anything was answered, and when nothing is queued or running:
+        a request is never refused for its own cost)."""
+        if self.per_sample is None:
+            return 0.0
+        return self.per_sample * (sum(r.samples for r in self._items) + self._running)
+
+    def answered(self, samples: int, taken: float) -> None:
+        """A replica answered a batch of ``samples`` it took at ``taken`` (time.monotonic).
+        The time it stands for runs from the later of ``taken`` and the previous answer of
+        any replica: idle time is not counted, and replicas answering side by side count
+        as the faster drain they are."""
+        now = time.monotonic()
+        with self._cond:
+            start = taken if self._last_answer is None else max(taken, self._last_answer)
+            self._last_answer = now
+            seconds = max(0.0, now - start) / max(1, samples)
+            self.per_sample = seconds if self.per_sample is None else \
+                self.per_sample + RATE_WEIGHT * (seconds - self.per_sample)
 
     def requeue(self, requests: list[Request]) -> None:
         """Put back the requests a failed replica held, first in line, in their order. They
         were admitted once, so the bound does not apply again."""
         with self._cond:
+            for r in requests:
+                if isinstance(r, Request) and r.running:
+                    r.running = False
+                    self._running -= r.samples
             self._items.extendleft(reversed(requests))
             self._cond.notify_all()
 
@@ -121,6 +185,9 @@ class RequestQueue:
                     if full or eager or now >= ready_at or self._closed is not None:
                         for r in batch:
                             self._items.remove(r)
+                            if isinstance(r, Request):
+                                r.running = True
+                                self._running += r.samples
                         return batch
                     wake = min(end, ready_at)
                 else:

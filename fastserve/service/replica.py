@@ -197,6 +197,7 @@ class Replica(threading.Thread):
     def _answer(self, item: WorkItem, outputs: dict[str, torch.Tensor]) -> None:
         batch = self._held.pop(item.key)
         self.held -= len(batch)
+        self.queue.answered(item.samples, batch[0].taken)
         lo = 0
         for r in batch:
             hi = lo + r.samples

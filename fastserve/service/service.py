@@ -102,8 +102,9 @@ class Service:
             self.max_len = max_positions(self.graph)
             self.vocab = self.graph.spec.inputs[0].high
         mergeable = len(self.batched) == len(self.graph.spec.inputs)
-        self.queue = RequestQueue(config.limits.max_queue, b.max_batch, b.max_wait_ms / 1000,
-                                  mergeable)
+        lim = config.limits
+        self.queue = RequestQueue(lim.max_queue, b.max_batch, b.max_wait_ms / 1000, mergeable,
+                                  budget_s=(lim.queue_budget_ms / 1000 or lim.deadline_s))
         self.replicas: list[Replica] = []
         self.policy = Static(self.plan.replicas) if config.plan and \
             config.replicas.policy == "static" else make_policy(config)
@@ -193,6 +194,15 @@ class Service:
             self._arrived += samples
         request.future.add_done_callback(lambda f, r=request: self._finished(r, f))
         return request.future
+
+    def admits(self) -> None:
+        """Raise the 503 (counted) that :meth:`submit` would raise now for being overloaded
+        or stopping, before the caller spends anything on reading the request."""
+        try:
+            self.queue.admits()
+        except ServiceError:
+            self.count_outcome("overloaded")
+            raise
 
     def complete(self, prompt: list[int], sink: Sink, max_tokens: int = 16,
                  sampling: Sampling = Sampling(), eos: tuple[int, ...] = ()) -> Completion:

@@ -156,6 +156,29 @@ def test_overload_is_refused_at_once_and_admitted_requests_are_answered():
         assert svc.outcomes["ok"] == len(futures)
 
 
+def test_a_burst_past_the_queue_budget_is_refused_and_the_admitted_are_answered():
+    # a budget of 1 us: once a batch has measured the seconds per sample, a request is
+    # admitted only when nothing is queued or running, whatever max_queue allows
+    cfg = ServiceConfig(spec=MLP, limits=Limits(max_queue=1000, queue_budget_ms=0.001))
+    with Service(cfg) as svc:
+        x = random_inputs(svc.graph, 64, seed=6)
+        expected = reference(svc.graph, x)
+        svc.infer({k: v[:1] for k, v in x.items()}, timeout=30)
+        assert svc.queue.per_sample is not None
+        futures, refused = {}, []
+        for i in range(64):
+            try:
+                futures[i] = svc.submit({k: v[i:i + 1] for k, v in x.items()})
+            except ServiceError as e:
+                refused.append(e)
+        assert refused and futures
+        assert all(e.status == 503 and "queue_budget_ms" in str(e) for e in refused)
+        for i, f in futures.items():
+            for k, v in expected.items():
+                torch.testing.assert_close(f.result(timeout=30)[k], v[i:i + 1])
+        assert svc.outcomes["overloaded"] == len(refused)
+
+
 def test_a_load_step_scales_up_and_back_down_without_flapping_or_losing_a_request():
     cfg = ServiceConfig(spec=MLP, replicas=Replicas(
         policy="dynamic", min=1, max=2, interval_s=0.25, cooldown=1, patience=4),

@@ -15,6 +15,8 @@ from fastserve.service.config import (Batching, Limits, Replicas, ServiceConfig,
                                       parse_listen)
 from fastserve.service.token import MAX_TOKEN_BYTES, read_token
 
+ROOT = Path(__file__).resolve().parents[2]
+
 FULL = """\
 # a service with every setting
 spec: graphs/mlp.yaml
@@ -34,6 +36,7 @@ batching:
   max_wait_ms: 3.5
 limits:
   max_queue: 100
+  queue_budget_ms: 250
   deadline_s: 12.5
   hang_s: 2
   restart_budget: 7
@@ -61,8 +64,8 @@ def test_a_full_file_round_trips_with_paths_relative_to_the_file(tmp_path, monke
         transport="tcp",
         replicas=Replicas(policy="hybrid", min=2, max=5, interval_s=0.5, cooldown=4, patience=6),
         batching=Batching(max_batch=16, max_wait_ms=3.5),
-        limits=Limits(max_queue=100, deadline_s=12.5, hang_s=2.0, restart_budget=7, attempts=2,
-                      max_body_bytes=4096),
+        limits=Limits(max_queue=100, queue_budget_ms=250.0, deadline_s=12.5, hang_s=2.0,
+                      restart_budget=7, attempts=2, max_body_bytes=4096),
         listen="[::1]:9000", token_file=str(conf / "secrets/service.token"))
     assert parse_listen(cfg.listen) == ("::1", 9000)
 
@@ -99,6 +102,10 @@ MALFORMED = [
      "batching.max_wait_ms", 3),
     ("deadline-string", "spec: m.yaml\nlimits:\n  deadline_s: 30s\n", "limits.deadline_s", 3),
     ("max-queue-negative", "spec: m.yaml\nlimits:\n  max_queue: -1\n", "limits.max_queue", 3),
+    ("queue-budget-negative", "spec: m.yaml\nlimits:\n  queue_budget_ms: -5\n",
+     "limits.queue_budget_ms", 3),
+    ("queue-budget-string", "spec: m.yaml\nlimits:\n\n  queue_budget_ms: 10ms\n",
+     "limits.queue_budget_ms", 4),
     ("max-batch-zero", "spec: m.yaml\nbatching:\n  max_batch: 0\n", "batching.max_batch", 3),
     ("stages-zero", "stages: 0\nspec: m.yaml\n", "stages", 1),
     ("attempts-zero", "spec: m.yaml\nlimits:\n  attempts: 0\n", "limits.attempts", 3),
@@ -332,3 +339,12 @@ def test_create_in_a_missing_directory_is_refused_as_a_config_error(tmp_path):
     with pytest.raises(ServiceConfigError) as e:
         read_token(path, create=True)
     assert e.value.file == path
+
+
+@pytest.mark.parametrize("budget_ms, budget_s", [(0, 12.5), (40, 0.04)])
+def test_the_queue_budget_is_the_deadline_unless_given(budget_ms, budget_s):
+    from fastserve.service.service import Service
+
+    service = Service(ServiceConfig(spec=str(ROOT / "graphs/mlp.yaml"),
+                                    limits=Limits(queue_budget_ms=budget_ms, deadline_s=12.5)))
+    assert service.queue.budget_s == budget_s and not service.replicas

@@ -3,6 +3,8 @@ order, max_wait and eager, requeue, deadlines, exactly-once answers, drain."""
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from fastserve.errors import ServiceError
-from fastserve.service.queue import Request, RequestQueue, shape_key
+from fastserve.service.queue import RATE_WEIGHT, Request, RequestQueue, shape_key
 
 BATCHED = {"x"}
 LONG_S = 60.0  # a max_wait or deadline no test waits for: a batch returned came for another reason
@@ -23,8 +25,8 @@ def req(samples: int = 1, width: int = 4, dtype=torch.float32, deadline_s: float
 
 
 def queue(max_queue: int = 8, max_batch: int = 4, max_wait_s: float = LONG_S,
-          mergeable: bool = True) -> RequestQueue:
-    return RequestQueue(max_queue, max_batch, max_wait_s, mergeable)
+          mergeable: bool = True, budget_s: float = math.inf) -> RequestQueue:
+    return RequestQueue(max_queue, max_batch, max_wait_s, mergeable, budget_s)
 
 
 def status_of(request: Request) -> int:
@@ -52,6 +54,93 @@ def test_the_request_past_max_queue_is_refused_503_and_nothing_admitted_is_lost(
     assert not any(r.future.done() for r in admitted)
     q.put(late)  # room again once taken
     assert len(q) == 1
+
+
+def test_seconds_per_sample_are_measured_from_answered_batches():
+    q = queue()
+    assert q.per_sample is None and q.expected_wait() == 0.0
+    q.answered(4, time.monotonic() - 1.0)  # 4 samples answered 1 s after they were taken
+    assert q.per_sample == pytest.approx(0.25, abs=0.01)
+    # taken before the last answer: counted from that answer (replicas side by side drain
+    # faster), here about 0 s, which moves the average by RATE_WEIGHT of the way
+    q.answered(1, time.monotonic() - 5.0)
+    assert q.per_sample == pytest.approx(0.25 * (1 - RATE_WEIGHT), abs=0.01)
+    assert q.expected_wait() == 0.0  # nothing queued
+    for samples in (2, 3):
+        q.put(req(samples))
+    assert q.expected_wait() == pytest.approx(5 * q.per_sample)
+
+
+def test_the_request_past_the_time_budget_is_refused_503_and_nothing_admitted_is_lost():
+    q = queue(max_queue=100, budget_s=1.1)
+    q.answered(4, time.monotonic() - 1.0)  # 0.25 s per sample
+    admitted = [req(2, fill=i) for i in range(3)]  # expected waits 0, 0.5 and 1.0 s: admitted
+    for r in admitted:
+        q.put(r)
+    late = req(1)
+    for ask in (lambda: q.put(late), q.admits):
+        with pytest.raises(ServiceError) as e:
+            ask()
+        assert e.value.status == 503 and "queue_budget_ms" in str(e.value)
+        assert re.search(r"about 15\d\d ms, more than the 1100 ms", str(e.value))
+    assert len(q) == 3 and not late.future.done()
+    taken = q.take(0.0, eager=True)
+    assert taken == admitted[:2]  # 4 samples (max_batch)
+    with pytest.raises(ServiceError):  # the 4 samples taken are still to be answered
+        q.admits()
+    for r in taken:
+        r.answer({"y": r.inputs["x"]})
+    q.admits()  # 0.5 s of work left
+    q.put(late)
+    assert len(q) == 2
+
+
+def test_the_work_replicas_hold_counts_until_it_is_answered_failed_or_put_back():
+    q = queue(max_batch=8)
+    q.answered(1, time.monotonic() - 1.0)  # 1 s per sample
+    held = [req(2), req(3), req(1)]
+    for r in held:
+        q.put(r)
+    assert q.expected_wait() == pytest.approx(6.0, abs=0.1)
+    assert q.take(0.0, eager=True) == held
+    assert q.expected_wait() == pytest.approx(6.0, abs=0.1)  # taken: still ahead of the next
+    held[0].answer({"y": held[0].inputs["x"]})
+    assert q.expected_wait() == pytest.approx(4.0, abs=0.1)
+    held[0].answer({"y": held[0].inputs["x"]})  # a second answer is not delivered nor counted
+    held[1].fail(ServiceError("the model failed", 500))
+    assert q.expected_wait() == pytest.approx(1.0, abs=0.1)
+    q.requeue([held[2]])  # back in the queue: counted once
+    assert q.expected_wait() == pytest.approx(1.0, abs=0.1)
+    assert q.take(0.0, eager=True) == [held[2]]
+    held[2].answer({"y": held[2].inputs["x"]})
+    assert q.expected_wait() == 0.0
+
+
+def test_a_request_is_not_refused_for_its_own_cost_when_nothing_is_ahead():
+    q = queue(budget_s=0.001)
+    q.answered(1, time.monotonic() - 10.0)
+    q.admits()
+    q.put(req(4))
+    with pytest.raises(ServiceError):
+        q.put(req(1))
+    (r,) = q.take(0.0, eager=True)
+    with pytest.raises(ServiceError):  # running, still ahead
+        q.admits()
+    r.answer({"y": r.inputs["x"]})
+    q.put(req(1))
+
+
+def test_admits_refuses_like_put_and_admits_nothing():
+    q = queue(max_queue=1)
+    q.admits()
+    assert len(q) == 0
+    q.put(req())
+    with pytest.raises(ServiceError) as e:
+        q.admits()
+    assert "max_queue" in str(e.value) and len(q) == 1
+    q.close("stopping: drained")
+    with pytest.raises(ServiceError, match="stopping: drained"):
+        q.admits()
 
 
 def test_close_refuses_new_requests_with_the_reason_but_keeps_queued_work():

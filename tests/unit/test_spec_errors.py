@@ -12,6 +12,7 @@ line at all, would then report a different line.
 from __future__ import annotations
 
 import pytest
+import yaml
 
 import fastserve.graph.loader as loader
 from fastserve.errors import SpecError, TrustError
@@ -1162,3 +1163,28 @@ def test_a_node_may_not_take_a_repeat_blocks_id():
                          "  - {id: r, op: relu, inputs: [a]}"), file=F)
     assert str(info.value) == ("t.yaml:14, key 'nodes[2]': duplicate id 'r' (already used by "
                                "line 10)")
+
+
+def test_parse_spec_reads_the_yaml_under_the_limits_it_is_given():
+    # aliases and nesting are bounded while the YAML is read, before the spec is checked
+    src = text(*HEAD, "outputs: [a]", "description: &d words", "weights: {seed: 3}",
+               "dims: {k: 2}", "x1: *d", "x2: *d")
+    with pytest.raises(SpecError) as info:
+        parse_spec(src, file=F, limits=Limits(max_aliases=1))
+    check(info.value, 14, None, "more than 1 YAML aliases (Limits.max_aliases)")
+    deep = text(*HEAD, "outputs: [a]", "description: [[[[[x]]]]]")
+    with pytest.raises(SpecError) as info:
+        parse_spec(deep, file=F, limits=Limits(max_depth=5))
+    assert "Limits.max_depth" in str(info.value) and info.value.line == 10
+    assert parse_spec(deep.replace("[[[[[x]]]]]", "x"), file=F, limits=Limits(max_depth=5))
+
+
+def test_parse_spec_and_spec_from_dict_run_no_code_unless_trusted():
+    # the text and the builder's paths into the loader: untrusted unless said otherwise
+    src = source(*GOOD_EXAMPLES, TORCH)
+    with pytest.raises(TrustError):
+        parse_spec(src, file=F)
+    doc = yaml.safe_load(src)
+    with pytest.raises(TrustError):
+        spec_from_dict(doc, file=F)
+    assert spec_from_dict(doc, file=F, trust_code=True).source.factory == "mypkg.models:make"
