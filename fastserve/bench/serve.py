@@ -163,11 +163,16 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
             progress(f"closed loop: {clients} clients for {part:.0f} s")
             closed = _closed_loop(url, bodies, check, clients, part)
             check.run()
-            rate = 0.5 * closed["requests_per_s"]
-            progress(f"open loop: Poisson arrivals at {rate:.1f}/s (0.5x the closed loop's "
-                     f"throughput) for {part:.0f} s")
-            opened = _open_loop(url, bodies, check, rate, part, max_count=int(rate * part) + 1)
-            check.run()
+
+            def poisson(name: str, share: float) -> dict:
+                rate = share * closed["requests_per_s"]
+                progress(f"{name}: Poisson arrivals at {rate:.1f}/s ({share}x the closed "
+                         f"loop's throughput) for {part:.0f} s")
+                out = _open_loop(url, bodies, check, rate, part, max_count=int(rate * part) + 1)
+                check.run()
+                return out
+
+            opened = poisson("open loop", 0.5)
             # the overload meets a service that refuses what would wait longer than the
             # budget: by default the open loop's median latency
             budget_ms = queue_budget_ms if queue_budget_ms is not None else opened["p50_ms"]
@@ -179,11 +184,7 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
             for i in range(10):  # warm-up, which also measures the seconds per sample
                 warm.post(bodies, check, i)
             warm.close()
-            rate = 2.0 * closed["requests_per_s"]
-            progress(f"overload: Poisson arrivals at {rate:.1f}/s (2x the closed loop's "
-                     f"throughput) for {part:.0f} s")
-            overload = _open_loop(url, bodies, check, rate, part, max_count=int(rate * part) + 1)
-            check.run()
+            overload = poisson("overload", 2.0)
             overload["queue_budget_ms"] = budget_ms
             overload["admitted_p99_over_unloaded_p99"] = (
                 overload["p99_ms"] / opened["p99_ms"] if overload["p99_ms"] else None)
