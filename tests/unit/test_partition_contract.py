@@ -19,6 +19,7 @@ from fastserve.errors import PartitionError
 from fastserve.graph import compile_graph, parse_spec
 from fastserve.partition import hybrid_shards, layer_shards, layer_units, partition
 from fastserve.partition.hybrid import memory_cap_list
+from test_partition_search import tensor_bytes
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,23 +234,10 @@ class Costs:
 
     def __init__(self, graph):
         self.order = graph.order
-        self.n = n = len(self.order)
+        self.n = len(self.order)
         data = [graph.node(x) for x in self.order]
-        born, last, size = {}, {}, {}
-        for t in graph.inputs:
-            born[t.name], size[t.name] = -1, t.bytes
-        for i, d in enumerate(data):
-            assert not d["borrowed_bytes"]
-            for ref in d["inputs"]:
-                last[ref] = i
-            for t in d["outputs"]:
-                born[t.name], size[t.name] = i, t.bytes
-        for o in graph.outputs:
-            last[o] = n
-        self.cut = [sum(size[t] for t in born if born[t] < at <= last.get(t, -2))
-                    for at in range(n + 1)]
-        self.cut[0] = sum(t.bytes for t in graph.inputs)
-        self.out = [sum(t.bytes for t in d["outputs"]) for d in data]
+        assert not any(d["borrowed_bytes"] for d in data)
+        self.cut, self.out = tensor_bytes(graph)
         self.node_flops = [d["flops"] for d in data]
         self.node_weight = [d["params_bytes"] for d in data]
 

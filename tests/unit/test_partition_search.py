@@ -16,6 +16,27 @@ from fastserve.errors import PartitionError
 from fastserve.partition import format_bytes, partition, synthetic, verify
 
 
+def tensor_bytes(graph) -> tuple[list[int], list[int]]:
+    """Bytes alive across each boundary of ``graph.order`` (cut[i]: tensors made before node i
+    and read at or after it; cut[0]: the inputs) and bytes each node outputs, from node
+    attributes alone."""
+    data = [graph.node(x) for x in graph.order]
+    n = len(data)
+    born, last, size = {}, {}, {}
+    for t in graph.inputs:
+        born[t.name], size[t.name] = -1, t.bytes
+    for i, d in enumerate(data):
+        for ref in d["inputs"]:
+            last[ref] = i
+        for t in d["outputs"]:
+            born[t.name], size[t.name] = i, t.bytes
+    for o in graph.outputs:
+        last[o] = n
+    cut = [sum(size[t] for t in born if born[t] < at <= last.get(t, -2)) for at in range(n + 1)]
+    cut[0] = sum(t.bytes for t in graph.inputs)
+    return cut, [sum(t.bytes for t in d["outputs"]) for d in data]
+
+
 class Brute:
     """Independent segment costs of ``graph.order`` and exhaustive search over cuts."""
 
@@ -25,20 +46,7 @@ class Brute:
         self.n = n = len(self.order)
         data = [graph.node(x) for x in self.order]
         pos = {x: i for i, x in enumerate(self.order)}
-        born, last, size = {}, {}, {}
-        for t in graph.inputs:
-            born[t.name], size[t.name] = -1, t.bytes
-        for i, d in enumerate(data):
-            for ref in d["inputs"]:
-                last[ref] = i
-            for t in d["outputs"]:
-                born[t.name], size[t.name] = i, t.bytes
-        for o in graph.outputs:
-            last[o] = n
-        self.cut = [sum(size[t] for t in born if born[t] < at <= last.get(t, -2))
-                    for at in range(n + 1)]
-        self.cut[0] = sum(t.bytes for t in graph.inputs)
-        out = [sum(t.bytes for t in d["outputs"]) for d in data]
+        self.cut, out = tensor_bytes(graph)
         self.flops, self.weight, self.act = {}, {}, {}
         for q in range(n):
             for p in range(q + 1, n + 1):
