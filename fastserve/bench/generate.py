@@ -156,12 +156,21 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
             step = statistics.median(rounds_s)
             out["step"] = {"round_ms": 1e3 * step, "compute_ms": 1e3 * compute,
                            "runtime_ms_per_stage": 1e3 * (step - compute) / stages}
-            # the workload's rate: `load` times what the pipeline decodes, in jobs per second
-            mean_out = statistics.fmean(j.max_tokens for j in workload(2000, 1.0, vocab, seed, longest))
-            rate = load * out["decode"]["pipeline_tokens_per_s"] * \
-                min(1.0, max_seqs * stages / seqs) / mean_out
+            # the workload's rate: `load` times what the pipeline decodes with the workload's
+            # sequences per micro-batch (a step costs nearly the same for 1 or 8 rows, so
+            # the capacity is not proportional to them: it is measured), in jobs per second
+            capacity = out["decode"]["pipeline_tokens_per_s"]
+            if max_seqs * stages != seqs:
+                progress(f"the workload's capacity: {max_seqs * stages} sequences, {max_seqs} "
+                         f"per micro-batch")
+                capacity = _decode_rate(Generator(DeploymentPipeline(dep), max_seqs=max_seqs),
+                                        max_seqs * stages, tokens, vocab)
+            mean_out = statistics.fmean(j.max_tokens for j in workload(2000, 1.0, vocab, seed,
+                                                                        longest))
+            rate = load * capacity / mean_out
             jobs = workload(requests, rate, vocab, seed, longest)
-            out["workload"] = {"requests": requests, "rate_per_s": rate,
+            out["workload"] = {"requests": requests, "rate_per_s": rate, "load": load,
+                               "capacity_tokens_per_s": capacity,
                                "output_tokens": sum(j.max_tokens for j in jobs),
                                "max_seqs": max_seqs, "kv_tokens": kv_tokens,
                                "quantum_steps": quantum}

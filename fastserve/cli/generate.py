@@ -207,7 +207,8 @@ def _report(results, inputs, as_json, stream, verdict) -> None:
 @click.option("--requests", type=click.IntRange(1), default=40, show_default=True,
               help="Jobs of the scheduler workload.")
 @click.option("--load", type=click.FloatRange(0.05, 10), default=1.0, show_default=True,
-              help="Arrival rate as a multiple of what the pipeline decodes.")
+              help="Arrival rate of output tokens as a multiple of what the pipeline decodes "
+              "with --max-seqs sequences per micro-batch (measured).")
 @click.option("--max-seqs", type=click.IntRange(1), default=4, show_default=True,
               help="Sequences per micro-batch in the scheduler workload.")
 @click.option("--seconds", type=click.FloatRange(1), default=120.0, show_default=True,
@@ -248,7 +249,8 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
     w = out["workload"]
     click.echo(f"workload: {w['requests']} requests, Poisson {w['rate_per_s']:.2f}/s, "
                f"{w['output_tokens']} output tokens (heavy-tailed), {w['max_seqs']} sequences "
-               f"per micro-batch")
+               f"per micro-batch; load {w['load']:.2f} of a capacity of "
+               f"{w['capacity_tokens_per_s']:.1f} tokens/s")
     rows = []
     for name, r in out["schedulers"].items():
         rows.append(f"  {name:5} ttft p50/p99 {_f(r['ttft_p50_ms'])}/{_f(r['ttft_p99_ms'])} ms  "

@@ -83,6 +83,9 @@ def test_bench_generate_prints_every_figure(lm, capsys):
     assert code == 0, out.err
     doc = json.loads(out.out)
     assert doc["decode"]["ratio"] > 0 and doc["step"]["runtime_ms_per_stage"] is not None
+    w = doc["workload"]  # the capacity is measured at the workload's 4 sequences per step
+    assert w["load"] == 1.0 and w["capacity_tokens_per_s"] > 0
+    assert w["capacity_tokens_per_s"] != doc["decode"]["pipeline_tokens_per_s"]
     for name in ("fcfs", "mlfq"):
         r = doc["schedulers"][name]
         assert r["finished"] + r["unfinished"] == 6 and r["finished"] > 0
