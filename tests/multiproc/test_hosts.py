@@ -153,6 +153,38 @@ def test_replicas_over_three_hosts_equal_the_reference(cluster):
     torch.testing.assert_close(out["head"], _reference(graph, x)["head"])
 
 
+def test_a_service_over_three_hosts_loses_no_request_when_a_remote_rank_is_killed(cluster):
+    from concurrent.futures import wait
+
+    from fastserve.service import ServiceConfig
+    from fastserve.service.config import Limits
+    from fastserve.service.service import Service
+
+    agents, keys = cluster
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    x = G.random_inputs(graph, 40, seed=7)["x"]
+    expected = _reference(graph, {"x": x})["head"]
+    cfg = ServiceConfig(spec=str(ROOT / "graphs/mlp.yaml"), stages=3, threads=1,
+                        limits=Limits(deadline_s=30, hang_s=2))
+    with Service(cfg, inventory=_inventory(agents), keys=load_keys(keys, "coordinator")) as svc:
+        assert sorted(r.host for r in svc.plan.ranks) == ["a", "b", "c"]
+        first = [svc.submit({"x": x[i:i + 1]}) for i in range(20)]
+        (victim,) = agents[1].ranks()
+        os.kill(victim, signal.SIGKILL)  # rank 1 of the pipeline, on host b
+        rest = [svc.submit({"x": x[i:i + 1]}) for i in range(20, 40)]
+        done, late = wait(first + rest, timeout=60)
+        assert not late, f"{len(late)} requests got no answer"
+        for i, f in enumerate(first + rest):
+            torch.testing.assert_close(f.result()["head"], expected[i:i + 1])
+        deadline = time.monotonic() + 30
+        while not svc.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert svc.ready and svc.replicas[0].restarts >= 1
+        assert victim not in agents[1].ranks() and agents[1].ranks()  # a new rank on b
+    _until_no_ranks(agents, 5)
+    assert not any(a.ranks() for a in agents)
+
+
 def test_a_checkpoint_reaches_each_host_once_verified(cluster, tmp_path):
     from safetensors.torch import save_file
 
