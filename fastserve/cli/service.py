@@ -46,8 +46,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 @click.option("--max-queue", type=click.IntRange(1), help="Requests admitted and waiting; "
               "beyond it, 503 with Retry-After [default: 256].")
 @click.option("--queue-budget-ms", type=click.FloatRange(0), help="Refuse (503) a request "
-              "when the queued ones are expected to take longer than this (from the measured "
-              "seconds per sample); 0: as long as the deadline [default: 0].")
+              "when the requests queued and running are expected to take longer than this "
+              "(from the measured seconds per sample); 0: the deadline [default: 0].")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="The management token (scale, drain, stop); created (mode 0600) if it does "
               "not exist. Without it the management routes are off.")
