@@ -102,11 +102,30 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
                f"{_duration(chosen.latency_s)} per batch, bubble {chosen.bubble:.0%}"
                f"{' (measured node times)' if profile else ' (from FLOPs; see fastserve profile)'}")
     click.echo(f"search: {chosen.search}")
+    _kv_line(graph, chosen, inventory)
     if explain:
         click.echo("alternatives (best of each shape):")
         for a in chosen.alternatives:
             click.echo(f"  {a['replicas']} x {a['stages']} ({a['mode']}, {a['micro_batches']} "
                        f"micro-batches): lost, {a['lost']}")
+
+
+def _kv_line(graph, chosen, inventory) -> None:
+    """For a causal LM: how many positions of KV cache the plan leaves room for."""
+    from fastserve.generate import kv_budget, kv_positions
+    from fastserve.graph.decode import GenerationError, check_generative
+
+    try:
+        check_generative(graph)
+    except GenerationError:
+        return  # not a language model the generation loop runs
+    try:
+        per, positions = kv_positions(graph, chosen.cut, kv_budget(chosen, inventory))
+    except GenerationError as e:
+        click.echo(f"generation: {e}")
+        return
+    click.echo(f"generation: {positions} positions of KV cache fit in each replica "
+               f"({', '.join(human_bytes(b) for b in per)} a position, stage by stage)")
 
 
 def _duration(seconds: float) -> str:

@@ -116,6 +116,7 @@ class Deployment:
         if retain_memory:
             retain_freed_memory()
         self.graph, self.plan = graph, plan
+        self.inventory = inventory  # None: every rank on this machine
         self.plan_hash = plan.hash(graph)
         self.export_dir = export_dir
         self.trust_code = trust_code

@@ -6,9 +6,11 @@ processes); see :mod:`fastserve.generate.loop`.
 """
 
 from fastserve.generate.loop import Event, Generator, Request
-from fastserve.generate.pipeline import DeploymentPipeline, LocalPipeline, max_positions
+from fastserve.generate.pipeline import (DeploymentPipeline, LocalPipeline, kv_budget,
+                                         kv_positions, max_positions)
 from fastserve.generate.scheduler import FCFS, MLFQ, Costs, SeqState, scheduler
 from fastserve.graph.decode import Sampling
 
 __all__ = ["Costs", "DeploymentPipeline", "Event", "FCFS", "Generator", "LocalPipeline", "MLFQ",
-           "Request", "Sampling", "SeqState", "max_positions", "scheduler"]
+           "Request", "Sampling", "SeqState", "kv_budget", "kv_positions",
+           "max_positions", "scheduler"]

@@ -8,7 +8,7 @@ to generate without starting processes.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 
 import torch
 
@@ -18,8 +18,12 @@ from fastserve.engine.deployment import Deployment
 from fastserve.engine.wire import Message
 from fastserve.errors import RankError
 from fastserve.graph import Graph, build_subgraph
-from fastserve.graph.decode import KV_BYTES, KVCache, check_generative, kv_bytes_per_token
+from fastserve.graph.decode import (KV_BYTES, GenerationError, KVCache, check_generative,
+                                   kv_bytes_per_token)
 from fastserve.partition import shards_from_bounds
+from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.plan import Plan
+from fastserve.units import format_bytes
 
 
 class _Base:
@@ -31,11 +35,7 @@ class _Base:
         self.logits = graph.outputs[0]
         self.vocab = graph.spec.inputs[0].high
         self.max_len = max_positions(graph)
-        # bytes per position in each stage's cache, and the positions every stage can hold
-        # (a sequence's buffers grow by doubling: up to twice its length is allocated)
-        self.kv_per_token = [kv_bytes_per_token(graph, nodes) for nodes in cut]
-        self.kv_tokens = min(kv_bytes // (2 * b) for b in self.kv_per_token if b) \
-            if any(self.kv_per_token) else 1 << 20
+        self.kv_per_token, self.kv_tokens = kv_positions(graph, cut, kv_bytes)
 
     def _meta(self, meta: dict) -> dict:
         return {"gen": {**meta, "logits": self.logits}}
@@ -82,13 +82,47 @@ class LocalPipeline(_Base):
         return msg.micro, msg.tensors["tokens"]
 
 
+def kv_positions(graph: Graph, cut, kv_bytes: int) -> tuple[list[int], int]:
+    """Bytes per position in the cache of each stage of ``cut``, and the positions every
+    stage can hold in ``kv_bytes`` (a sequence's buffers grow by doubling: up to twice its
+    length is allocated)."""
+    per_token = [kv_bytes_per_token(graph, nodes) for nodes in cut]
+    positions = min(kv_bytes // (2 * b) for b in per_token if b) if any(per_token) else 1 << 20
+    return per_token, positions
+
+
+def kv_budget(plan: Plan, inventory: Inventory | None) -> int:
+    """Bytes of KV cache every rank of ``plan`` can hold, at most ``KV_BYTES``: the least,
+    over its ranks, of a rank's share of its host's memory (the host's memory over the plan's
+    ranks on it) less the memory the planner predicted for the rank (its runtime, weights and
+    activations). ``inventory`` None: every rank on this machine."""
+    hosts = {h.name: h for h in (inventory or local_inventory()).hosts}
+    machine = local_inventory().hosts[0]
+    on_host = Counter(r.host for r in plan.ranks)
+    rooms = []
+    for r in plan.ranks:
+        host = hosts.get(r.host, machine) if inventory is not None else machine
+        share = host.memory_bytes // (on_host[r.host] if inventory is not None
+                                      else len(plan.ranks))
+        rooms.append((share - r.memory_bytes, share, r))
+    room, share, rank = min(rooms, key=lambda t: t[0])
+    if room <= 0:
+        raise GenerationError(
+            f"rank {rank.rank} (stage {rank.stage}) on host '{rank.host}' has no memory left "
+            f"for KV caches: its share of the host, {format_bytes(share)}, is no more than the "
+            f"{format_bytes(rank.memory_bytes)} its shard is predicted to take; use more "
+            f"stages or hosts with more memory")
+    return min(KV_BYTES, room)
+
+
 class DeploymentPipeline(_Base):
-    """A running deployment's replicas and stages; its ranks hold the caches."""
+    """A running deployment's replicas and stages; its ranks hold the caches, sized to what
+    the plan leaves of each host's memory (:func:`kv_budget`)."""
 
     def __init__(self, deployment: Deployment, stats=None) -> None:
         """``stats``: where the flow's timings go (see :meth:`Deployment.flow`)."""
         super().__init__(deployment.graph, deployment.plan.cut, deployment.plan.replicas,
-                         KV_BYTES)
+                         kv_budget(deployment.plan, deployment.inventory))
         self.deployment = deployment
         self.flow = deployment.flow(stats)
 

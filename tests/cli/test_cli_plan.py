@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fastserve.cli.app import run_cli
@@ -42,3 +43,28 @@ def test_profile_then_plan_with_measured_times(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(["plan", str(ROOT / "graphs/mlp.yaml"), "--profile", str(out)]) == 0
     assert "(measured node times)" in capsys.readouterr().out
+
+
+def test_plan_of_a_language_model_says_how_much_kv_cache_fits(tmp_path, capsys):
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("name: small\nhosts:\n"
+                     "  - {name: a, address: 127.0.0.2, cores: 1, memory: 1200MiB}\n"
+                     "  - {name: b, address: 127.0.0.3, cores: 1, memory: 1300MiB}\n")
+    args = ["plan", str(ROOT / "graphs/gpt2.yaml"), "--hosts", str(hosts), "--stages", "2",
+            "--batch", "1"]
+    assert run_cli([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["plan"]
+    assert run_cli(args) == 0
+    out = capsys.readouterr().out
+    memory = {"a": 1200 * 2**20, "b": 1300 * 2**20}
+    # keys and values of d_model 768 in float32 for each block of the stage, in a buffer that
+    # grows by doubling
+    blocks = [sum(re.fullmatch(r"h\.\d+", n) is not None for n in s["nodes"])
+              for s in doc["stage_plans"]]
+    assert sum(blocks) == 12
+    per = [2 * 768 * 4 * b for b in blocks]
+    fits = min((memory[r["host"]] - r["memory_bytes"]) // (2 * per[r["stage"]])
+               for r in doc["ranks"])
+    assert f"generation: {fits} positions of KV cache fit in each replica" in out
+    assert run_cli(["plan", str(ROOT / "graphs/mlp.yaml")]) == 0
+    assert "generation" not in capsys.readouterr().out
