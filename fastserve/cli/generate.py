@@ -70,7 +70,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     from fastserve.engine import Deployment
     from fastserve.engine.deployment import load_graph
     from fastserve.generate import (DeploymentPipeline, Generator, LocalPipeline, Request,
-                                    Sampling, scheduler as make_scheduler)
+                                    Sampling, kv_budget, scheduler as make_scheduler)
     from fastserve.generate.text import TextStream, load_tokenizer
     from fastserve.graph.decode import check_generative
     from fastserve.resources.inventory import local_inventory
@@ -90,6 +90,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     chosen = plan(graph, local_inventory(), constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
         batch=max_seqs, transport="ipc"))
+    kv_budget(chosen, None)  # a rank without room for KV is named before any rank starts
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     try:
         sampling = Sampling(temperature, top_k, top_p, seed)

@@ -25,7 +25,7 @@ import torch
 from fastserve.engine.deployment import Deployment, load_graph
 from fastserve.engine.keys import load_keys
 from fastserve.errors import InputsError, ServiceConfigError, ServiceError
-from fastserve.generate import Sampling, max_positions
+from fastserve.generate import Sampling, kv_budget, max_positions
 from fastserve.generate.loop import refusal
 from fastserve.generate.text import load_tokenizer
 from fastserve.graph.decode import check_generative
@@ -98,6 +98,8 @@ class Service:
         self.generating = config.generation.enabled
         if self.generating:  # a causal LM: completions instead of tensors
             check_generative(self.graph)
+            for p in self.replica_plans:  # a rank without room for KV is named now
+                kv_budget(p, inventory)
             self.tokenizer = load_tokenizer(config.generation.tokenizer)
             self.max_len = max_positions(self.graph)
             self.vocab = self.graph.spec.inputs[0].high
