@@ -7,6 +7,8 @@ Messages say what happened, the offending value, and what to do.
 
 from __future__ import annotations
 
+import math
+
 
 class FastServeError(Exception):
     """Base of all FastServe errors. ``exit_code`` is what the CLI exits with."""
@@ -176,6 +178,16 @@ class ServiceError(FastServeError):
 
     exit_code = 10
 
-    def __init__(self, message: str, status: int = 503) -> None:
+    def __init__(self, message: str, status: int = 503, retry_after: float = 1.0) -> None:
+        """``retry_after``: seconds after which a refused caller may try again (the
+        Retry-After header of a 503)."""
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The HTTP headers of this error's answer: Retry-After on a 503, in whole seconds."""
+        if self.status != 503:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}

@@ -50,8 +50,11 @@ class BadRequest(Exception):
 
 
 def _error(message: str, status: int) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return _refused(ServiceError(message, status))
+
+
+def _refused(e: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -194,11 +197,11 @@ def make_app(service: Service, token: str | None = None,
         except InputsError as e:
             return _error(e.reason if not e.key else f"input '{e.key}': {e.reason}", 400)
         except ServiceError as e:
-            return _error(str(e), e.status)
+            return _refused(e)
         try:
             outputs = await asyncio.wait_for(asyncio.wrap_future(future), wait_s)
         except ServiceError as e:
-            return _error(str(e), e.status)
+            return _refused(e)
         except asyncio.TimeoutError:
             return _error("no answer within the deadline", 504)
         if kind == MSGPACK or MSGPACK in request.headers.get("accept", ""):
@@ -231,7 +234,7 @@ def make_app(service: Service, token: str | None = None,
         try:
             await asyncio.to_thread(service.scale, n, "manual")
         except ServiceError as e:
-            return _error(str(e), e.status)
+            return _refused(e)
         return JSONResponse({"replicas": n})
 
     async def drain(request: Request) -> Response:

@@ -189,8 +189,7 @@ def routes(service: Service, body) -> list[Route]:
             service.count_outcome("invalid")
             return JSONResponse({"error": str(e)}, status_code=400)
         except ServiceError as e:
-            headers = {"Retry-After": "1"} if e.status == 503 else None
-            return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+            return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
         if stream:

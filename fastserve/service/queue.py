@@ -129,7 +129,7 @@ class RequestQueue:
             raise ServiceError(f"overloaded: the requests queued and running need about "
                                f"{wait * 1e3:.0f} ms, more than the {self.budget_s * 1e3:.0f} "
                                f"ms a request may wait (limits.queue_budget_ms); retry "
-                               f"shortly", 503)
+                               f"shortly", 503, retry_after=wait)
 
     def expected_wait(self) -> float:
         """Seconds a request admitted now is expected to wait before its own batch runs: the

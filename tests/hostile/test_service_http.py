@@ -111,6 +111,21 @@ def test_a_json_request_equals_the_reference(svc, client):
     torch.testing.assert_close(got, want["head"])
 
 
+def test_a_request_past_the_queue_budget_gets_503_and_when_to_retry(svc, client, monkeypatch):
+    # 3 samples running at a measured 2 s each: 6 s ahead of a request, past a 0.5 s budget
+    monkeypatch.setattr(svc.queue, "budget_s", 0.5)
+    monkeypatch.setattr(svc.queue, "per_sample", 2.0)
+    monkeypatch.setattr(svc.queue, "_running", 3)
+    overloaded = svc.outcomes["overloaded"]
+    r = post_json(client, {"inputs": {"x": x_of(1).tolist()}})
+    assert r.status_code == 503 and r.headers["retry-after"] == "6"
+    assert "queue_budget_ms" in r.json()["error"]
+    assert svc.outcomes["overloaded"] == overloaded + 1
+    monkeypatch.setattr(svc.queue, "_running", 0)  # nothing ahead: admitted and answered
+    r = post_json(client, {"inputs": {"x": x_of(1).tolist()}})
+    assert r.status_code == 200 and "retry-after" not in r.headers
+
+
 def test_a_request_bigger_than_max_batch_is_answered_whole(svc, client):
     x = x_of(svc.config.batching.max_batch * 3 + 1, seed=5)
     r = post_json(client, {"inputs": {"x": x.tolist()}})

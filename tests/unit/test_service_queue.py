@@ -83,6 +83,8 @@ def test_the_request_past_the_time_budget_is_refused_503_and_nothing_admitted_is
             ask()
         assert e.value.status == 503 and "queue_budget_ms" in str(e.value)
         assert re.search(r"about 15\d\d ms, more than the 1100 ms", str(e.value))
+        assert e.value.retry_after == pytest.approx(1.5, abs=0.05)
+        assert e.value.headers == {"Retry-After": "2"}  # whole seconds, rounded up
     assert len(q) == 3 and not late.future.done()
     taken = q.take(0.0, eager=True)
     assert taken == admitted[:2]  # 4 samples (max_batch)
@@ -138,6 +140,8 @@ def test_admits_refuses_like_put_and_admits_nothing():
     with pytest.raises(ServiceError) as e:
         q.admits()
     assert "max_queue" in str(e.value) and len(q) == 1
+    assert e.value.headers == {"Retry-After": "1"}
+    assert ServiceError("too late", 504).headers is None
     q.close("stopping: drained")
     with pytest.raises(ServiceError, match="stopping: drained"):
         q.admits()
