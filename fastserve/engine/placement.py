@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Union
 
 import zmq
@@ -18,6 +20,7 @@ from fastserve.engine.raylaunch import RayPlacement, RayRank
 from fastserve.engine.raylaunch import node_address as ray_node_address
 from fastserve.engine.remote import Heartbeat, HostLink, RemoteRank, address_towards, wait_for
 from fastserve.errors import EngineError
+from fastserve.graph.checkpoint import node_subset
 from fastserve.resources.inventory import Host, Inventory
 from fastserve.resources.plan import Plan
 
@@ -58,6 +61,7 @@ class Placement:
         self.heartbeat: Heartbeat | None = None
         self.ray: RayPlacement | None = None
         self._on_ray: list[tuple[RankConfig, str]] = []
+        self._subsets: tempfile.TemporaryDirectory | None = None  # per-rank weight files
 
     def launch(self, cfg: RankConfig, host_name: str, workdir: str) -> Rank | None:
         """Start one rank on its host; None for a Ray rank, placed with the others by
@@ -92,15 +96,23 @@ class Placement:
         return link
 
     def record_for(self, rank: Rank, record: bytes) -> bytes:
-        """The shard record as ``rank`` needs it: for a rank on an agent's host, a checkpoint
-        it names is put in that host's cache first (sent once; cached by sha256) and named by
-        its path there."""
+        """The shard record as ``rank`` needs it: for a rank on an agent's host, the tensors
+        of the checkpoint it names that its nodes use (all of a captured model's checkpoint, or
+        of a torch file) are put in that host's cache first (sent once; cached by sha256) and
+        named by their path there."""
         if not isinstance(rank, RemoteRank):
             return record
         doc = json.loads(record)
         checkpoint = (doc.get("weights") or {}).get("checkpoint")
         if not checkpoint:
             return record
+        if doc.get("kind") == "nodes" and checkpoint.endswith(".safetensors"):
+            # only the tensors of the rank's nodes (and of a node its head is tied to)
+            if self._subsets is None:
+                self._subsets = tempfile.TemporaryDirectory(prefix="fastserve-weights-")
+            checkpoint = str(node_subset(Path(checkpoint), [n["id"] for n in doc["nodes"]]
+                                         + list(doc.get("tied") or {}),
+                                         Path(self._subsets.name)))
         self.progress(f"host '{rank.link.name}': sending {os.path.basename(checkpoint)} "
                       f"({os.path.getsize(checkpoint) / 2**20:.0f} MiB) unless it has it")
         doc["weights"]["checkpoint"] = rank.link.upload(checkpoint)
@@ -118,5 +130,8 @@ class Placement:
         stop_processes([r for r in ranks if isinstance(r, RankProcess)], grace_s)
         for link in self.links.values():
             link.stop()
+        if self._subsets is not None:
+            self._subsets.cleanup()
+            self._subsets = None
         if self.ray is not None:
             self.ray.stop()

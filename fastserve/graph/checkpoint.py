@@ -5,6 +5,7 @@ checks their hash on the bytes first."""
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,3 +46,23 @@ def open_checkpoint(path: Path) -> Iterator[tuple[set[str], Callable[[str], torc
         raise WeightsError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state "
                            f"dict")
     yield set(state), state.__getitem__
+
+
+def node_subset(path: Path, nodes: list[str], out_dir: Path) -> Path:
+    """The tensors of the safetensors checkpoint at ``path`` that belong to ``nodes``
+    (``<node>.<param>`` keys), written to a file of their own in ``out_dir``, named by what it
+    holds so that the same subset is the same file; ``path`` itself when it holds nothing
+    else. A host that runs only some nodes is sent only their weights."""
+    from safetensors.torch import save_file
+
+    prefixes = tuple(f"{n}." for n in nodes)
+    with open_checkpoint(path) as (keys, get):
+        wanted = sorted(k for k in keys if k.startswith(prefixes))
+        if len(wanted) == len(keys):
+            return path
+        tag = hashlib.sha256("\0".join([str(path), str(path.stat().st_mtime_ns),
+                                         *wanted]).encode()).hexdigest()[:16]
+        out = out_dir / f"{path.stem}.{tag}.safetensors"
+        if not out.exists():
+            save_file({k: get(k).contiguous() for k in wanted}, str(out))
+    return out

@@ -186,32 +186,40 @@ def test_a_service_over_three_hosts_loses_no_request_when_a_remote_rank_is_kille
 
 
 def test_a_checkpoint_reaches_each_host_once_verified(cluster, tmp_path):
-    from safetensors.torch import save_file
+    from safetensors import safe_open
 
     from fastserve.engine.remote import sha256_of
-    from fastserve.graph.module import build_nodes, state_dict
+    from lms import small_gpt2
 
     agents, keys = cluster
-    spec = tmp_path / "mlp.yaml"
-    spec.write_text((ROOT / "graphs/mlp.yaml").read_text())
-    graph = G.load(str(spec))
-    # a checkpoint of other weights than the seed gives: the ranks must read it to match
-    modules = build_nodes(graph, weights=G.WeightsSpec(seed=11))
-    save_file(state_dict(modules), tmp_path / "mlp.safetensors")
-    text = spec.read_text().replace("weights: {seed: 0}", "weights: {checkpoint: mlp.safetensors}")
-    assert "checkpoint" in text
-    spec.write_text(text)
-    graph = G.load(str(spec))
-    x = G.random_inputs(graph, 6, seed=5)
-    digest = sha256_of(str(tmp_path / "mlp.safetensors"))
+    # a GPT-2 whose weights are in a checkpoint, not the seeded ones: the ranks must read it
+    # to match; its head is tied to the token embedding of the first stage
+    spec, weights = small_gpt2(tmp_path)
+    graph = G.load(spec, dims={"seq": 16})
+    x = G.random_inputs(graph, 2, seed=5)
+    digest = sha256_of(str(tmp_path / "gpt2-small.safetensors"))
     written = []
-    for _ in range(2):  # the second run finds the file in each agent's cache
-        with _deploy(graph, agents, keys, stages=3, replicas=1, batch=6) as dep:
+    for _ in range(2):  # the second run finds the files in the agents' caches
+        with _deploy(graph, agents, keys, stages=3, replicas=1, batch=2) as dep:
             out = dep.run(x)
-        torch.testing.assert_close(out["head"], _reference(graph, x)["head"])
-        written.append([(a.cache / f"{digest}.safetensors").stat().st_mtime_ns
-                        for a in agents])
+            stages = {r.host: set(dep.plan.cut[r.stage]) for r in dep.plan.ranks}
+        torch.testing.assert_close(out["lm_head"], _reference(graph, x)["lm_head"], rtol=0,
+                                   atol=0)
+        files = {a: list(a.cache.glob("*.safetensors")) for a in agents}
+        assert all(len(f) == 1 for f in files.values()), files
+        written.append([f[0].stat().st_mtime_ns for f in files.values()])
     assert written[0] == written[1]  # kept, not sent again
+    # each host was sent the tensors of its own stage's nodes (and the stage with the tied
+    # head the embedding's), not the whole checkpoint
+    assert "wte" not in stages["c"] and "lm_head" in stages["c"]
+    stages["c"].add("wte")
+    owner = {k: max((n for n in graph.order if k.startswith(f"{n}.")), key=len) for k in weights}
+    for name, a in zip("abc", agents):
+        (held,) = files[a]
+        assert held.stem != digest
+        with safe_open(str(held), framework="pt") as f:
+            sent = set(f.keys())
+        assert sent == {k for k in weights if owner[k] in stages[name]}, name
     # a file whose bytes do not match the sha256 it was sent as is not kept
     ctx = zmq.Context()
     client = AgentClient(ctx, "a", f"{agents[0].address}:{agents[0].port}",
