@@ -96,16 +96,14 @@ def kv_budget(plan: Plan, inventory: Inventory | None) -> int:
     over its ranks, of a rank's share of its host's memory (the host's memory over the plan's
     ranks on it) less the memory the planner predicted for the rank (its runtime, weights and
     activations). ``inventory`` None: every rank on this machine."""
-    hosts = {h.name: h for h in (inventory or local_inventory()).hosts}
-    machine = local_inventory().hosts[0]
-    on_host = Counter(r.host for r in plan.ranks)
-    rooms = []
-    for r in plan.ranks:
-        host = hosts.get(r.host, machine) if inventory is not None else machine
-        share = host.memory_bytes // (on_host[r.host] if inventory is not None
-                                      else len(plan.ranks))
-        rooms.append((share - r.memory_bytes, share, r))
-    room, share, rank = min(rooms, key=lambda t: t[0])
+    if inventory is None:
+        machine = local_inventory().hosts[0].memory_bytes
+        shares = [machine // len(plan.ranks)] * len(plan.ranks)
+    else:
+        on_host = Counter(r.host for r in plan.ranks)
+        shares = [inventory.host(r.host).memory_bytes // on_host[r.host] for r in plan.ranks]
+    room, share, rank = min(((share - r.memory_bytes, share, r)
+                             for share, r in zip(shares, plan.ranks)), key=lambda t: t[0])
     if room <= 0:
         raise GenerationError(
             f"rank {rank.rank} (stage {rank.stage}) on host '{rank.host}' has no memory left "
