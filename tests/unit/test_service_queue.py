@@ -259,7 +259,8 @@ def test_take_on_an_empty_queue_waits_for_the_timeout_and_returns_nothing():
     q = queue()
     start = time.monotonic()
     assert q.take(0.05) == [] and q.take(0.05, eager=True) == []
-    assert time.monotonic() - start >= 0.1
+    # the timeout is kept, neither cut short nor overslept (a wide bound: a loaded machine)
+    assert 0.1 <= time.monotonic() - start < 0.9
 
 
 def test_take_wakes_when_another_thread_fills_the_batch():
@@ -320,7 +321,8 @@ def test_an_expired_request_is_answered_504_and_not_returned():
         q.put(r)
     assert q.take(0.0, eager=True) == [live1, live2]
     assert status_of(dead) == 504
-    assert "deadline" in str(dead.future.exception())
+    assert str(dead.future.exception()) == ("deadline passed before a replica could take the "
+                                            "request (limits.deadline_s)")
     assert not live1.future.done() and not live2.future.done()
     assert len(q) == 0
 
@@ -410,3 +412,63 @@ def test_shape_key_ignores_the_batch_dim_of_batched_inputs_only():
     assert shape_key(b, {"x"}) != shape_key(c, {"x"})  # m is not batched: all of it counts
     assert shape_key(b, {"x"}) != shape_key(d, {"x"})  # the dtype counts
     assert shape_key(a, {"x"}) != shape_key(b, set())
+
+
+def test_a_queue_built_with_the_defaults_merges_and_has_no_time_budget():
+    q = RequestQueue(max_queue=8, max_batch=4, max_wait_s=LONG_S)
+    q.answered(1, time.monotonic() - 100.0)  # 100 s a sample: no budget refuses anything
+    pair = [req(), req()]
+    for r in pair:
+        q.put(r)
+    assert q.take(0.0, eager=True) == pair
+
+
+def test_a_wait_exactly_at_the_budget_is_admitted_and_the_refusal_names_both():
+    q = queue(max_batch=8, budget_s=1.0)
+    q.per_sample = 0.25  # as measured
+    for _ in range(2):
+        q.put(req(2))  # 0 s, then 0.5 s ahead
+    q.admits()  # 4 samples ahead: exactly 1 s
+    q.put(req(1))
+    with pytest.raises(ServiceError) as e:
+        q.put(req(1))
+    assert "about 1250 ms, more than the 1000 ms a request may wait" in str(e.value)
+    assert e.value.retry_after == 1.25
+
+
+def test_requeued_work_that_then_expires_leaves_nothing_counted():
+    q = queue(max_batch=8)
+    q.per_sample = 1.0
+    r = req(3, deadline_s=0.05)
+    q.put(r)
+    assert q.take(0.0, eager=True) == [r] and r.running
+    q.requeue([r])
+    assert not r.running and q.expected_wait() == 3.0  # queued again, counted once
+    time.sleep(0.06)
+    q.expire()
+    assert status_of(r) == 504 and not r.running and q.expected_wait() == 0.0
+
+
+def test_an_answered_request_no_longer_counts_as_running():
+    q = queue()
+    q.per_sample = 1.0
+    r = req(2)
+    q.put(r)
+    q.take(0.0, eager=True)
+    r.answer({"y": r.inputs["x"]})
+    assert not r.running and q.expected_wait() == 0.0
+
+
+def test_a_generation_goes_through_the_queue_uncounted():
+    from fastserve.generate import Sampling
+    from fastserve.service.generation import Completion
+
+    q = queue()
+    q.per_sample = 1.0
+    c = Completion([1, 2], 4, Sampling(), (), time.monotonic() + LONG_S, lambda *_: None)
+    q.put(c)
+    assert q.expected_wait() == 1.0  # queued: it counts as one sample ahead
+    assert q.take(0.0, eager=True) == [c]
+    assert q.expected_wait() == 0.0  # its length is not known: not counted while it runs
+    q.requeue([c])
+    assert len(q) == 1 and q.expected_wait() == 1.0
