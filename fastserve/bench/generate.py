@@ -16,16 +16,19 @@ import math
 import random
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fastserve.engine.coordinator import RunStats
-from fastserve.engine.deployment import Deployment, Layout, load_graph
+from fastserve.engine.deployment import Deployment
 from fastserve.generate import (FCFS, MLFQ, DeploymentPipeline, Generator, LocalPipeline,
                                 Request, max_positions)
-from fastserve.graph.decode import check_generative
+from fastserve.generate.model import language_model
+from fastserve.resources.inventory import local_inventory
+from fastserve.resources.planner import Constraints, plan
 
 Progress = Callable[[str], None]
 
@@ -124,8 +127,10 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                    seconds: float = 120.0, rounds: int = 2, seed: int = 0,
                    kv_tokens: int | None = None, quantum: float = 4.0,
                    trust_code: bool = False, progress: Progress = lambda _m: None) -> dict:
-    graph, _, _ = load_graph(spec, None, trust_code)
-    check_generative(graph)
+    cleanup = ExitStack()  # a captured LM's rewrite, kept until the ranks stop
+    graph, cut, export_dir = language_model(spec, trust_code, cleanup)
+    if cut is not None:
+        stages = len(cut)  # an export's shards are the stages
     vocab = graph.spec.inputs[0].high or 256
     longest = max_positions(graph) or 4096
     before = torch.get_num_threads()
@@ -135,8 +140,10 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
     out: dict = {"spec": spec, "stages": stages, "seqs": seqs, "tokens": tokens}
     try:
         progress(f"starting a {stages}-stage pipeline (1 thread per rank)")
-        with Deployment.from_spec(spec, Layout(1, stages, threads=1), timeout=60,
-                                  trust_code=trust_code) as dep:
+        chosen = plan(graph, local_inventory(), constraints=Constraints(
+            replicas=1, stages=stages, cut=cut, threads=1, batch=8, transport="ipc"))
+        with Deployment(graph, chosen, timeout=60, trust_code=trust_code,
+                        export_dir=export_dir) as dep:
             one, piped = [], []
             for r in range(rounds):
                 progress(f"round {r + 1}/{rounds}: {seqs} sequences x {tokens} tokens, one "
@@ -187,6 +194,7 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                 if f["jct_mean_s"] and m["jct_mean_s"] else None
     finally:
         torch.set_num_threads(before)
+        cleanup.close()
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 
 import click
 
@@ -21,8 +22,10 @@ from fastserve.errors import EngineError, FastServeError
 @click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True,
               help="New tokens per prompt at most.")
 @click.option("--stream", is_flag=True, help="Print the text as tokens come (one prompt).")
-@click.option("--stages", type=click.IntRange(1), default=1, show_default=True,
-              help="Pipeline stages: each rank holds the KV cache of its layers.")
+@click.option("--stages", type=click.IntRange(1),
+              help="Pipeline stages: each rank holds the KV cache of its layers. Default: "
+              "the fewest that hold the model (a decode step reads every weight once, so "
+              "more stages add a hop per token, not speed).")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
               help="Data-parallel replicas; each prompt runs on one.")
 @click.option("--scheduler", type=click.Choice(["fcfs", "mlfq"]), default="fcfs",
@@ -57,7 +60,9 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
 
     \b
     The graph must be a causal LM written with the op library (token ids in, logits out),
-    such as graphs/gpt2.yaml. Each prompt is prefilled once; each step then sends only the
+    such as graphs/gpt2.yaml, or a GPT-2 or Llama captured from transformers (source:, such
+    as graphs/gpt2-hf-tiny.yaml), which is rewritten with the op library's layers and the
+    same weights. Each prompt is prefilled once; each step then sends only the
     new token's activations between stages, and the last stage samples, so only token ids
     come back.
 
@@ -68,11 +73,10 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
       fastserve generate graphs/gpt2.yaml --ids 1,2,3 --ids 4,5 --replicas 2 --check --json
     """
     from fastserve.engine import Deployment
-    from fastserve.engine.deployment import load_graph
     from fastserve.generate import (DeploymentPipeline, Generator, LocalPipeline, Request,
                                     Sampling, kv_budget, scheduler as make_scheduler)
+    from fastserve.generate.model import language_model
     from fastserve.generate.text import TextStream, load_tokenizer
-    from fastserve.graph.decode import check_generative
     from fastserve.resources.inventory import local_inventory
     from fastserve.resources.planner import Constraints, plan
 
@@ -85,9 +89,10 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
         raise click.UsageError("--stream prints one prompt's text as it comes: give one prompt")
     tok = load_tokenizer(tokenizer)
     inputs = [tok.encode(p) for p in prompts] + [_ids(text) for text in id_prompts]
-    graph, cut, export_dir = load_graph(spec, None, trust_code)
-    check_generative(graph)
-    chosen = plan(graph, local_inventory(), constraints=Constraints(
+    # a captured model's rewrite lives in a temporary directory until the command ends
+    cleanup = click.get_current_context().with_resource(ExitStack())
+    graph, cut, export_dir = language_model(spec, trust_code, cleanup, say)
+    chosen = plan(graph, local_inventory(), "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
         batch=max_seqs, transport="ipc"))
     kv_budget(chosen, None)  # a rank without room for KV is named before any rank starts

@@ -35,8 +35,11 @@ def _inventory(hosts: str | None):
               "tcp when the inventory has other hosts).")
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--latency-ms", type=float, help="Latency ceiling for one batch.")
-@click.option("--objective", type=click.Choice(["throughput", "latency"]),
-              default="throughput", show_default=True)
+@click.option("--objective", type=click.Choice(["throughput", "latency", "decode"]),
+              default="throughput", show_default=True,
+              help="What the plan maximises: samples/s, or one batch's latency; decode (a "
+              "language model generating): the fewest ranks that hold the model, then the "
+              "lowest latency.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
               help="Measured node and host speeds from 'fastserve profile'.")
 @click.option("--explain", is_flag=True, help="Also list the alternatives and why they lost.")

@@ -172,6 +172,20 @@ def compile_captured(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> 
     return _graph(cap, spec, sizes, torch.device("meta"))
 
 
+def live_model(spec: GraphSpec, accept: Callable[[nn.Module], object] = lambda _m: None
+               ) -> nn.Module:
+    """The factory's whole model with the graph's weights (seeded per module, or read from its
+    checkpoint), in eval mode, in this process: for rewriting a captured model
+    (:mod:`fastserve.graph.hf`). A deployment never holds the whole model. ``accept`` sees the
+    model before it has weights (and may raise)."""
+    source = _shippable(spec)
+    built = _skeleton(source, spec.file, seed=spec.weights.seed)
+    model = built[0]
+    accept(model)
+    materialise({"": model}, aliases(model), spec.weights, base=spec.file, model=lambda: built)
+    return model.eval()
+
+
 def build_captured_nodes(graph: Graph, node_ids: Iterable[str],
                          weights: WeightsSpec | None = None) -> dict[str, nn.Module]:
     """The modules of ``node_ids`` of a captured graph, with weights, in eval mode.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import replace
 from concurrent.futures import Future
 from typing import Callable, Mapping
@@ -27,8 +28,8 @@ from fastserve.engine.keys import load_keys
 from fastserve.errors import InputsError, ServiceConfigError, ServiceError
 from fastserve.generate import Sampling, kv_budget, max_positions
 from fastserve.generate.loop import refusal
+from fastserve.generate.model import language_model
 from fastserve.generate.text import load_tokenizer
-from fastserve.graph.decode import check_generative
 from fastserve.graph.inputs import check_inputs
 from fastserve.resources.inventory import Inventory, load_inventory, local_inventory
 from fastserve.resources.plan import Plan, load_plan
@@ -69,7 +70,13 @@ class Service:
         ``keys`` files."""
         self.config = config
         self.progress = progress or (lambda _msg: None)
-        self.graph, cut, self.export_dir = load_graph(config.spec, None, config.trust_code)
+        self.generating = config.generation.enabled
+        self._cleanup = ExitStack()  # a captured LM's rewrite, kept until the replicas stop
+        if self.generating:  # a causal LM: completions instead of tensors
+            self.graph, cut, self.export_dir = language_model(config.spec, config.trust_code,
+                                                              self._cleanup)
+        else:
+            self.graph, cut, self.export_dir = load_graph(config.spec, None, config.trust_code)
         if inventory is None and config.hosts:
             inventory = load_inventory(config.hosts)
         if keys is None and config.keys:
@@ -85,7 +92,8 @@ class Service:
         if config.plan:
             self.plan = load_plan(config.plan, self.graph)
         else:
-            self.plan = plan(self.graph, inventory or local_inventory(), constraints=Constraints(
+            objective = "decode" if self.generating else "throughput"
+            self.plan = plan(self.graph, inventory or local_inventory(), objective, Constraints(
                 replicas=max(1, config.replicas.min), stages=len(cut) if cut else config.stages,
                 threads=config.threads, cut=cut, batch=b.max_batch, micro_batches=1,
                 transport=transport))
@@ -95,9 +103,7 @@ class Service:
         self.in_flight = self.plan.stages + 1  # batches in flight per replica
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"]
-        self.generating = config.generation.enabled
-        if self.generating:  # a causal LM: completions instead of tensors
-            check_generative(self.graph)
+        if self.generating:
             for p in self.replica_plans:  # a rank without room for KV is named now
                 kv_budget(p, inventory)
             self.tokenizer = load_tokenizer(config.generation.tokenizer)
@@ -163,6 +169,7 @@ class Service:
             r.join(timeout=30)
         self.queue.drain(ServiceError("the service stopped before a replica took the request",
                                       503))
+        self._cleanup.close()
 
     def __enter__(self) -> Service:
         return self.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,28 @@ def test_bad_requests_are_refused_clearly(lm, capsys, args, code, words):
     spec, _ = lm
     assert run_cli(["generate", spec, "--local", *args]) == code
     assert words in capsys.readouterr().err
+
+
+def test_a_captured_gpt2_generates_on_ranks_as_transformers_does(capsys):
+    """The shipped captured GPT-2 (source:) is rewritten with the op library's layers; its
+    tokens through two ranks equal generate() of the eager model with the graph's weights,
+    and the rewrite's weights are removed when the command ends."""
+    import tempfile
+
+    import fastserve.graph as G
+    from fastserve.graph import zoo
+
+    spec = str(ROOT / "graphs/gpt2-hf-tiny.yaml")
+    source = G.load_spec(spec, trust_code=True).source
+    model = G.seed_weights(zoo.hf_gpt2(**source.kwargs), 0)
+    before = set(Path(tempfile.gettempdir()).glob("fastserve-lm-*"))
+    code = run_cli(["generate", spec, "--trust-code", "--ids", ids(prompts()[0]),
+                    "--max-tokens", "6", "--stages", "2", "--check", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "rewritten with the op library's layers" in out.err
+    assert json.loads(out.out)["results"][0]["tokens"] == hf_greedy(model, prompts()[0], 6)
+    assert set(Path(tempfile.gettempdir()).glob("fastserve-lm-*")) == before
 
 
 def test_a_graph_that_is_not_a_language_model_is_named(capsys):

@@ -121,6 +121,20 @@ def _host_memory_from_weights(graph, chosen) -> dict[str, int]:
     return used
 
 
+def test_decode_takes_the_fewest_ranks_that_hold_the_model_and_every_core():
+    graph = chain(BIG)
+    roomy = Inventory("roomy", tuple(Host(f"h{i}", f"10.0.0.{i}", 2, 64 * 2**30)
+                                     for i in range(2)))
+    assert len(plan(graph, roomy, constraints=Constraints(batch=8)).ranks) > 1
+    one = plan(graph, roomy, "decode", Constraints(batch=8))
+    assert (one.replicas, one.stages, one.ranks[0].threads) == (1, 1, 2)
+    assert all("more ranks add hops, not speed" in a["lost"] for a in one.alternatives)
+    tight = Inventory("tight", tuple(Host(f"h{i}", f"10.0.0.{i}", 2, TIGHT) for i in range(3)))
+    two = plan(graph, tight, "decode", Constraints(batch=8))
+    assert (two.replicas, two.stages) == (1, 2)  # the model fits in no fewer
+    assert len({r.host for r in two.ranks}) == 2 and [r.threads for r in two.ranks] == [2, 2]
+
+
 def test_memory_limits_bind_per_host_not_per_rank():
     graph = chain(BIG)
     weights = sum(graph.node(n)["params_bytes"] for n in graph.order)

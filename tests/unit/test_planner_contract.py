@@ -156,8 +156,10 @@ def brute_force(graph, inv, batch, objective="throughput", profile=None, latency
                             continue
                         if latency_ms is not None and ref["latency"] * 1e3 > latency_ms:
                             continue
-                        key = (ref["throughput"], -ref["latency"]) if objective == "throughput" \
-                            else (-ref["latency"], ref["throughput"])
+                        key = {"throughput": (ref["throughput"], -ref["latency"]),
+                               "latency": (-ref["latency"], ref["throughput"]),
+                               "decode": (-d * p, -ref["latency"], ref["throughput"])
+                               }[objective]
                         if best is None or key > best[0]:
                             best = (key, ref["throughput"], ref["latency"], d, p, m)
     return best[1:]
@@ -187,7 +189,8 @@ def random_instance(seed: int):
 def test_an_unknown_objective_is_refused_by_name():
     with pytest.raises(PlanError) as info:
         plan(chain([8, 8]), Inventory("one", (host("a"),)), "speed")
-    assert str(info.value) == "objective must be 'throughput' or 'latency', not 'speed'"
+    assert str(info.value) == \
+        "objective must be one of throughput, latency, decode, not 'speed'"
 
 
 def test_no_plan_names_the_constraints_that_were_set():
@@ -241,17 +244,20 @@ def test_a_cut_of_more_stages_than_nodes_is_refused_inside_the_planner():
 
 
 @pytest.mark.parametrize("instance", [*range(8), *FIXED_INSTANCES])
-@pytest.mark.parametrize("objective", ["throughput", "latency"])
+@pytest.mark.parametrize("objective", ["throughput", "latency", "decode"])
 def test_the_chosen_plan_is_the_brute_force_best(instance, objective):
     """Pruning (throughput only) never loses the best plan; the latency objective minimises
-    latency, then maximises throughput; every predicted number is the cost model's."""
+    latency, then maximises throughput; decode takes the fewest ranks, then the lowest
+    latency; every predicted number is the cost model's."""
     graph, inv, batch = random_instance(instance) if isinstance(instance, int) else \
         fixed_instance(*instance)
     chosen = plan(graph, inv, objective, Constraints(batch=batch), profile=free_calls())
-    thr, lat, *_ = brute_force(graph, inv, batch, objective, free_calls())
+    thr, lat, d, p, _ = brute_force(graph, inv, batch, objective, free_calls())
     if objective == "throughput":
         assert chosen.throughput == pytest.approx(thr, rel=1e-9)
     else:
+        if objective == "decode":
+            assert len(chosen.ranks) == d * p
         assert chosen.latency_s == pytest.approx(lat, rel=1e-9)
     check_numbers(graph, inv, chosen, free_calls())
     assert chosen.search == "exact"  # at most 3 hosts of 2 cores: every packing was tried
