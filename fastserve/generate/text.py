@@ -4,6 +4,10 @@ strings.
 A model with a transformers tokenizer saved in a directory uses it (read from disk only, no code
 from the directory runs). Otherwise text is UTF-8 bytes, one token per byte, which any
 vocabulary of 256 or more takes: enough to drive the shipped graphs, whose weights are random.
+
+A chat (a list of ``{role, content}`` messages) becomes a prompt through the tokenizer's chat
+template when it has one (transformers renders it in a sandboxed Jinja environment), else as
+``role: content`` lines followed by ``assistant:``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 from fastserve.errors import FastServeError
+
+
+def plain_chat(messages: Sequence[dict]) -> str:
+    """A chat as text for a model without a chat template."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 class ByteTokenizer:
@@ -25,6 +34,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i if 0 <= i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        return self.encode(plain_chat(messages))
 
 
 class HFTokenizer:
@@ -52,6 +64,22 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        """The prompt of a chat, through the tokenizer's chat template if it has one; a
+        :class:`ValueError` naming why a template refused the messages (templates may check
+        the order of roles)."""
+        if not getattr(self.tok, "chat_template", None):
+            return self.encode(plain_chat(messages))
+        try:
+            ids = self.tok.apply_chat_template([dict(m) for m in messages],
+                                               add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # jinja's TemplateError, or a template's raise_exception
+            raise ValueError(f"the tokenizer's chat template refused the messages: "
+                             f"{type(e).__name__}: {e}") from None
+        if not isinstance(ids, (list, tuple)):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
 
 def load_tokenizer(path: str | None):

@@ -6,7 +6,8 @@
                                 ``text_completion`` (with each choice's ``token_ids``)
 ``POST /v1/chat/completions``   ``{"messages": [{"role", "content"}, ...], ...}`` -> a
                                 ``chat.completion``; the messages become one prompt
-                                (``role: content`` lines, then ``assistant:``)
+                                (the tokenizer's chat template, else ``role: content``
+                                lines, then ``assistant:``)
 =============================  ==================================================================
 
 With ``"stream": true`` the answer is server-sent events, one ``data: {chunk}`` per token's new
@@ -86,8 +87,10 @@ def _prompt_of(doc: dict, service: Service, chat: bool) -> list[int]:
                 for m in messages):
             raise BadRequest(f"'messages' must be a list of 1 to {MAX_MESSAGES} "
                              f"{{role: {'|'.join(ROLES)}, content: text}}")
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return service.tokenizer.encode(text)
+        try:
+            return service.tokenizer.chat(messages)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
     prompt = doc.get("prompt")
     if isinstance(prompt, str):
         return service.tokenizer.encode(prompt)
