@@ -142,18 +142,34 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
         progress(f"starting a {stages}-stage pipeline (1 thread per rank)")
         chosen = plan(graph, local_inventory(), constraints=Constraints(
             replicas=1, stages=stages, cut=cut, threads=1, batch=8, transport="ipc"))
+        # what `fastserve generate` runs without --stages: the planner's decode layout
+        planned = plan(graph, local_inventory(), "decode", Constraints(
+            replicas=1, stages=len(cut) if cut else None, cut=cut, batch=seqs,
+            transport="ipc"))
+        layout = f"{planned.stages} stage(s), {planned.ranks[0].threads} thread(s) per rank"
+        progress(f"starting a {stages}-stage pipeline (1 thread per rank) and the decode "
+                 f"plan ({layout})")
         with Deployment(graph, chosen, timeout=60, trust_code=trust_code,
                         export_dir=export_dir) as dep:
-            one, piped = [], []
-            for r in range(rounds):
-                progress(f"round {r + 1}/{rounds}: {seqs} sequences x {tokens} tokens, one "
-                         f"process then the pipeline")
-                one.append(_decode_rate(Generator(local, max_seqs=seqs), seqs, tokens, vocab))
-                piped.append(_decode_rate(Generator(DeploymentPipeline(dep),
-                                                    max_seqs=per_stage), seqs, tokens, vocab))
-            out["decode"] = {"one_process_tokens_per_s": statistics.median(one),
-                             "pipeline_tokens_per_s": statistics.median(piped),
-                             "ratio": statistics.median(piped) / statistics.median(one)}
+            one, piped, best = [], [], []
+            with Deployment(graph, planned, timeout=60, trust_code=trust_code,
+                            export_dir=export_dir) as decode_dep:
+                for r in range(rounds):
+                    progress(f"round {r + 1}/{rounds}: {seqs} sequences x {tokens} tokens, one "
+                             f"process, the pipeline, the decode plan")
+                    one.append(_decode_rate(Generator(local, max_seqs=seqs), seqs, tokens,
+                                            vocab))
+                    piped.append(_decode_rate(Generator(DeploymentPipeline(dep),
+                                                        max_seqs=per_stage), seqs, tokens, vocab))
+                    best.append(_decode_rate(
+                        Generator(DeploymentPipeline(decode_dep),
+                                  max_seqs=math.ceil(seqs / planned.stages)),
+                        seqs, tokens, vocab))
+            alone, pipe, plan_rate = (statistics.median(x) for x in (one, piped, best))
+            out["decode"] = {"one_process_tokens_per_s": alone, "pipeline_tokens_per_s": pipe,
+                             "ratio": pipe / alone, "decode_plan": layout,
+                             "decode_plan_tokens_per_s": plan_rate,
+                             "decode_plan_ratio": plan_rate / alone}
             progress("the runtime's cost per decode step: one sequence, one step in flight")
             dep.stats = RunStats()
             gen = Generator(DeploymentPipeline(dep))

@@ -231,8 +231,9 @@ def _report(results, inputs, as_json, stream, verdict) -> None:
 @trust_option
 def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, seconds, rounds,
                        seed, kv_tokens, quantum, as_json, trust_code) -> None:
-    """Generation: pipeline decode throughput against one 1-thread process, the runtime's cost
-    per decode step, and FCFS against skip-join MLFQ on one heavy-tailed workload.
+    """Generation: pipeline decode throughput against one 1-thread process (and the layout
+    `fastserve generate` plans for decode), the runtime's cost per decode step, and FCFS
+    against skip-join MLFQ on one heavy-tailed workload.
 
     \b
     Targets (issue #14): pipeline >= 1.6x one process with 8 or more sequences; runtime
@@ -250,6 +251,9 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
     click.echo(f"decode, {seqs} sequences: one 1-thread process {d['one_process_tokens_per_s']:.1f}"
                f" tokens/s, {stages}-stage pipeline {d['pipeline_tokens_per_s']:.1f} tokens/s: "
                f"{d['ratio']:.2f}x")
+    click.echo(f"decode, {seqs} sequences: the decode plan ({d['decode_plan']}) "
+               f"{d['decode_plan_tokens_per_s']:.1f} tokens/s: {d['decode_plan_ratio']:.2f}x the "
+               f"1-thread process")
     click.echo(f"decode step, one sequence: round {s['round_ms']:.2f} ms, compute "
                f"{s['compute_ms']:.2f} ms: runtime {s['runtime_ms_per_stage']:.2f} ms per stage")
     w = out["workload"]

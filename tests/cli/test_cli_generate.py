@@ -106,6 +106,8 @@ def test_bench_generate_prints_every_figure(lm, capsys):
     assert code == 0, out.err
     doc = json.loads(out.out)
     assert doc["decode"]["ratio"] > 0 and doc["step"]["runtime_ms_per_stage"] is not None
+    assert doc["decode"]["decode_plan_tokens_per_s"] > 0  # the plan generate makes for decode
+    assert doc["decode"]["decode_plan"].startswith("1 stage(s)")
     w = doc["workload"]  # the capacity is measured at the workload's 4 sequences per step
     assert w["load"] == 1.0 and w["capacity_tokens_per_s"] > 0
     assert w["capacity_tokens_per_s"] != doc["decode"]["pipeline_tokens_per_s"]
