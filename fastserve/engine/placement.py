@@ -21,6 +21,7 @@ from fastserve.engine.raylaunch import node_address as ray_node_address
 from fastserve.engine.remote import Heartbeat, HostLink, RemoteRank, address_towards, wait_for
 from fastserve.errors import EngineError
 from fastserve.graph.checkpoint import node_subset
+from fastserve.partition.manifest import as_sent, load_manifest
 from fastserve.resources.inventory import Host, Inventory
 from fastserve.resources.plan import Plan
 
@@ -103,6 +104,8 @@ class Placement:
         if not isinstance(rank, RemoteRank):
             return record
         doc = json.loads(record)
+        if doc.get("kind") == "export":
+            return self._export_file(rank, doc)
         checkpoint = (doc.get("weights") or {}).get("checkpoint")
         if not checkpoint:
             return record
@@ -117,6 +120,21 @@ class Placement:
                       f"({os.path.getsize(checkpoint) / 2**20:.0f} MiB) unless it has it")
         doc["weights"]["checkpoint"] = rank.link.upload(checkpoint)
         return json.dumps(doc).encode()
+
+    def _export_file(self, rank: RemoteRank, doc: dict) -> bytes:
+        """An export's shard for a host that does not share the export directory: the spec
+        copy and the shard's file are put in the host's cache (sent once; cached by sha256),
+        and the rank gets the manifest itself, which it validates and checks both files
+        against."""
+        manifest = load_manifest(doc["dir"], verify_shards=False)  # verified when loaded
+        entry = manifest["shards"][doc["index"]]
+        self.progress(f"host '{rank.link.name}': sending shard {doc['index']} of export "
+                      f"'{manifest['directory']}' ({entry['bytes'] / 2**20:.0f} MiB) unless "
+                      f"it has it")
+        return json.dumps({"kind": "export-file", "manifest": as_sent(manifest),
+                           "index": doc["index"],
+                           "spec": rank.link.upload(manifest["spec"]["path"]),
+                           "file": rank.link.upload(entry["path"])}).encode()
 
     def quiet(self) -> None:
         """Stop the heartbeat (the deployment is stopping its ranks)."""

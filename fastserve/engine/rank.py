@@ -118,6 +118,14 @@ def build_shard(record: Any, trust_code: bool, before_weights=lambda: None):
             raise ValueError("an export record needs 'dir' (a path) and 'index' (an int)")
         before_weights()
         return load_shard(record["dir"], record["index"], trust_code=trust_code)
+    if kind == "export-file":  # an export sent to this host: its spec and this shard's file
+        from fastserve.partition.export import shard_of
+        from fastserve.partition.manifest import sent_manifest
+
+        manifest = sent_manifest(record.get("manifest"), record.get("index"),
+                                 record.get("spec"), record.get("file"))
+        before_weights()
+        return shard_of(manifest, record["index"], trust_code=trust_code)
     raise ValueError(f"unknown shard record kind {kind!r}")
 
 

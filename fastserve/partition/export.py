@@ -100,12 +100,20 @@ def load_shard(directory: str | Path, index: int, graph: Graph | None = None, *,
         module = load_shard("out/gpt2-4", 2)
         outputs = module({name: tensor for name in module.input_names})
     """
+    # the driver hashed every shard already; this rank hashes the one it reads, below, on the
+    # bytes it uses, so a file replaced in between is still refused
+    return shard_of(load_manifest(directory, verify_shards=False), index, graph,
+                    trust_code=trust_code, limits=limits)
+
+
+def shard_of(manifest: dict[str, Any], index: int, graph: Graph | None = None, *,
+             trust_code: bool = False, limits: Limits | None = None) -> SubgraphModule:
+    """Shard ``index`` of an export whose manifest was read by
+    :func:`~fastserve.partition.manifest.load_manifest` (or, on a host the export was sent to,
+    :func:`~fastserve.partition.manifest.sent_manifest`); see :func:`load_shard`."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    # the driver hashed every shard already; this rank hashes the one it reads, below, on the
-    # bytes it uses, so a file replaced in between is still refused
-    manifest = load_manifest(directory, verify_shards=False)
     where = manifest["directory"]
     shards = manifest["shards"]
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(shards):

@@ -26,6 +26,7 @@ still match the recorded sha256, so nothing unverified is used.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -112,6 +113,44 @@ def load_manifest(directory: str | Path, *, verify_shards: bool = True) -> dict[
             verify_file(Path(entry["path"]), entry["sha256"], "shard file", size=entry["bytes"])
     manifest["directory"] = str(root_real)
     return manifest
+
+
+def sent_manifest(doc: Any, index: Any, spec_path: Any, shard_path: Any) -> dict[str, Any]:
+    """The manifest of an export sent in a rank's shard record (a rank on a host without the
+    export directory): ``doc`` as :func:`load_manifest` reads ``manifest.json``, validated
+    field by field the same way, with the spec copy and shard ``index``'s file at the given
+    paths (where the host's agent keeps the files it was sent). The spec's text is read and
+    verified here; the shard file is verified by its reader, on the bytes it parses."""
+    checked = _Checker("the export's manifest in the shard record")
+    if not _is_int(index) or not isinstance(spec_path, str) or not isinstance(shard_path, str):
+        checked.fail("", "an export-file record needs 'index' (an integer), 'spec' and 'file' "
+                         "(paths)")
+    manifest = _validate(checked, copy.deepcopy(doc))
+    if not 0 <= index < len(manifest["shards"]):
+        checked.fail("", f"has {len(manifest['shards'])} shards; there is no shard {index}")
+    spec = manifest["spec"]
+    if spec is None:
+        checked.fail("spec", "the export holds no spec to build the shard from")
+    data = read_verified(Path(spec_path), spec["sha256"], "spec file", size=spec.get("bytes"),
+                         limit=SPEC_MAX_BYTES)
+    try:
+        spec.update(path=spec_path, text=data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"spec file '{spec_path}' is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
+    manifest["shards"][index]["path"] = shard_path
+    manifest["directory"] = f"{manifest['graph']} (sent to this host)"
+    return manifest
+
+
+def as_sent(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`load_manifest` returned, as ``manifest.json`` holds it (without the paths
+    and text it added): the document :func:`sent_manifest` reads on another host."""
+    doc = {k: v for k, v in manifest.items() if k != "directory"}
+    if doc["spec"] is not None:
+        doc["spec"] = {k: v for k, v in doc["spec"].items() if k not in ("path", "text")}
+    doc["shards"] = [{k: v for k, v in e.items() if k != "path"} for e in doc["shards"]]
+    return doc
 
 
 def exported_spec(manifest: dict[str, Any], *, trust_code: bool = False,

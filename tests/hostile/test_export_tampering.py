@@ -307,3 +307,49 @@ def test_the_driver_refuses_before_parsing_the_spec_or_starting_a_rank(copy, spe
     assert code == WeightsError.exit_code and err.count("\n") == 1, err
     assert err.startswith("error: ") and "key 'shards': expected a list" in err
     assert launched == [] and spec_parses == []
+
+
+# --- an export sent to a host that does not have its directory ---------------------------------
+
+
+def _sent_record(original: Path, index: int = 1, **change) -> dict:
+    """The record a rank on another host gets (see Placement._export_file), its files at their
+    paths in the export, as a host's cache would hold copies of them."""
+    from fastserve.partition.manifest import as_sent
+
+    manifest = load_manifest(original, verify_shards=False)
+    record = {"kind": "export-file", "manifest": as_sent(manifest), "index": index,
+              "spec": str(original / SPEC), "file": str(original / f"shard-00{index}.safetensors")}
+    record.update(change)
+    return record
+
+
+def test_a_sent_shard_builds_as_the_export_does(original):
+    import torch
+
+    from fastserve.engine.rank import build_shard
+
+    module = build_shard(json.loads(json.dumps(_sent_record(original))), trust_code=False)
+    want = load_shard(original, 1)
+    assert (module.input_names, module.output_names) == (want.input_names, want.output_names)
+    got, expected = module.state_dict(), want.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"manifest": "not a manifest"}, ManifestError, "expected a JSON object"),
+    ({"manifest": {"format": "fastserve-shards/1"}}, ManifestError, "graph"),
+    ({"index": 2}, ManifestError, "there is no shard 2"),
+    ({"index": "1"}, ManifestError, "'index' \\(an integer\\)"),
+    ({"spec": None}, ManifestError, "'spec' and 'file' \\(paths\\)"),
+    ({"spec": "shard"}, WeightsError, "spec file"),  # another file than the one hashed
+    ({"file": "shard0"}, WeightsError, "the manifest records"),  # shard 0's file as 1's
+    ({"file": "/nonexistent/shard.safetensors"}, WeightsError, "does not exist")])
+def test_a_malformed_sent_shard_record_is_refused(original, change, error, words):
+    from fastserve.engine.rank import build_shard
+
+    paths = {"shard": str(original / SHARD1), "shard0": str(original / SHARD0)}
+    record = _sent_record(original, **{k: paths.get(v, v) if isinstance(v, str) else v
+                                       for k, v in change.items()})
+    with pytest.raises(error, match=words):
+        build_shard(record, trust_code=False)

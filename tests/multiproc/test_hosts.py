@@ -239,6 +239,36 @@ def test_a_checkpoint_reaches_each_host_once_verified(cluster, tmp_path):
         ctx.term()
 
 
+def test_a_partition_export_runs_on_hosts_that_do_not_share_its_directory(cluster, tmp_path):
+    """Each host is sent the export's spec copy and its own shard's file (cached by sha256),
+    and its rank checks both against the manifest it is given."""
+    from fastserve.engine.deployment import load_graph
+    from fastserve.partition import export, load_manifest, partition
+    from lms import small_gpt2
+
+    agents, keys = cluster
+    spec, _ = small_gpt2(tmp_path)
+    whole = G.load(spec, dims={"seq": 16})
+    export(partition(whole, "weight", shards=3), tmp_path / "exp")
+    graph, cut, export_dir = load_graph(str(tmp_path / "exp"))
+    manifest = load_manifest(export_dir)
+    inventory = _inventory(agents)
+    chosen = plan(graph, inventory, constraints=Constraints(transport="tcp", threads=1, cut=cut,
+                                                            replicas=1, batch=2))
+    x = G.random_inputs(graph, 2, seed=6)
+    with Deployment(graph, chosen, inventory=inventory, keys=load_keys(keys, "coordinator"),
+                    timeout=60, export_dir=export_dir) as dep:
+        out = dep.run(x)
+        host_of = {r.stage: r.host for r in dep.plan.ranks}
+    torch.testing.assert_close(out["lm_head"], _reference(whole, x)["lm_head"], rtol=0, atol=0)
+    for name, a in zip("abc", agents):
+        held = {f.name for f in a.cache.iterdir()}
+        stage = next(k for k, h in host_of.items() if h == name)
+        assert f"{manifest['spec']['sha256']}.yaml" in held
+        assert {f"{e['sha256']}.safetensors" for e in manifest["shards"]} & held == \
+            {f"{manifest['shards'][stage]['sha256']}.safetensors"}, name
+
+
 def test_a_coordinator_without_the_key_is_refused_and_counted(cluster):
     agents, keys = cluster
     real = load_keys(keys, "coordinator")
