@@ -135,10 +135,10 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
     longest = max_positions(graph) or 4096
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    local = LocalPipeline(graph)
     per_stage = math.ceil(seqs / stages)
     out: dict = {"spec": spec, "stages": stages, "seqs": seqs, "tokens": tokens}
     try:
+        local = LocalPipeline(graph)
         progress(f"starting a {stages}-stage pipeline (1 thread per rank)")
         chosen = plan(graph, local_inventory(), constraints=Constraints(
             replicas=1, stages=stages, cut=cut, threads=1, batch=8, transport="ipc"))

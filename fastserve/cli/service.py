@@ -130,8 +130,8 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
     what = "generating with" if cfg.generation.enabled else "serving"
     say(f"{what} graph '{service.graph.name}': {service.plan.stages} stage(s) per replica, "
         f"{r.policy} policy ({count})")
-    service.start()
     try:
+        service.start()
         serve_http(service, host, port, token, ready=lambda url: say(
             f"ready at {url} (management {'needs the token in ' + cfg.token_file if token else 'is off: no --token-file'})"))
     finally:

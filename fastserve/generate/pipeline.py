@@ -19,7 +19,7 @@ from fastserve.engine.wire import Message
 from fastserve.errors import RankError
 from fastserve.graph import Graph, build_subgraph
 from fastserve.graph.decode import (KV_BYTES, GenerationError, KVCache, check_generative,
-                                   kv_bytes_per_token)
+                                   kv_bytes_per_token, max_positions)
 from fastserve.partition import shards_from_bounds
 from fastserve.resources.inventory import Inventory, local_inventory
 from fastserve.resources.plan import Plan
@@ -39,13 +39,6 @@ class _Base:
 
     def _meta(self, meta: dict) -> dict:
         return {"gen": {**meta, "logits": self.logits}}
-
-
-def max_positions(graph: Graph) -> int | None:
-    """The longest sequence a graph takes: its learned positions (None: no limit)."""
-    sizes = [graph.node(n)["args"]["max_positions"] for n in graph.order
-             if graph.node(n)["op"] == "positional_embedding"]
-    return min(sizes) if sizes else None
 
 
 class LocalPipeline(_Base):

@@ -67,16 +67,18 @@ class HFTokenizer:
 
     def chat(self, messages: Sequence[dict]) -> list[int]:
         """The prompt of a chat, through the tokenizer's chat template if it has one; a
-        :class:`ValueError` naming why a template refused the messages (templates may check
-        the order of roles)."""
+        :class:`ValueError` naming why the template refused the messages (templates may check
+        the order of roles). A template that fails otherwise is the server's error."""
         if not getattr(self.tok, "chat_template", None):
             return self.encode(plain_chat(messages))
+        from jinja2 import TemplateError  # what templates raise, raise_exception(...) included
+
         try:
             ids = self.tok.apply_chat_template([dict(m) for m in messages],
                                                add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # jinja's TemplateError, or a template's raise_exception
-            raise ValueError(f"the tokenizer's chat template refused the messages: "
-                             f"{type(e).__name__}: {e}") from None
+        except TemplateError as e:  # the messages' fault; anything else is the server's
+            raise ValueError(f"the tokenizer's chat template refused the messages: {e}") \
+                from None
         if not isinstance(ids, (list, tuple)):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]

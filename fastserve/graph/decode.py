@@ -206,6 +206,13 @@ def kv_bytes_per_token(graph, nodes) -> int:
     return total
 
 
+def max_positions(graph) -> int | None:
+    """The longest sequence a graph takes: its learned positions (None: no limit)."""
+    sizes = [graph.node(n)["args"]["max_positions"] for n in graph.order
+             if graph.node(n)["op"] == "positional_embedding"]
+    return min(sizes) if sizes else None
+
+
 def check_generative(graph) -> None:
     """Refuse a graph whose nodes cannot run packed steps, naming the first that cannot."""
     if graph.spec.source is not None:

@@ -27,8 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastserve.graph.capture_weights import aliases
-from fastserve.graph.decode import GenerationError
+from fastserve.graph.decode import GenerationError, max_positions
+from fastserve.graph.memory import available_memory
 from fastserve.graph.spec import GraphSpec
+from fastserve.units import format_bytes
 
 # transformers' activation names -> the op library's (GPT-2's "gelu_new" is the tanh form)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -70,26 +72,66 @@ def rewrite(spec: GraphSpec, directory: str | Path) -> GraphSpec:
                 f"transformer layers, and captured models of the families "
                 f"{', '.join(sorted(_FAMILIES))} are rewritten with them; write other models' "
                 f"layers with the op library (see graphs/gpt2.yaml, graphs/llama.yaml)")
-        tied = _tied(aliases(model))
-        layouts.append(_FAMILIES[kind](model.config, tied))
+        _fits(spec.name, model)
+        family, embedding = _FAMILIES[kind]
+        layouts.append(family(model.config, _tied(aliases(model), embedding, kind)))
 
     model = live_model(spec, accept=layout)
     tensors = _tensors(layouts[0], model.state_dict(), aliases(model), type(model).__name__)
-    del model
     path = Path(directory).resolve() / f"{spec.name}.safetensors"
     save_file(tensors, str(path))
+    del tensors
     nodes = layouts[0].nodes
     doc = {"name": spec.name, "dims": dict(spec.dims),
            "inputs": {"input_ids": {"shape": list(examples["input_ids"]["shape"]),
                                     "dtype": "int64",
                                     "high": nodes[0]["args"]["num_embeddings"]}},
            "weights": {"checkpoint": str(path)}, "nodes": nodes, "outputs": ["lm_head"]}
-    return spec_from_dict(doc)
+    rewritten = spec_from_dict(doc)
+    _probe(spec.name, model, rewritten)
+    return rewritten
 
 
-def _tied(names: dict[str, list[str]]) -> bool:
+def _fits(name: str, model: nn.Module) -> None:
+    """Refuse, before any weight is made, a model the driver cannot hold twice (the model and
+    its rewrite, run side by side on a probe)."""
+    need = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_memory()
+    if free is not None and need > free:
+        raise GenerationError(f"rewriting graph '{name}' for generation holds the model twice "
+                              f"in this process, {format_bytes(need)}, more than the "
+                              f"{format_bytes(free)} available")
+
+
+def _probe(name: str, model: nn.Module, rewritten: GraphSpec) -> None:
+    """Run the rewrite and the model on a few tokens: a factory may change a module after the
+    config was written (another activation, a patched forward), which no config check sees."""
+    from fastserve.graph.compiler import compile_graph
+    from fastserve.graph.module import build_reference
+
+    graph = compile_graph(rewritten)
+    vocab, positions = graph.spec.inputs[0].high, max_positions(graph)
+    ids = (torch.arange(min(8, positions or 8)) * 7919 % vocab + 1).clamp(max=vocab - 1)[None]
+    with torch.inference_mode():
+        ours = build_reference(graph)({"input_ids": ids})["lm_head"].float()
+        theirs = model(input_ids=ids).logits.float()
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not torch.allclose(ours, theirs, rtol=tol, atol=tol):
+        raise GenerationError(f"the op-library rewrite of graph '{name}' does not compute what "
+                              f"the factory's model does (logits differ by up to "
+                              f"{(ours - theirs).abs().max().item():.3g} on a probe of "
+                              f"{ids.shape[1]} tokens): the model's modules are not the ones "
+                              f"its config describes, so it cannot be rewritten")
+
+
+def _tied(names: dict[str, list[str]], embedding: str, kind: str) -> bool:
     """Is the head the token embedding's weight (one tensor under both names)?"""
-    return len(names.get("lm_head.weight", [])) > 1
+    shared = [n for n in names.get("lm_head.weight", []) if n != "lm_head.weight"]
+    if shared and embedding not in shared:
+        raise GenerationError(f"this {kind}'s head shares its weight with {shared[0]}, not the "
+                              f"token embedding: the op library ties a head to an embedding "
+                              f"only")
+    return bool(shared)
 
 
 def _refuse(kind: str, what: str) -> GenerationError:
@@ -206,4 +248,6 @@ def _derived(name: str) -> bool:
     return name.endswith((".inv_freq", ".attn.bias", ".attn.masked_bias"))
 
 
-_FAMILIES = {"GPT2LMHeadModel": _gpt2, "LlamaForCausalLM": _llama}
+# the families rewritten: how, and the name of the token embedding a tied head shares
+_FAMILIES = {"GPT2LMHeadModel": (_gpt2, "transformer.wte.weight"),
+             "LlamaForCausalLM": (_llama, "model.embed_tokens.weight")}

@@ -72,9 +72,17 @@ class Service:
         self.progress = progress or (lambda _msg: None)
         self.generating = config.generation.enabled
         self._cleanup = ExitStack()  # a captured LM's rewrite, kept until the replicas stop
+        try:
+            self._load(config, inventory, keys)
+        except BaseException:  # nothing started: the rewrite's files go now
+            self._cleanup.close()
+            raise
+
+    def _load(self, config: ServiceConfig, inventory: Inventory | None, keys) -> None:
+        """The graph, hosts, keys, plan, queue and policy of ``config``."""
         if self.generating:  # a causal LM: completions instead of tensors
-            self.graph, cut, self.export_dir = language_model(config.spec, config.trust_code,
-                                                              self._cleanup)
+            self.graph, cut, self.export_dir = language_model(
+                config.spec, config.trust_code, self._cleanup, self.progress, config.plan)
         else:
             self.graph, cut, self.export_dir = load_graph(config.spec, None, config.trust_code)
         if inventory is None and config.hosts:

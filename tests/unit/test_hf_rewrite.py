@@ -31,9 +31,10 @@ LLAMA = {"n_layer": 3, "hidden_size": 64, "intermediate_size": 96, "n_head": 4, 
 
 def source_spec(tmp_path, factory: str, kwargs: dict, *, seed: int = 0, weights=None,
                 inputs=None) -> str:
-    doc = {"name": f"{factory}-tiny", "dims": {"seq": 16},
+    target = factory if ":" in factory else f"fastserve.graph.zoo:{factory}"
+    doc = {"name": f"{factory.rpartition(':')[2]}-tiny", "dims": {"seq": 16},
            "weights": weights or {"seed": seed},
-           "source": {"torch": f"fastserve.graph.zoo:{factory}", "kwargs": kwargs,
+           "source": {"torch": target, "kwargs": kwargs,
                       "example_inputs": inputs or {"input_ids": {
                           "shape": ["batch", "seq"], "dtype": "int64", "high": 320}}}}
     path = tmp_path / f"{factory}.yaml"
@@ -47,6 +48,7 @@ def rewritten(tmp_path, spec: str) -> G.Graph:
 
 @pytest.mark.parametrize("factory,kwargs,seed", [
     ("hf_gpt2", GPT2, 0),  # tied head, gelu_new, learned positions
+    ("hf_gpt2", {**GPT2, "tie_word_embeddings": False, "n_inner": 96}, 2),
     ("hf_llama", LLAMA, 3),  # untied head, grouped-query rotary attention
     ("hf_llama", {**LLAMA, "tie_word_embeddings": True}, 1)])
 def test_the_rewrite_generates_as_transformers_does(tmp_path, factory, kwargs, seed):
@@ -65,7 +67,7 @@ def test_the_rewrite_generates_as_transformers_does(tmp_path, factory, kwargs, s
             [Request(p, STEPS) for p in PROMPTS])
         assert got == expected
     assert ("tie" in graph.node("lm_head")["args"]) == \
-        (factory == "hf_gpt2" or kwargs.get("tie_word_embeddings", False))
+        kwargs.get("tie_word_embeddings", factory == "hf_gpt2")
 
 
 def test_the_rewrite_reads_the_captured_graphs_checkpoint(tmp_path):
@@ -102,6 +104,12 @@ def test_what_the_op_library_does_not_compute_is_refused_by_name(tmp_path, facto
     assert not list(tmp_path.glob("*.safetensors"))  # refused before any weight was written
 
 
+def test_a_model_whose_modules_are_not_its_configs_is_refused_by_the_probe(tmp_path):
+    spec = source_spec(tmp_path, "lms:relu_gpt2", GPT2)
+    with pytest.raises(GenerationError, match="does not compute what the factory's model does"):
+        rewritten(tmp_path, spec)
+
+
 def test_inputs_other_than_token_ids_and_specs_without_a_source_are_refused(tmp_path):
     spec = source_spec(tmp_path, "hf_gpt2", GPT2, inputs={
         "inputs_embeds": {"shape": ["batch", "seq", 64], "dtype": "float32"}})
@@ -124,3 +132,7 @@ def test_a_generating_service_keeps_the_rewrite_until_it_stops(tmp_path):
     assert svc.graph.node("layers.0")["op"] == "llama_block" and Path(weights).is_file()
     svc.stop(drain=False)  # never started: no rank ran, the files go all the same
     assert not Path(weights).parent.exists()
+    # a plan file describes the captured graph, never its rewrite: refused by name
+    with pytest.raises(GenerationError, match="plan 'p.json' was made for the captured graph"):
+        Service(ServiceConfig(spec=spec, plan="p.json", trust_code=True,
+                              generation=Generation(enabled=True, max_seqs=2)))
