@@ -13,13 +13,50 @@ from fastserve.cli.render import table
 from fastserve.errors import EngineError
 
 
+def cluster_options(command):
+    """--hosts, --keys, --coordinator and --ray: where ranks run and how they are reached."""
+    for option in reversed([
+        click.option("--hosts", type=click.Path(dir_okay=False),
+                     help="Host inventory YAML (default: this machine, detected)."),
+        click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
+                     help="The cluster's key directory ('fastserve keys new DIR'): needed when "
+                     "the inventory has hosts whose ranks start through their agents."),
+        click.option("--coordinator", "coordinator_address", default=None,
+                     help="The address of this machine that other hosts' ranks connect to "
+                     "(default: its address on the route to the first agent host)."),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="The Ray cluster for hosts whose launcher is 'ray' (default: "
+                     "RAY_ADDRESS, else 'auto').")]):
+        command = option(command)
+    return command
+
+
+def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None):
+    """``(inventory, keys, transport)`` for --hosts and --keys: this machine without --hosts;
+    tcp (CURVE) when a host is another machine. Refused, before any rank starts: ipc to other
+    machines, agent hosts without the cluster's keys."""
+    from fastserve.engine.keys import load_keys
+    from fastserve.resources.inventory import load_inventory, local_inventory
+
+    inventory = load_inventory(hosts) if hosts else local_inventory()
+    agents = [h.name for h in inventory.hosts if h.launcher == "agent"]
+    elsewhere = [h.name for h in inventory.hosts if h.launcher != "local"]
+    if elsewhere and transport == "ipc":
+        raise click.UsageError(f"hosts {', '.join(elsewhere)} are other machines, reached over "
+                               f"tcp: drop --transport ipc")
+    if agents and not keys_dir:
+        raise EngineError(f"hosts {', '.join(agents)} start their ranks through their agents: "
+                          f"give the cluster keys (--keys DIR; make them with: fastserve keys "
+                          f"new DIR)")
+    keys = load_keys(keys_dir, "coordinator") if keys_dir else None
+    return inventory, keys, transport or ("tcp" if elsewhere else "ipc")
+
+
 @cli.command("run")
 @click.argument("spec", type=click.Path(exists=True))
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
               help="Run exactly this plan (from 'fastserve plan SPEC --json > plan.json'); the "
               "shape options below then may not be given.")
-@click.option("--hosts", type=click.Path(dir_okay=False),
-              help="Host inventory YAML (default: this machine, detected).")
 @click.option("--parallel", type=click.Choice(["auto", "model", "data", "hybrid"]),
               default="auto", show_default=True,
               help="Pipeline stages, data-parallel replicas, or both; auto lets the planner "
@@ -48,15 +85,7 @@ from fastserve.errors import EngineError
               help="ipc (default) or tcp (CURVE-authenticated).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds without progress before a rank is declared dead.")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
-              help="The cluster's key directory ('fastserve keys new DIR'): needed when the "
-              "inventory has hosts whose ranks start through their agents.")
-@click.option("--coordinator", "coordinator_address", default=None,
-              help="The address of this machine that other hosts' ranks connect to (default: "
-              "its address on the route to the first agent host).")
-@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
-              help="The Ray cluster for hosts whose launcher is 'ray' (default: RAY_ADDRESS, "
-              "else 'auto').")
+@cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
 @trust_option
@@ -83,26 +112,14 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
     from fastserve.engine import Deployment
     from fastserve.engine.coordinator import RunStats
     from fastserve.engine.deployment import load_graph
-    from fastserve.engine.keys import load_keys
     from fastserve.graph import random_inputs, reference
     from fastserve.graph.inputs import check_inputs, read_inputs
-    from fastserve.resources.inventory import load_inventory, local_inventory
     from fastserve.resources.plan import load_plan
     from fastserve.resources.planner import Constraints, plan
 
     # a bad inputs file, inventory or plan fails here, before any rank process starts
     file_inputs = read_inputs(input_path) if input_path else None
-    inventory = load_inventory(hosts) if hosts else local_inventory()
-    agents = [h.name for h in inventory.hosts if h.launcher == "agent"]
-    elsewhere = [h.name for h in inventory.hosts if h.launcher != "local"]
-    if elsewhere and transport == "ipc":
-        raise click.UsageError(f"hosts {', '.join(elsewhere)} are other machines, reached over "
-                               f"tcp: drop --transport ipc")
-    if agents and not keys_dir:
-        raise EngineError(f"hosts {', '.join(agents)} start their ranks through their agents: "
-                          f"give the cluster keys (--keys DIR; make them with: fastserve keys "
-                          f"new DIR)")
-    keys = load_keys(keys_dir, "coordinator") if keys_dir else None
+    inventory, keys, wire = load_cluster(hosts, keys_dir, transport)
 
     def say(msg: str) -> None:
         click.echo(msg, err=True)
@@ -134,7 +151,7 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
         chosen = plan(graph, inventory, constraints=Constraints(
             parallel=parallel, replicas=replicas, stages=len(cut) if cut else stages,
             micro_batches=micro_batches, batch=random_batch or 8, strategy=strategy,
-            threads=threads, cut=cut, transport=transport or ("tcp" if elsewhere else "ipc")))
+            threads=threads, cut=cut, transport=wire))
         say(f"planner chose {chosen.mode}: {chosen.replicas} replica(s) x {chosen.stages} "
             f"stage(s), {chosen.micro_batches} micro-batch(es) (see fastserve plan --explain)")
     deployment = Deployment(graph, chosen, timeout=timeout, progress=say,

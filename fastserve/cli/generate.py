@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import click
 
 from fastserve.cli.app import bench, cli
+from fastserve.cli.engine import cluster_options, load_cluster
 from fastserve.cli.graph import trust_option
 from fastserve.errors import EngineError, FastServeError
 
@@ -52,10 +53,12 @@ from fastserve.errors import EngineError, FastServeError
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds without a result before a rank counts as hung.")
 @click.option("--json", "as_json", is_flag=True, help="Print texts, tokens and timings as JSON.")
+@cluster_options
 @trust_option
 def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas, scheduler,
                  max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local, check,
-                 threads, timeout, as_json, trust_code) -> None:
+                 threads, timeout, as_json, hosts, keys_dir, coordinator_address, ray_address,
+                 trust_code) -> None:
     """Generate text with the language model of SPEC, a KV cache per stage.
 
     \b
@@ -71,13 +74,14 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
       fastserve generate graphs/gpt2.yaml --prompt "Hello" --max-tokens 8
       fastserve generate graphs/gpt2.yaml --prompt "Hi" --stages 2 --stream
       fastserve generate graphs/gpt2.yaml --ids 1,2,3 --ids 4,5 --replicas 2 --check --json
+      fastserve generate graphs/gpt2.yaml --prompt "Hi" --stages 3 \\
+          --hosts runtime/hosts/loopback3.yaml --keys keys/
     """
     from fastserve.engine import Deployment
     from fastserve.generate import (DeploymentPipeline, Generator, LocalPipeline, Request,
                                     Sampling, kv_budget, scheduler as make_scheduler)
     from fastserve.generate.model import language_model
     from fastserve.generate.text import TextStream, load_tokenizer
-    from fastserve.resources.inventory import local_inventory
     from fastserve.resources.planner import Constraints, plan
 
     def say(msg: str) -> None:
@@ -87,15 +91,19 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
         raise click.UsageError("give a prompt: --prompt TEXT or --ids I,J,...")
     if stream and len(prompts) + len(id_prompts) > 1:
         raise click.UsageError("--stream prints one prompt's text as it comes: give one prompt")
+    if local and hosts:
+        raise click.UsageError("--local generates in this process: drop --hosts")
+    inventory, keys, transport = load_cluster(hosts, keys_dir, None)
     tok = load_tokenizer(tokenizer)
     inputs = [tok.encode(p) for p in prompts] + [_ids(text) for text in id_prompts]
     # a captured model's rewrite lives in a temporary directory until the command ends
     cleanup = click.get_current_context().with_resource(ExitStack())
     graph, cut, export_dir = language_model(spec, trust_code, cleanup, say)
-    chosen = plan(graph, local_inventory(), "decode", constraints=Constraints(
+    chosen = plan(graph, inventory, "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
-        batch=max_seqs, transport="ipc"))
-    kv_budget(chosen, None)  # a rank without room for KV is named before any rank starts
+        batch=max_seqs, transport=transport))
+    # a rank without room for KV is named before any rank starts
+    kv_budget(chosen, inventory if hosts else None)
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     try:
         sampling = Sampling(temperature, top_k, top_p, seed)
@@ -158,7 +166,9 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
         results = run(LocalPipeline(graph, cut_lists, chosen.replicas))
     else:
         with Deployment(graph, chosen, timeout=timeout, progress=say, trust_code=trust_code,
-                        export_dir=export_dir) as dep:
+                        export_dir=export_dir, inventory=inventory if hosts else None,
+                        keys=keys, coordinator_address=coordinator_address,
+                        ray_address=ray_address) as dep:
             say(f"generating on {len(chosen.ranks)} rank(s): {chosen.stages} stage(s) x "
                 f"{chosen.replicas} replica(s), scheduler {scheduler}")
             results = run(DeploymentPipeline(dep))

@@ -454,6 +454,17 @@ def test_the_cli_checks_hosts_and_runs_over_them(cluster, tmp_path, capsys):
                     "--keys", str(keys), "--stages", "3", "--check", "--json"]) == 0
     ran = json.loads(capsys.readouterr().out)
     assert ran["check"] == "outputs equal the single-process reference"
+    # generation over the same hosts: a stage's KV cache on each, the tokens transformers'
+    from lms import hf_gpt2, hf_greedy, prompts, small_gpt2
+
+    spec, weights = small_gpt2(tmp_path)
+    prompt = prompts()[0]
+    assert run_cli(["generate", spec, "--hosts", str(inventory), "--keys", str(keys),
+                    "--stages", "3", "--ids", ",".join(map(str, prompt)), "--max-tokens", "6",
+                    "--check", "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert generated["check"] == "tokens equal the in-process run"
+    assert generated["results"][0]["tokens"] == hf_greedy(hf_gpt2(weights), prompt, 6)
     # without the keys, or on ipc, it says what to do
     assert run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--hosts", str(inventory),
                     "--stages", "3"]) != 0
