@@ -12,8 +12,10 @@ are, or read from its checkpoint).
 A config the op library does not compute the same way (a scaled or reordered attention, rotary
 scaling, biases Llama does not have, another activation) is refused by name before any weight
 is made, never approximated. The rewrite builds the whole model once in this process (the
-driver), writes the op-library weights to a safetensors file and frees the model; ranks then
-read only their nodes' tensors of that file, as for any spec.
+driver), writes the op-library weights to a safetensors file, runs the rewrite and the model
+side by side on a short probe (a factory may have changed a module after the build, which no
+config shows) and frees the model; ranks then read only their nodes' tensors of that file, as
+for any spec.
 """
 
 from __future__ import annotations
