@@ -217,8 +217,10 @@ def check_generative(graph) -> None:
     """Refuse a graph whose nodes cannot run packed steps, naming the first that cannot."""
     if graph.spec.source is not None:
         raise GenerationError(f"graph '{graph.name}' is captured from a torch model; generation "
-                              f"runs graphs written with the op library (e.g. graphs/gpt2.yaml)",
-                              file=graph.spec.file)
+                              f"runs graphs written with the op library (e.g. graphs/gpt2.yaml). "
+                              f"A spec file of a captured GPT-2 or Llama is rewritten with them "
+                              f"(fastserve generate does it: fastserve.graph.hf.rewrite); a "
+                              f"partition export of one is not", file=graph.spec.file)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise GenerationError(f"graph '{graph.name}' has {len(graph.inputs)} inputs and "
                               f"{len(graph.outputs)} outputs; generation needs token ids in and "

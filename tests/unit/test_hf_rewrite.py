@@ -110,6 +110,13 @@ def test_a_model_whose_modules_are_not_its_configs_is_refused_by_the_probe(tmp_p
         rewritten(tmp_path, spec)
 
 
+def test_a_captured_graph_itself_cannot_generate_and_is_told_of_the_rewrite():
+    graph = G.capture(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)),
+                      {"input": torch.zeros(2, 3, dtype=torch.int64)})
+    with pytest.raises(GenerationError, match="captured from a torch model.*rewritten"):
+        check_generative(graph)
+
+
 def test_inputs_other_than_token_ids_and_specs_without_a_source_are_refused(tmp_path):
     spec = source_spec(tmp_path, "hf_gpt2", GPT2, inputs={
         "inputs_embeds": {"shape": ["batch", "seq", 64], "dtype": "float32"}})
