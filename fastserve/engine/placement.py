@@ -63,6 +63,7 @@ class Placement:
         self.ray: RayPlacement | None = None
         self._on_ray: list[tuple[RankConfig, str]] = []
         self._subsets: tempfile.TemporaryDirectory | None = None  # per-rank weight files
+        self._exports: dict[str, dict] = {}  # export directory -> its manifest, read once
 
     def launch(self, cfg: RankConfig, host_name: str, workdir: str) -> Rank | None:
         """Start one rank on its host; None for a Ray rank, placed with the others by
@@ -126,7 +127,9 @@ class Placement:
         copy and the shard's file are put in the host's cache (sent once; cached by sha256),
         and the rank gets the manifest itself, which it validates and checks both files
         against."""
-        manifest = load_manifest(doc["dir"], verify_shards=False)  # verified when loaded
+        if doc["dir"] not in self._exports:  # verified when the driver loaded it
+            self._exports[doc["dir"]] = load_manifest(doc["dir"], verify_shards=False)
+        manifest = self._exports[doc["dir"]]
         entry = manifest["shards"][doc["index"]]
         self.progress(f"host '{rank.link.name}': sending shard {doc['index']} of export "
                       f"'{manifest['directory']}' ({entry['bytes'] / 2**20:.0f} MiB) unless "
