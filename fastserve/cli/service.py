@@ -37,6 +37,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               "hybrid policy may run.")
 @click.option("--policy", type=click.Choice(["static", "dynamic", "hybrid"]),
               help="How replicas follow the load [default: static].")
+@click.option("--widen", is_flag=True, default=None, help="Scale a pipeline's bottleneck stage "
+              "alone (more ranks for it) where that adds more throughput per rank than a "
+              "replica; --replicas and /v1/scale then count replicas' worth of throughput.")
 @click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
 @click.option("--threads", type=click.IntRange(1), help="Torch threads per rank [default: 1].")
 @click.option("--max-batch", type=click.IntRange(1), help="Samples per batch that concurrent "
@@ -61,7 +64,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               help="Generation: a transformers tokenizer directory [default: UTF-8 bytes].")
 @trust_option
 def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, max_replicas,
-              policy, stages, threads, max_batch, max_wait_ms, max_queue, queue_budget_ms,
+              policy, widen, stages, threads, max_batch, max_wait_ms, max_queue, queue_budget_ms,
               token_file, generate, scheduler, max_seqs, tokenizer, trust_code) -> None:
     """Deploy SPEC and serve it over HTTP until stopped.
 
@@ -99,7 +102,7 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
                  "token_file": token_file, "plan": plan_path, "hosts": hosts, "keys": keys_dir}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None},
                   trust_code=cfg.trust_code or trust_code)
-    rep = {"min": replicas, "max": max_replicas, "policy": policy}
+    rep = {"min": replicas, "max": max_replicas, "policy": policy, "widen": widen}
     rep = {k: v for k, v in rep.items() if v is not None}
     if rep:
         merged = replace(cfg.replicas, **rep)
@@ -190,10 +193,14 @@ def status_cmd(url, wait_s, as_json) -> None:
                f"{st['plan']['stages']} stage(s) per replica, {st['policy']} policy, "
                f"queue {st['queue']}, restarts {st['restarts']}")
     click.echo(f"requests: {', '.join(f'{k} {v}' for k, v in sorted(st['requests'].items())) or 'none'}")
-    click.echo(table(["replica", "state", "held", "restarts", "hosts", "ranks"],
+    if st.get("widen"):
+        click.echo(f"widening stages: ranks per stage {st['widths']}")
+    click.echo(table(["replica", "state", "held", "restarts", "ranks per stage", "hosts",
+                      "ranks"],
                      [[r["index"], r["state"], r["held"], r["restarts"],
-                       ", ".join(r["hosts"]), ", ".join(k["name"] for k in r["ranks"])]
-                      for r in st["replicas"]], "lllrll"))
+                       "/".join(map(str, r["widths"])), ", ".join(r["hosts"]),
+                       ", ".join(k["name"] for k in r["ranks"])]
+                      for r in st["replicas"]], "lllrlll"))
 
 
 @cli.command("stop")
@@ -270,3 +277,44 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queu
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
+
+
+@bench.command("widen")
+@click.argument("spec", default="graphs/gpt2.yaml", type=click.Path(dir_okay=False))
+@click.option("--batch", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--seq", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--first", type=click.IntRange(1), help="Nodes in the first stage [default: a "
+              "quarter of the graph's].")
+@click.option("--micro-batches", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--stream", type=click.IntRange(1), default=2, show_default=True,
+              help="Batches sent back to back per timed run.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Interleaved rounds; the median is kept.")
+@click.option("--json", "as_json", is_flag=True)
+@trust_option
+def bench_widen_cmd(spec, batch, seq, first, micro_batches, stream, rounds, as_json,
+                    trust_code) -> None:
+    """A 2-stage pipeline with a slow stage (its first stage holds only --first nodes), scaled
+    by widening the slow stage (3 ranks) against a second replica (4 ranks), interleaved.
+
+    What `serve --widen` chooses between: samples/s, samples/s per rank, and the weight bytes
+    the ranks hold, each checked against one process first.
+    """
+    from fastserve.bench.widen import bench_widen
+
+    out = bench_widen(spec, batch=batch, seq=seq, first=first, micro_batches=micro_batches,
+                      stream=stream, rounds=rounds, trust_code=trust_code,
+                      progress=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    predicted = ", ".join(f"{s:.3g}" for s in out["predicted_stage_seconds"])
+    click.echo(f"{out['graph']}, batch {batch}, seq {seq}, {micro_batches} micro-batches; first "
+               f"stage {out['first_stage_nodes']} nodes; predicted seconds per micro-batch "
+               f"by stage: {predicted}; widen_choice: stage {out['widen_choice']}")
+    click.echo(table(["layout", "ranks", "samples/s", "per rank", "weights MiB"],
+                     [(k, v["ranks"], f"{v['samples_per_s']:.2f}",
+                       f"{v['samples_per_s_per_rank']:.2f}", f"{v['weight_bytes'] / 2**20:.0f}")
+                      for k, v in out["layouts"].items()], "lrrrr"))
+    for k, v in out["ratios"].items():
+        click.echo(f"{k}: {v:.2f}x")

@@ -45,6 +45,7 @@ from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.launcher import RankProcess, launch_local, log_tail, stop_processes
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard
+from fastserve.engine.wire import MAX_PEERS
 from fastserve.errors import EngineError
 from fastserve.units import host_port
 
@@ -263,14 +264,15 @@ class Agent:
             raise ValueError("config 'trust_code' must be true or false")
         if not isinstance(doc.get("control"), str) or not _TCP.match(doc["control"]):
             raise ValueError("config 'control' must be the coordinator's tcp://HOST:PORT")
-        for k in ("public_key", "secret_key", "downstream_key", "coordinator_key"):
+        for k in ("public_key", "secret_key", "coordinator_key"):
             if not isinstance(doc.get(k), str) or not _KEY.match(doc[k]):
                 raise ValueError(f"config '{k}' must be a CURVE key (ranks of other hosts "
                                  f"always use CURVE)")
-        ups = doc.get("upstream_keys")
-        if not isinstance(ups, list) or not 0 < len(ups) <= 64 or \
-                not all(isinstance(u, str) and _KEY.match(u) for u in ups):
-            raise ValueError("config 'upstream_keys' must be a list of CURVE keys")
+        for k in ("upstream_keys", "downstream_keys"):
+            peers = doc.get(k)
+            if not isinstance(peers, list) or not 0 < len(peers) <= MAX_PEERS or \
+                    not all(isinstance(u, str) and _KEY.match(u) for u in peers):
+                raise ValueError(f"config '{k}' must be a list of 1 to {MAX_PEERS} CURVE keys")
         # a shared-memory ring (an inherited descriptor) never crosses hosts
         return RankConfig(**{**doc, "data_in": f"tcp://{self.host}:*",
                              "workdir": self.workdir, "ring_fd": None, "ring_bytes": 0})

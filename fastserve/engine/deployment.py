@@ -131,7 +131,7 @@ class Deployment:
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"] or \
                        [t.name for t in self.graph.inputs]
-        self.max_in_flight = max_in_flight or 2 * plan.stages + 1  # per replica
+        self.max_in_flight = max_in_flight or 2 * plan.per_replica + 1  # per replica
         self._ctx = zmq.Context()
         try:
             self._placement = Placement(self._ctx, plan, inventory, keys,
@@ -224,7 +224,7 @@ class Deployment:
         self._records = [json.dumps(self._record(k)).encode() for k in range(p)]
         keys = self._rank_keys
         public = [k.public if k else None for k in keys]
-        last = [public[r * p + p - 1] for r in range(plan.replicas)]
+        last = [public[r.rank] for r in plan.ranks if r.stage == p - 1]
         self._guard = Guard(ctx, self._keys)
         me = self._keys.public if self._keys else None
         self._control = ctx.socket(zmq.ROUTER)
@@ -244,30 +244,33 @@ class Deployment:
         self._endpoints: dict[int, str] = {}  # rank -> where it bound, from its hello
         for r in range(plan.replicas):
             for k in range(p):
-                rp = plan.rank(r, k)
-                key = keys[rp.rank]
-                upstream = me if k == 0 else public[rp.rank - 1]  # who may send it data
-                ring = None
-                if k == p - 1 and self.ring_bytes and plan.transport == "ipc" and \
-                        self._placement.remote.get(rp.host) is None:  # on this host
-                    ring = self._rings[rp.rank] = Ring.create(self.ring_bytes)
-                    self._ring_data[rp.rank] = ring.data
-                cfg = RankConfig(
-                    rank=rp.rank, stage=k, replica=r, data_in=addr.new(f"r{r}s{k}"),
-                    control=control, threads=rp.threads, trust_code=self.trust_code,
-                    workdir=addr.dir, public_key=key and key.public,
-                    secret_key=key and key.secret,
-                    upstream_keys=[upstream] if upstream else [],
-                    downstream_key=public[rp.rank + 1] if k + 1 < p else me,
-                    coordinator_key=me, ring_fd=ring and ring.fd,
-                    ring_bytes=ring.size if ring else 0)
-                self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
-                if ring is not None:
-                    ring.close_fd()  # the rank holds its own descriptor now
+                # who may send a rank of this stage data, and whom it sends to
+                ups = [me] if k == 0 else [public[u.rank] for u in plan.stage_ranks(r, k - 1)]
+                downs = [public[d.rank] for d in plan.stage_ranks(r, k + 1)] if k + 1 < p \
+                    else [me]
+                for i, rp in enumerate(plan.stage_ranks(r, k)):
+                    key = keys[rp.rank]
+                    ring = None
+                    if k == p - 1 and self.ring_bytes and plan.transport == "ipc" and \
+                            self._placement.remote.get(rp.host) is None:  # on this host
+                        ring = self._rings[rp.rank] = Ring.create(self.ring_bytes)
+                        self._ring_data[rp.rank] = ring.data
+                    cfg = RankConfig(
+                        rank=rp.rank, stage=k, replica=r,
+                        data_in=addr.new(f"r{r}s{k}" + (f"w{i}" if i else "")),
+                        control=control, threads=rp.threads, trust_code=self.trust_code,
+                        workdir=addr.dir, public_key=key and key.public,
+                        secret_key=key and key.secret,
+                        upstream_keys=[u for u in ups if u],
+                        downstream_keys=[d for d in downs if d],
+                        coordinator_key=me, ring_fd=ring and ring.fd,
+                        ring_bytes=ring.size if ring else 0)
+                    self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
+                    if ring is not None:
+                        ring.close_fd()  # the rank holds its own descriptor now
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
-            self._guard.connect_to(sock, public[r * p])
             self._inputs.append(sock)  # connected once its first stage says where it is
         for rank in self._placement.place_ray():  # Ray ranks: placed together, all or none
             self.ranks[rank.config.rank] = rank
@@ -304,7 +307,7 @@ class Deployment:
                 if meta.get("plan") != self.plan_hash:
                     raise EngineError(f"rank {rank} loaded plan {meta.get('plan')}, not this "
                                       f"deployment's {self.plan_hash}: refused")
-                want = list(self.sharding[rank % self.plan.stages].nodes)
+                want = list(self.sharding[self.plan.ranks[rank].stage].nodes)
                 if meta.get("nodes") != want:
                     raise EngineError(f"rank {rank} holds nodes {meta.get('nodes')}, the plan "
                                       f"gives it {want}: refused")
@@ -313,18 +316,24 @@ class Deployment:
 
     def _send_loads(self) -> None:
         """Send each rank its shard, the plan hash and where its output goes (the next
-        stage's endpoint, or the results socket); connect the inputs to the first stages."""
-        p = self.plan.stages
-        for rank in range(len(self.ranks)):
-            k = rank % p
-            out = self._endpoints[rank + 1] if k + 1 < p else self._results_at
-            record = self._placement.record_for(self.ranks[rank], self._records[k])
+        stage's ranks, or the results socket); connect the inputs to the first stages."""
+        plan = self.plan
+        public = [k.public if k else None for k in self._rank_keys]
+        for rp in plan.ranks:
+            if rp.stage + 1 < plan.stages:
+                out = [self._endpoints[d.rank] for d in plan.stage_ranks(rp.replica,
+                                                                         rp.stage + 1)]
+            else:
+                out = [self._results_at]
+            record = self._placement.record_for(self.ranks[rp.rank], self._records[rp.stage])
             shard = torch.frombuffer(bytearray(record), dtype=torch.uint8)
-            self._control.send_multipart([f"rank{rank}".encode(), *encode(
+            self._control.send_multipart([f"rank{rp.rank}".encode(), *encode(
                 "control", meta={**self._load_meta(), "data_out": out},
                 tensors={"shard": shard})])
-        for r, sock in enumerate(self._inputs):
-            sock.connect(self._endpoints[r * p])
+        for r, sock in enumerate(self._inputs):  # a widened first stage: served in turn
+            for rp in plan.stage_ranks(r, 0):
+                self._guard.connect_to(sock, public[rp.rank])
+                sock.connect(self._endpoints[rp.rank])
 
     def _load_meta(self) -> dict:
         return {"cmd": "load", "plan": self.plan_hash}

@@ -112,9 +112,8 @@ class Flow:
         item, replica, at = self.sent.pop(msg.micro)
         self.in_flight[replica] -= 1
         if ring is not None:
-            p = dep.plan.stages
-            try:
-                if shm[0] != replica * p + p - 1:
+            try:  # (decode checked that the ring is a last-stage rank's)
+                if dep.plan.ranks[shm[0]].replica != replica:
                     raise WireError(f"ring {shm[0]} is not replica {replica}'s", "shm")
                 ring.take(shm[1])
             except WireError as e:  # a rank out of step with its ring: name it, do not wait

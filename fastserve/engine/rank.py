@@ -12,8 +12,9 @@ rank
   reads the spec file nor compiles the whole graph; ``ready`` echoes the plan hash and the nodes
   it built, and the coordinator refuses a rank whose hash or nodes differ from the plan;
 * binds a PULL socket for data first (on tcp a port the kernel picks, reported in ``hello``),
-  and PUSHes results to where ``load`` says (the next stage, or the coordinator); on tcp both
-  are CURVE-authenticated (:mod:`fastserve.engine.security`);
+  and PUSHes results to where ``load`` says (the next stage's ranks, which ZeroMQ serves in
+  turn, or the coordinator); on tcp both are CURVE-authenticated
+  (:mod:`fastserve.engine.security`);
 * talks to the coordinator on a separate DEALER control socket: ``ready`` (or ``failed`` with
   the reason) once loaded, then answers ``health``, ``stats`` and ``stop`` from a thread of its
   own, so a long batch does not make a live rank look dead;
@@ -55,11 +56,11 @@ class RankConfig:
     workdir: str | None = None  # the deployment's private directory, removed if orphaned
     hwm: int = 64  # ZeroMQ high-water mark: bounded queues, back-pressure upstream
     # CURVE (tcp only): this rank's key pair, the keys allowed to send it data, and the
-    # servers it connects to
+    # servers it sends data to (in the order of the endpoints "load" gives)
     public_key: str | None = None
     secret_key: str | None = None
     upstream_keys: list[str] = field(default_factory=list)
-    downstream_key: str | None = None
+    downstream_keys: list[str] = field(default_factory=list)
     coordinator_key: str | None = None
     # a last-stage rank on the coordinator's host: the shared-memory ring its results go
     # through (an inherited memfd, fastserve.engine.ring), and its size
@@ -198,6 +199,12 @@ def serve(cfg: RankConfig) -> int:
         load = _await_load(ctl)
         if load is None:
             return 0  # told to stop before loading
+        outs = load.meta["data_out"]
+        if not outs or (keys is not None and len(outs) != len(cfg.downstream_keys)):
+            tell({"event": "failed", "rank": cfg.rank,
+                  "error": f"'load' gave {len(outs)} endpoint(s) for the output, and the "
+                           f"config {len(cfg.downstream_keys)} key(s) to reach them"})
+            return 1
         t0 = time.time()
         idle = {}  # an idle rank: code loaded, no weights
 
@@ -217,8 +224,9 @@ def serve(cfg: RankConfig) -> int:
         push.setsockopt(zmq.SNDHWM, cfg.hwm)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.RECONNECT_IVL, 5)
-        guard.connect_to(push, cfg.downstream_key)
-        push.connect(load.meta["data_out"])  # the next stage's endpoint, or the results
+        for i, endpoint in enumerate(outs):  # the next stage's ranks, or the results
+            guard.connect_to(push, cfg.downstream_keys[i] if keys is not None else None)
+            push.connect(endpoint)
         weights = sum(p.numel() * p.element_size() for p in shard.parameters())
         tell({"event": "ready", "rank": cfg.rank, "pid": os.getpid(),
               "load_s": time.time() - t0, "read_s": time.time() - idle.get("t", t0),

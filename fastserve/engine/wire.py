@@ -60,6 +60,7 @@ MAX_TIMINGS = 512  # stages a message may have passed; a rank refuses to add the
 MAX_ID = (1 << 63) - 1  # request and micro-batch ids are non-negative int64
 SHM_ALIGN = 64  # every tensor in a shared-memory ring starts on a cache line
 MAX_SEQS = 512  # sequences in one generation step (and freed by one message)
+MAX_PEERS = 64  # endpoints a rank sends its output to (the ranks of a widened stage)
 MAX_NODES = 1 << 16  # node names in a rank's "ready" event (a captured model has one per op)
 # the receiver's msgpack bound on any array: the longest list a schema allows (the header's byte
 # bound caps the work a junk header can cause anyway)
@@ -234,7 +235,7 @@ META: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
                  "rss": _int,
                  "rss_before_load": _int, "rss_peak": _int, "weight_bytes": _int,
                  "error": _text, "plan": _text, "nodes": _list_of(_text, MAX_NODES),
-                 "threads": _int, "endpoint": _text, "data_out": _text},
+                 "threads": _int, "endpoint": _text, "data_out": _list_of(_text, MAX_PEERS)},
                 frozenset()),
     "reply": ({"cmd": _one_of(*COMMANDS), "rank": _int, "ok": _bool, "busy": _bool,
                "processed": _int, "errors": _int, "malformed": _counts, "refused": _int,

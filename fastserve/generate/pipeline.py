@@ -89,6 +89,11 @@ def kv_budget(plan: Plan, inventory: Inventory | None) -> int:
     over its ranks, of a rank's share of its host's memory (the host's memory over the plan's
     ranks on it) less the memory the planner predicted for the rank (its runtime, weights and
     activations). ``inventory`` None: every rank on this machine."""
+    if plan.widths:  # PUSH serves a stage's ranks in turn: a sequence's steps would scatter
+        raise GenerationError(
+            f"a plan with a widened stage (widths {list(plan.widths)}) cannot generate: each "
+            f"sequence's KV cache lives on one rank per stage, and a widened stage shares its "
+            f"steps among its ranks; use replicas")
     if inventory is None:
         machine = local_inventory().hosts[0].memory_bytes
         shares = [machine // len(plan.ranks)] * len(plan.ranks)

@@ -25,6 +25,7 @@ FORMAT = "fastserve-plan"
 VERSION = 1
 TRANSPORTS = ("ipc", "tcp")
 MODES = ("single", "data", "model", "hybrid")
+MAX_WIDTH = 64  # ranks of one stage in a replica (what a rank's output fans out to)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,10 @@ class StagePlan:
 class Plan:
     """A chosen allocation and its predictions (seconds for one batch of ``batch`` samples).
 
-    Rank ``r * stages + k`` is stage ``k`` of replica ``r``; every replica runs the same cut,
-    ``stage_plans[k].nodes``."""
+    Every replica runs the same cut, ``stage_plans[k].nodes``. Stage ``k`` of each replica has
+    ``width(k)`` ranks, which share its micro-batches (a stage widened alone, when it is the
+    bottleneck: :func:`widen`); ranks are numbered replica by replica, stage by stage, so
+    without widening rank ``r * stages + k`` is stage ``k`` of replica ``r``."""
 
     graph: str
     mode: str
@@ -76,14 +79,27 @@ class Plan:
     search: str = "exact"
     transport: str = "ipc"
     alternatives: tuple[dict, ...] = field(default_factory=tuple)
+    # ranks per stage in each replica; empty when every stage has one (the file then has no
+    # "widths", so plans written before widening keep their hash)
+    widths: tuple[int, ...] = ()
+
+    def width(self, stage: int) -> int:
+        return self.widths[stage] if self.widths else 1
+
+    @property
+    def per_replica(self) -> int:
+        """Ranks in each replica."""
+        return sum(self.widths) if self.widths else self.stages
+
+    def stage_ranks(self, replica: int, stage: int) -> tuple[RankPlan, ...]:
+        """The ranks of stage ``stage`` of replica ``replica``."""
+        first = replica * self.per_replica + sum(self.width(k) for k in range(stage))
+        return self.ranks[first:first + self.width(stage)]
 
     @property
     def cut(self) -> tuple[tuple[str, ...], ...]:
         """The nodes of each stage, in order."""
         return tuple(s.nodes for s in self.stage_plans)
-
-    def rank(self, replica: int, stage: int) -> RankPlan:
-        return self.ranks[replica * self.stages + stage]
 
     def with_transport(self, transport: str) -> Plan:
         if transport not in TRANSPORTS:
@@ -94,6 +110,8 @@ class Plan:
     def to_json(self) -> dict:
         doc = asdict(self)
         doc["alternatives"] = list(self.alternatives)
+        if not self.widths:
+            del doc["widths"]
         return doc
 
     def hash(self, graph: Graph, digest: str | None = None) -> str:
@@ -158,19 +176,28 @@ MAX_PLAN_BYTES = 64 << 20
 
 def check_plan(plan: Plan, graph: Graph, file: str | None = None) -> None:
     """Raise :class:`PlanFileError` unless ``plan`` is runnable on ``graph``: ranks numbered
-    replica by replica, stages covering the graph's nodes in order exactly once."""
+    replica by replica and stage by stage, as many per stage as its width, stages covering the
+    graph's nodes in order exactly once."""
     if plan.graph != graph.name:
         raise PlanFileError(f"the plan is for graph '{plan.graph}', not '{graph.name}'",
                             file=file, key="plan.graph")
-    if len(plan.stage_plans) != plan.stages or len(plan.ranks) != plan.replicas * plan.stages:
+    if plan.widths and (len(plan.widths) != plan.stages or min(plan.widths) < 1
+                        or max(plan.widths) == 1 or max(plan.widths) > MAX_WIDTH):
+        raise PlanFileError(f"widths must give each of the {plan.stages} stage(s) 1 to "
+                            f"{MAX_WIDTH} ranks, and one stage more than one (none: leave "
+                            f"widths out)", file=file, key="plan.widths")
+    need = plan.replicas * plan.per_replica
+    if len(plan.stage_plans) != plan.stages or len(plan.ranks) != need:
         raise PlanFileError(f"{plan.replicas} replica(s) x {plan.stages} stage(s) need "
-                            f"{plan.replicas * plan.stages} ranks and {plan.stages} stage "
-                            f"plans; the plan has {len(plan.ranks)} and "
-                            f"{len(plan.stage_plans)}", file=file, key="plan.ranks")
-    for i, r in enumerate(plan.ranks):
-        if (r.rank, r.replica, r.stage) != (i, i // plan.stages, i % plan.stages):
-            raise PlanFileError(f"rank {i} must be replica {i // plan.stages}, stage "
-                                f"{i % plan.stages}", file=file, key=f"plan.ranks[{i}]")
+                            f"{need} ranks and {plan.stages} stage plans; the plan has "
+                            f"{len(plan.ranks)} and {len(plan.stage_plans)}", file=file,
+                            key="plan.ranks")
+    expected = [(replica, stage) for replica in range(plan.replicas)
+                for stage in range(plan.stages) for _ in range(plan.width(stage))]
+    for i, (r, (replica, stage)) in enumerate(zip(plan.ranks, expected)):
+        if (r.rank, r.replica, r.stage) != (i, replica, stage):
+            raise PlanFileError(f"rank {i} must be replica {replica}, stage {stage}", file=file,
+                                key=f"plan.ranks[{i}]")
     order = [n for s in plan.stage_plans for n in s.nodes]
     if sorted(order) != sorted(graph.order):
         raise PlanFileError("the stages' nodes do not cover the graph's nodes exactly once",
@@ -234,6 +261,11 @@ def _read_plan(doc: Any, file: str | None) -> Plan:
     if not isinstance(bounds, list) or not all(type(b) is int and b >= 0 for b in bounds):
         raise PlanFileError("expected a list of non-negative ints", file=file,
                             key=f"{where}.bounds")
+    widths = m.get("widths", [])
+    if not isinstance(widths, list) or len(widths) > _LIMIT or \
+            not all(type(w) is int and 1 <= w <= _LIMIT for w in widths):
+        raise PlanFileError("expected a list of positive ints, one per stage", file=file,
+                            key=f"{where}.widths")
     alternatives = m.get("alternatives", [])
     if not isinstance(alternatives, list) or not all(isinstance(a, dict) for a in alternatives):
         raise PlanFileError("expected a list of maps", file=file, key=f"{where}.alternatives")
@@ -247,7 +279,7 @@ def _read_plan(doc: Any, file: str | None) -> Plan:
                 bubble=_num(m, "bubble", where, file), bounds=tuple(bounds),
                 coordinator_s=_num(m, "coordinator_s", where, file),
                 search=_str(m, "search", where, file), transport=transport,
-                alternatives=tuple(alternatives))
+                alternatives=tuple(alternatives), widths=tuple(widths))
 
 
 _LIMIT = 1 << 20  # ranks, stages, nodes, threads: far above any real plan

@@ -17,6 +17,9 @@ A YAML file (read with the safe loader; every error names the file, the line and
       interval_s: 1.0           # how often the policy looks at the load
       cooldown: 3               # policy steps after a change before scaling up again
       patience: 5               # policy steps of low load before scaling down
+      widen: false              # meet the load in the fewest ranks: more ranks for a
+                                # pipeline's bottleneck stage where they pay more than
+                                # replicas (fastserve.resources.widening); not generation
     batching:
       max_batch: 8              # samples per batch sent to a replica
       max_wait_ms: 2            # how long the first request of a batch waits for others
@@ -66,6 +69,7 @@ class Replicas:
     interval_s: float = 1.0
     cooldown: int = 3
     patience: int = 5
+    widen: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,12 @@ def check_config(cfg: ServiceConfig) -> None:
         fail("a static service needs at least one replica", "replicas.min")
     if r.policy != "static" and r.max < max(r.min, 1):
         fail(f"max ({r.max}) is below min ({r.min})", "replicas.max")
+    if not isinstance(r.widen, bool):
+        fail(f"expected true or false, got {describe(r.widen)}", "replicas.widen")
+    if r.widen and cfg.generation.enabled is True:
+        fail("a generating service cannot widen stages: each sequence's KV cache lives on one "
+             "rank per stage, and a widened stage shares its steps among its ranks",
+             "replicas.widen")
     g = cfg.generation
     if not isinstance(g.enabled, bool):
         fail(f"expected true or false, got {describe(g.enabled)}", "generation.enabled")

@@ -27,6 +27,7 @@ import torch
 from fastserve.engine.coordinator import WorkItem, stage_path
 from fastserve.engine.deployment import Deployment
 from fastserve.errors import EngineError, FastServeError, RankError, ServiceError
+from fastserve.resources.plan import Plan
 from fastserve.service.queue import Request, RequestQueue
 
 HEALTH_EVERY_S = 1.0
@@ -68,9 +69,12 @@ class Replica(threading.Thread):
     def __init__(self, index: int, start_deployment: Callable[[], Deployment],
                  queue: RequestQueue, batched: list[str], *, hang_s: float,
                  restart_budget: int, attempts: int,
-                 on_event: Callable[[str, dict], None] = lambda kind, info: None) -> None:
+                 on_event: Callable[[str, dict], None] = lambda kind, info: None,
+                 plan: Plan | None = None) -> None:
+        """``plan``: what each deployment of this replica runs (for status and scaling)."""
         super().__init__(name=f"replica-{index}", daemon=True)
         self.index = index
+        self.plan = plan
         self._start_deployment = start_deployment
         self.queue = queue
         self.batched = set(batched)

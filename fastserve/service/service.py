@@ -35,6 +35,7 @@ from fastserve.resources.inventory import Inventory, load_inventory, local_inven
 from fastserve.resources.plan import Plan, load_plan
 from fastserve.resources.planner import Constraints, plan
 from fastserve.resources.policies import Dynamic, Hybrid, Observation, Policy, State, Static
+from fastserve.resources.widening import layout_for, speedup, with_widths
 from fastserve.service.config import ServiceConfig
 from fastserve.service.metrics import Metrics
 from fastserve.service.generation import Completion, GenerationReplica, Sink
@@ -46,11 +47,12 @@ Progress = Callable[[str], None]
 
 def replica_plan(full: Plan, replica: int) -> Plan:
     """Replica ``replica`` of ``full`` as a plan of one replica: its ranks, hosts and threads,
-    renumbered from 0 (the cut and the predictions are the same for every replica)."""
-    s = full.stages
+    renumbered from 0 (the cut, the widths and the predictions are the same for every
+    replica)."""
+    n = full.per_replica
     ranks = tuple(replace(r, rank=k, replica=0)
-                  for k, r in enumerate(full.ranks[replica * s:(replica + 1) * s]))
-    return replace(full, replicas=1, ranks=ranks, mode="single" if s == 1 else "model",
+                  for k, r in enumerate(full.ranks[replica * n:(replica + 1) * n]))
+    return replace(full, replicas=1, ranks=ranks, mode="single" if n == 1 else "model",
                    alternatives=())
 
 
@@ -108,7 +110,12 @@ class Service:
         # each replica of the plan runs as a one-replica plan of its own; replicas beyond the
         # plan's (scaling up) reuse its replicas' places in turn
         self.replica_plans = [replica_plan(self.plan, r) for r in range(self.plan.replicas)]
-        self.in_flight = self.plan.stages + 1  # batches in flight per replica
+        # stage widening (fastserve.resources.widening): the load is met in the fewest ranks,
+        # by ranks for the bottleneck stage where they pay more than replicas (the config
+        # refuses it for generation, whose KV caches pin a sequence to one rank per stage)
+        self.widen = config.replicas.widen and self.plan.stages > 1
+        first = self.replica_plans[0]
+        self.widths = tuple(first.width(k) for k in range(first.stages))  # of new replicas
         self.batched = [i.name for i in self.graph.spec.inputs
                         if i.shape and i.shape[0] == "batch"]
         if self.generating:
@@ -122,6 +129,8 @@ class Service:
         self.queue = RequestQueue(lim.max_queue, b.max_batch, b.max_wait_ms / 1000, mergeable,
                                   budget_s=(lim.queue_budget_ms / 1000 or lim.deadline_s))
         self.replicas: list[Replica] = []
+        # replicas of the previous widths, serving until those of the new widths are ready
+        self._retiring: list[Replica] = []
         self.policy = Static(self.plan.replicas) if config.plan and \
             config.replicas.policy == "static" else make_policy(config)
         self.max_replicas = max(config.replicas.max, config.replicas.min,
@@ -287,15 +296,15 @@ class Service:
 
     # --- replicas ------------------------------------------------------------------------------
 
-    def _deploy(self, index: int) -> Deployment:
-        # one batch per stage plus one waiting at the first keeps every stage busy; more in
+    def _deploy(self, plan: Plan) -> Deployment:
+        # one batch per rank plus one waiting at the first keeps every rank busy; more in
         # flight would only hold requests at the ranks, where they can no longer join a batch
         # and where admission does not see them
-        dep = Deployment(self.graph, self.replica_plans[index % len(self.replica_plans)],
+        dep = Deployment(self.graph, plan,
                          trust_code=self.config.trust_code,
                          export_dir=self.export_dir, inventory=self.inventory, keys=self.keys,
                          timeout=self.config.limits.deadline_s, retain_memory=False,
-                         max_in_flight=self.in_flight)
+                         max_in_flight=plan.per_replica + 1)
         return dep.start()
 
     def _event(self, kind: str, info: dict) -> None:
@@ -322,44 +331,110 @@ class Service:
     @property
     def ready(self) -> bool:
         """Every replica the service means to run is loaded and answering (a replica that
-        restarts, or that gave up after its restart budget, makes the service not ready)."""
-        wanted = [r for r in self.replicas if r.state not in ("draining", "stopped")]
+        restarts, or that gave up after its restart budget, makes the service not ready).
+        While new widths start, the replicas of the old ones are what it runs."""
+        wanted = self._retiring or [r for r in self.replicas
+                                    if r.state not in ("draining", "stopped")]
         return bool(wanted) and all(r.ready for r in wanted) and not self._stopping.is_set()
 
-    def scale(self, replicas: int, reason: str = "manual") -> int:
-        """Run ``replicas`` replicas: start new ones, or drain the newest (a drained replica
-        answers what it holds before its ranks stop). Returns the number asked for."""
+    def layout(self, units: int) -> tuple[int, tuple[int, ...]]:
+        """How the service runs ``units`` replicas' worth of load: (replicas, widths)."""
+        if self.widen:
+            return layout_for(self.replica_plans[0], units)
+        return units, self.widths
+
+    def scale(self, units: int, reason: str = "manual") -> int:
+        """Run ``units`` replicas' worth: start replicas, or drain the newest (a drained
+        replica answers what it holds before its ranks stop). With widening, the load is met
+        by :meth:`layout`; new widths start a new set of replicas, and the old set serves
+        until the new one is ready. Returns the number asked for."""
         limit = self.max_replicas
-        if not 1 <= replicas <= limit:
+        if not 1 <= units <= limit:
             raise ServiceError(f"replicas must be between 1 and {limit} "
-                               f"(replicas.max), not {replicas}", 400)
+                               f"(replicas.max), not {units}", 400)
+        replicas, widths = self.layout(units)
         with self._lock:
             for r in self.replicas:
                 if not r.is_alive() and r.state != "failed":  # ended: keep what it counted
                     self._retired.update(self._seconds_of(r))
                     self._retired_restarts += r.restarts
             self.replicas = [r for r in self.replicas if r.is_alive() or r.state == "failed"]
-            running = self.running_replicas()
-            for r in running[replicas:]:
+            current = self._current()
+            before = (len(current), self.widths)
+            if widths != self.widths:
+                if self._retiring and widths == self._widths_of(self._retiring[0]):
+                    # back to the widths still serving: the set that was starting goes
+                    for r in current:
+                        r.drain()
+                    running = self.running_replicas()
+                    current = [r for r in self._retiring if r in running]
+                    self._retiring = []
+                else:  # a new set; the serving one goes once the new one is ready
+                    if self._retiring:  # a set that never took over is replaced
+                        for r in current:
+                            r.drain()
+                    else:
+                        self._retiring = current
+                    current = []
+                self.widths = widths
+            for r in current[replicas:]:
                 r.drain()
-            for _ in range(replicas - len(running)):
-                lim = self.config.limits
-                index = self._next_index
-                kind, extra = Replica, {}
-                if self.generating:
-                    g = self.config.generation
-                    kind = GenerationReplica
-                    extra = {"scheduler": g.scheduler, "max_seqs": g.max_seqs}
-                rep = kind(index, lambda i=index: self._deploy(i), self.queue, self.batched,
-                           hang_s=lim.hang_s, restart_budget=lim.restart_budget,
-                           attempts=lim.attempts, on_event=self._event, **extra)
-                self._next_index += 1
-                self.replicas.append(rep)
-                rep.start()
-        if len(running) != replicas:
-            self._event("scale", {"replica": "all", "from": len(running), "to": replicas,
-                                  "reason": reason})
-        return replicas
+            for _ in range(replicas - len(current)):
+                self._start_replica()
+        if before != (replicas, widths):
+            self._event("scale", {"replica": "all", "from": before[0], "to": replicas,
+                                  "widths": list(widths), "reason": reason})
+        return units
+
+    @staticmethod
+    def _widths_of(replica: Replica) -> tuple[int, ...]:
+        return tuple(replica.plan.width(k) for k in range(replica.plan.stages))
+
+    def _current(self) -> list[Replica]:
+        """The running replicas of the current widths."""
+        return [r for r in self.running_replicas() if r not in self._retiring]
+
+    def _start_replica(self) -> None:
+        lim = self.config.limits
+        index = self._next_index
+        plan = with_widths(self.replica_plans[index % len(self.replica_plans)], self.widths)
+        kind, extra = Replica, {}
+        if self.generating:
+            g = self.config.generation
+            kind = GenerationReplica
+            extra = {"scheduler": g.scheduler, "max_seqs": g.max_seqs}
+        rep = kind(index, lambda p=plan: self._deploy(p), self.queue, self.batched,
+                   hang_s=lim.hang_s, restart_budget=lim.restart_budget,
+                   attempts=lim.attempts, on_event=self._event, plan=plan, **extra)
+        self._next_index += 1
+        self.replicas.append(rep)
+        rep.start()
+
+    def _finish_widening(self) -> None:
+        """Once every replica of the new widths is ready, drain the old ones. If none of the
+        new ones could start, go back to the old widths, which still serve, and stop widening
+        (the policy then scales by replicas)."""
+        info: dict = {"replica": "all"}
+        with self._lock:
+            if not self._retiring:
+                return
+            current = self._current()
+            if current and all(r.ready for r in current):
+                for r in self._retiring:
+                    r.drain()
+                event = "widened"
+            elif not current:
+                failed = [r for r in self.replicas if r.state == "failed"
+                          and r not in self._retiring]
+                self.replicas = [r for r in self.replicas if r not in failed]
+                self.widths = self._widths_of(self._retiring[0])
+                self.widen = False
+                event = "widening failed"
+                info["error"] = next((r.last_error for r in failed if r.last_error), "?")
+            else:
+                return
+            self._retiring = []
+        self._event(event, {**info, "widths": list(self.widths)})
 
     def _maintain(self) -> None:
         """Every tenth of a second, answer 504 to requests past their deadline (no replica may
@@ -369,26 +444,35 @@ class Service:
         next_step = time.monotonic() + interval
         while not self._stopping.wait(min(0.1, interval)):
             self.queue.expire()
-            if scaling and time.monotonic() >= next_step:
-                next_step += interval
-                self._autoscale_step(interval)
+            try:  # deadlines depend on this loop: a failed step is reported, not fatal
+                self._finish_widening()
+                if scaling and time.monotonic() >= next_step:
+                    next_step += interval
+                    self._autoscale_step(interval)
+            except Exception as e:  # noqa: BLE001
+                self.progress(f"a maintenance step failed: {type(e).__name__}: {e}")
 
     def _autoscale_step(self, interval: float) -> None:
         """The load as demand in replicas, one policy step, scale to it."""
         with self._lock:
             arrived, self._arrived = self._arrived, 0
         running = self.running_replicas()
-        # one replica's throughput, from the samples it ran and the time it had work
-        samples = sum(r.stats.samples for r in self.replicas)
-        busy = sum(r.busy_s for r in self.replicas)
+        # one replica's throughput, from the samples it ran and the time it had work; a
+        # widened replica's samples count as the unwidened replicas' worth they are
+        base, replicas = self.replica_plans[0], list(self.replicas)
+        samples = sum(r.stats.samples / speedup(base, self._widths_of(r)) for r in replicas)
+        busy = sum(r.busy_s for r in replicas)
         rate = samples / busy if busy > 0 else None
         demand = (arrived / interval) / rate if rate else float(bool(len(self.queue)))
         if len(self.queue) > self.config.batching.max_batch * max(1, len(running)):
-            demand = max(demand, len(running) + 1)  # a backlog grows: more than we have
+            # a backlog grows: more than we have (in replicas' worth when widening)
+            have = self.policy_state.replicas if self.widen else len(running)
+            demand = max(demand, have + 1)
         state = self.policy.step(self.policy_state, Observation(
             demand, self.max_replicas))
         self.policy_state = state
-        if state.replicas != len(running) and not self._stopping.is_set():
+        if self.layout(state.replicas) != (len(self._current()), self.widths) and \
+                not self._stopping.is_set():
             self.scale(state.replicas, reason=f"{self.config.replicas.policy} policy, "
                                               f"demand {demand:.2f} replicas")
 
@@ -425,9 +509,11 @@ class Service:
                      "threads": [r.threads for r in self.plan.ranks],
                      "hosts": [r.host for r in self.plan.ranks]},
             "policy": self.config.replicas.policy,
+            "widen": self.widen,
+            "widths": list(self.widths),
             "replicas": [{"index": r.index, "state": r.state, "held": r.held,
-                          "hosts": [k.host for k in self.replica_plans[
-                              r.index % len(self.replica_plans)].ranks],
+                          "widths": list(self._widths_of(r)),
+                          "hosts": [k.host for k in r.plan.ranks],
                           "restarts": r.restarts, "last_error": r.last_error,
                           "ranks": [{"rank": k.config.rank, "name": k.name}
                                     for k in (r.dep.ranks if r.dep else []) if k is not None]}

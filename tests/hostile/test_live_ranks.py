@@ -252,7 +252,7 @@ def test_tcp_peers_without_the_key_are_refused_and_counted():
         forged = [
             _forge(ctx, dep.endpoint(0), None, None, work),  # no CURVE at all
             _forge(ctx, dep.endpoint(0), stranger, first.public_key, work),  # unknown key
-            _forge(ctx, dep.results_endpoint, stranger, last.downstream_key, work),  # results socket
+            _forge(ctx, dep.results_endpoint, stranger, last.downstream_keys[0], work),  # results
             _forge(ctx, first.control, None, None, encode("control", meta={"cmd": "stop"})),
         ]
         deadline = time.monotonic() + 10

@@ -298,7 +298,7 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
     raw.connect(f"tcp://{agents[1].address}:{agents[1].port}")
     good = {"rank": 0, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
             "public_key": real.own.public, "secret_key": real.own.secret,
-            "upstream_keys": [real.own.public], "downstream_key": real.own.public,
+            "upstream_keys": [real.own.public], "downstream_keys": [real.own.public],
             "coordinator_key": real.own.public}
     try:
         for body in [b"not json", b"[1, 2]", json.dumps({"id": 1}).encode(),
@@ -315,6 +315,10 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             ("control not tcp", {**good, "control": "ipc:///tmp/x"}),
             ("plain key", {**good, "public_key": "abc"}),
             ("no upstream", {**good, "upstream_keys": []}),
+            ("no downstream", {**good, "downstream_keys": []}),
+            ("a downstream key a string", {**good, "downstream_keys": real.own.public}),
+            ("65 downstream keys", {**good, "downstream_keys": [real.own.public] * 65}),
+            ("a plain downstream key", {**good, "downstream_keys": [real.own.public, "abc"]}),
             ("trust a string", {**good, "trust_code": "yes"}),
         ]
         for name, config in bad_configs:
@@ -324,7 +328,7 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             client.request("resources", extra=1)
         with pytest.raises(HostError, match="no rank"):
             client.request("logs", rank=12345)
-        assert client.request("resources")[0]["malformed"] >= 14
+        assert client.request("resources")[0]["malformed"] >= 18
         assert not agents[1].ranks()
     finally:
         raw.close(linger=0)
@@ -417,7 +421,7 @@ def test_an_agent_stops_its_ranks_when_the_coordinator_vanishes(cluster):
         client.request("start", config={
             "rank": 7, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
             "public_key": rank_keys.public, "secret_key": rank_keys.secret,
-            "upstream_keys": [real.own.public], "downstream_key": real.own.public,
+            "upstream_keys": [real.own.public], "downstream_keys": [real.own.public],
             "coordinator_key": real.own.public})
         assert agents[2].ranks()
         deadline = time.monotonic() + 10  # the agent's timeout is 3 s

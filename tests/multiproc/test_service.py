@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from fastserve.errors import ServiceError
+from fastserve.errors import EngineError, ServiceError
 from fastserve.graph import compile_graph, load_spec, random_inputs, reference
 from fastserve.resources.inventory import local_inventory
 from fastserve.resources.planner import Constraints, plan
@@ -309,3 +309,90 @@ def test_serve_status_and_stop_from_the_command_line(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_widening_scales_the_bottleneck_stage_alone_and_back_without_losing_a_request(
+        tmp_path):
+    """A pipeline whose second stage holds nearly every layer: two replicas' worth of load is
+    met by a second rank for that stage (3 ranks, not 4); the old ranks serve until the new
+    ones are ready, then drain; back to one replica's worth the same way."""
+    graph = compile_graph(load_spec(MLP))
+    order = list(graph.order)
+    chosen = plan(graph, local_inventory(), constraints=Constraints(
+        stages=2, threads=1, batch=4, cut=(tuple(order[:1]), tuple(order[1:]))))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(chosen.document(graph)))
+    cfg = ServiceConfig(spec=MLP, plan=str(path), replicas=Replicas(max=2, widen=True),
+                        batching=Batching(max_batch=2), limits=Limits(max_queue=1024))
+    with Service(cfg) as svc:
+        assert svc.layout(2) == (1, (1, 2)) and svc.layout(1) == (1, (1, 1))
+        with Load(svc, clients=4) as load:
+            wait_for(lambda: load.answered > 5, 30, "answers before widening")
+            svc.scale(2)
+            wait_for(lambda: svc.status()["widths"] == [1, 2] and not svc._retiring
+                     and svc.ready, 60, "widening stage 1")
+            [replica] = svc.running_replicas()
+            assert len(replica.dep.ranks) == 3
+            answered = load.answered
+            wait_for(lambda: load.answered > answered + 20, 30, "answers while widened")
+            stats = replica.dep.control("stats")
+            assert stats[1]["processed"] > 0 and stats[2]["processed"] > 0, stats
+            svc.scale(1)
+            wait_for(lambda: svc.status()["widths"] == [1, 1] and not svc._retiring
+                     and svc.ready, 60, "narrowing back")
+            answered = load.answered
+            wait_for(lambda: load.answered > answered + 5, 30, "answers after narrowing")
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent > 0
+        wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 15,
+                 "the old replicas' threads end")
+        events = [(e["event"], e.get("widths")) for e in svc.status()["events"]
+                  if e["event"] in ("scale", "widened")]
+        assert events == [("scale", [1, 1]), ("scale", [1, 2]), ("widened", [1, 2]),
+                          ("scale", [1, 1]), ("widened", [1, 1])]
+
+
+def test_a_roll_asked_back_keeps_the_serving_set_and_a_widening_that_cannot_start_falls_back(
+        tmp_path):
+    """Widths asked for and then asked back before the new set is ready: the serving set
+    stays and the starting one drains. A new set that cannot start: the old widths stay,
+    the service stays ready, and it stops widening."""
+    graph = compile_graph(load_spec(MLP))
+    order = list(graph.order)
+    chosen = plan(graph, local_inventory(), constraints=Constraints(
+        stages=2, threads=1, batch=4, cut=(tuple(order[:1]), tuple(order[1:]))))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(chosen.document(graph)))
+
+    class NoRoomToWiden(Service):
+        refuse = False
+
+        def _deploy(self, p):
+            if p.widths and self.refuse:
+                raise EngineError("no room for a widened stage")
+            return super()._deploy(p)
+
+    cfg = ServiceConfig(spec=MLP, plan=str(path), replicas=Replicas(max=2, widen=True),
+                        batching=Batching(max_batch=2),
+                        limits=Limits(max_queue=1024, restart_budget=0))
+    with NoRoomToWiden(cfg) as svc:
+        [serving] = svc.running_replicas()
+        with Load(svc, clients=2) as load:
+            svc.scale(2)
+            svc.scale(1)  # before the widened set is ready
+            assert svc._retiring == [] and svc.running_replicas()[0] is serving
+            assert svc.status()["widths"] == [1, 1] and svc.ready
+            wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 30,
+                     "the starting set drains")
+            svc.refuse = True
+            svc.scale(2)
+            wait_for(lambda: not svc._retiring, 30, "the failed widening is noticed")
+            assert not svc.widen and svc.widths == (1, 1)
+            assert svc.running_replicas() == [serving] and svc.ready
+            assert [r.state for r in svc.replicas] == ["ready"]
+            answered = load.answered
+            wait_for(lambda: load.answered > answered + 5, 30, "answers after the fallback")
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent > 0
+        [failed] = [e for e in svc.status()["events"] if e["event"] == "widening failed"]
+        assert "no room for a widened stage" in failed["error"] and failed["widths"] == [1, 1]

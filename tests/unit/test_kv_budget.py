@@ -78,3 +78,11 @@ def test_a_generating_service_names_the_rank_without_room_before_it_starts():
                                               r"left for KV caches: its share of the host, "
                                               r"800\.0 MiB"):
         Service(cfg, inventory=one)
+
+
+
+def test_a_widened_plan_cannot_generate(two_stages):
+    from fastserve.resources.widening import widen
+
+    with pytest.raises(GenerationError, match=r"widened stage \(widths \[1, 2\]\).*replicas"):
+        kv_budget(widen(two_stages, 1), None)

@@ -83,7 +83,7 @@ def check_numbers(graph, inv, chosen, profile):
     order = [n for s in chosen.stage_plans for n in s.nodes]
     assert sorted(order) == sorted(graph.order)
     bounds = list(itertools.accumulate(len(s.nodes) for s in chosen.stage_plans))
-    first = [chosen.rank(0, k) for k in range(chosen.stages)]
+    first = [chosen.stage_ranks(0, k)[0] for k in range(chosen.stages)]
     ref = evaluate(graph, inv, [r.host for r in first], [r.threads for r in first], order,
                    bounds, chosen.replicas, chosen.micro_batches, chosen.batch, profile)
     assert chosen.throughput == pytest.approx(ref["throughput"], rel=1e-12)

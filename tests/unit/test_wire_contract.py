@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fastserve.engine import wire
-from fastserve.engine.wire import (MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_ID, MAX_NAME, MAX_SEQS,
-                                   MAX_TENSORS, MAX_TEXT, MAX_TIMINGS, VERSION, _show, check_meta,
-                                   decode, encode)
+from fastserve.engine.wire import (MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_ID, MAX_NAME,
+                                   MAX_PEERS, MAX_SEQS, MAX_TENSORS, MAX_TEXT, MAX_TIMINGS,
+                                   VERSION, _show, check_meta, decode, encode)
 from fastserve.errors import WireError
 from wireframes import header
 
@@ -117,7 +117,7 @@ ACCEPTED = [
     ("control", {"event": "ready", "rank": 0, "pid": 1, "load_s": 0.5, "read_s": 1, "rss": 1,
                  "rss_before_load": 0, "rss_peak": 2, "weight_bytes": MAX_ID, "error": "",
                  "plan": "p" * MAX_TEXT, "nodes": ["a", "b"], "threads": 4,
-                 "endpoint": "tcp://h:1", "data_out": "ipc:///x"}),
+                 "endpoint": "tcp://h:1", "data_out": ["ipc:///x"] * MAX_PEERS}),
     ("control", {"cmd": "load", "nodes": ["n"] * 700}),
     ("reply", {"cmd": "stats", "rank": 0}),
     ("reply", {"rank": 2, "cmd": "health", "ok": True, "busy": False, "processed": 1,
@@ -289,7 +289,12 @@ REFUSED = [
     *[("control", {"event": "ready", f: float("nan")}, f"'{f}': expected a finite number, got nan")
       for f in ("load_s", "read_s")],
     *[("control", {"event": "failed", f: 5}, f"'{f}': {STR} 5")
-      for f in ("error", "plan", "endpoint", "data_out")],
+      for f in ("error", "plan", "endpoint")],
+    ("control", {"cmd": "load", "data_out": "ipc:///x"},
+     "'data_out': expected a list of at most 64 entries, got 'ipc:///x'"),
+    ("control", {"cmd": "load", "data_out": ["ipc:///x"] * (MAX_PEERS + 1)},
+     "'data_out': expected a list of at most 64 entries, got a list of 65"),
+    ("control", {"cmd": "load", "data_out": [5]}, f"'data_out': [0]: {STR} 5"),
     ("control", {"event": "failed", "error": "x" * (MAX_TEXT + 1)}, f"'error': {STR} {X56}"),
     ("control", {"event": "ready", "nodes": "a"},
      "'nodes': expected a list of at most 65536 entries, got 'a'"),
