@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from fastserve.engine.security import KeyPair
 from fastserve.errors import EngineError
 from fastserve.resources.inventory import load_inventory, parse_inventory
 from fastserve.resources.planner import Constraints, plan
+from fastserve.resources.widening import widen
 
 from conftest import outliving_the_test, rank_processes
 
@@ -150,6 +152,28 @@ def test_replicas_over_three_hosts_equal_the_reference(cluster):
     with _deploy(graph, agents, keys, replicas=3, stages=1, batch=12) as dep:
         out = dep.run(x)
         assert sorted(r.host for r in dep.plan.ranks) == ["a", "b", "c"]
+    torch.testing.assert_close(out["head"], _reference(graph, x)["head"])
+
+
+def test_a_widened_stage_over_hosts_equals_the_reference(cluster):
+    """Stage 1 widened, its second rank on the third host: the first stage's output fans out
+    over two CURVE links to two hosts, and both results come back to the coordinator."""
+    agents, keys = cluster
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    x = G.random_inputs(graph, 16, seed=4)
+    inventory = _inventory(agents)
+    chosen = plan(graph, inventory, constraints=Constraints(
+        transport="tcp", threads=1, stages=2, replicas=1, batch=16, micro_batches=8))
+    wide = widen(chosen, 1)
+    spare = ({"a", "b", "c"} - {r.host for r in chosen.ranks}).pop()
+    wide = replace(wide, ranks=(*wide.ranks[:2], replace(wide.ranks[2], host=spare)))
+    with Deployment(graph, wide, inventory=inventory, keys=load_keys(keys, "coordinator"),
+                    timeout=60) as dep:
+        out = dep.run(x)
+        processed = {r: s["processed"] for r, s in dep.control("stats").items()}
+    assert sorted(r.host for r in wide.ranks) == ["a", "b", "c"]
+    assert processed[0] == 8 and processed[1] + processed[2] == 8
+    assert processed[1] > 0 and processed[2] > 0, processed
     torch.testing.assert_close(out["head"], _reference(graph, x)["head"])
 
 
