@@ -160,8 +160,10 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
                             coordinator_address=coordinator_address, ray_address=ray_address)
     micro = chosen.micro_batches
     threads_used = sorted({r.threads for r in chosen.ranks})
-    say(f"{chosen.replicas} replica(s) x {chosen.stages} stage(s) = {len(chosen.ranks)} "
-        f"rank(s), {'/'.join(map(str, threads_used))} thread(s) each, on {inventory.name}")
+    widths = f" (ranks per stage {'/'.join(map(str, chosen.widths))})" if chosen.widths else ""
+    say(f"{chosen.replicas} replica(s) x {chosen.stages} stage(s){widths} = "
+        f"{len(chosen.ranks)} rank(s), {'/'.join(map(str, threads_used))} thread(s) each, on "
+        f"{inventory.name}")
     with deployment as dep:
         if file_inputs is not None:
             inputs = file_inputs

@@ -42,6 +42,9 @@ def _inventory(hosts: str | None):
               "lowest latency.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
               help="Measured node and host speeds from 'fastserve profile'.")
+@click.option("--widen", "widen_stages", type=click.IntRange(0), multiple=True,
+              metavar="STAGE", help="Give stage STAGE (from 0) of every replica one more rank "
+              "holding its shard; they take its micro-batches in turn. Repeat to add more.")
 @click.option("--explain", is_flag=True, help="Also list the alternatives and why they lost.")
 @click.option("--picture", type=click.Path(dir_okay=False),
               help="Also draw the plan (graph coloured by stage, ranks on hosts) to this .svg "
@@ -51,8 +54,8 @@ def _inventory(hosts: str | None):
 @dim_option
 @trust_option
 def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, threads,
-             transport, batch, latency_ms, objective, profile_path, explain, picture, as_json,
-             dims, trust_code) -> None:
+             transport, batch, latency_ms, objective, profile_path, widen_stages, explain,
+             picture, as_json, dims, trust_code) -> None:
     """Choose replicas, stages, the cut and where every rank runs, from the cost model.
 
     Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
@@ -64,9 +67,11 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
       fastserve plan graphs/gpt2.yaml --hosts runtime/hosts/cluster8.yaml --explain
       fastserve plan graphs/mlp.yaml --stages 2 --json > plan.json
       fastserve run graphs/mlp.yaml --plan plan.json --check
+      fastserve plan graphs/gpt2.yaml --stages 2 --widen 1 --json > wide.json
     """
     from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
+    from fastserve.resources.widening import widen, widen_choice
 
     graph = load_graph(spec, dims, trust_code)
     inventory = _inventory(hosts)
@@ -77,6 +82,8 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
         parallel=parallel, replicas=replicas, stages=stages, micro_batches=micro_batches,
         batch=batch, latency_ms=latency_ms, strategy=strategy, threads=threads,
         transport=transport), profile)
+    for stage in widen_stages:
+        chosen = widen(chosen, stage)
     if picture:
         from fastserve.resources.drawing import draw_plan
 
@@ -86,8 +93,9 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
         click.echo(json.dumps(chosen.document(graph), indent=1))
         return
     click.echo(f"plan for '{graph.name}' on '{inventory.name}': {chosen.mode}, "
-               f"{chosen.replicas} replica(s) x {chosen.stages} stage(s), "
-               f"{chosen.micro_batches} micro-batch(es), batch {batch}")
+               f"{chosen.replicas} replica(s) x {chosen.stages} stage(s)"
+               + (f" (ranks per stage {'/'.join(map(str, chosen.widths))})" if chosen.widths
+                  else "") + f", {chosen.micro_batches} micro-batch(es), batch {batch}")
     click.echo(table(["stage", "nodes", "host", "threads", "memory", "compute ms",
                       "transfer ms", ""],
                      [(s.stage, f"{s.nodes[0]}..{s.nodes[-1]} ({len(s.nodes)})", s.host,
@@ -105,6 +113,10 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
                f"{_duration(chosen.latency_s)} per batch, bubble {chosen.bubble:.0%}"
                f"{' (measured node times)' if profile else ' (from FLOPs; see fastserve profile)'}")
     click.echo(f"search: {chosen.search}")
+    stage = widen_choice(chosen)
+    if stage is not None:
+        click.echo(f"stage {stage} is the bottleneck by far: another rank for it (--widen "
+                   f"{stage}) adds more throughput per rank than another replica")
     _kv_line(graph, chosen, inventory)
     if explain:
         click.echo("alternatives (best of each shape):")

@@ -72,3 +72,22 @@ def test_a_widened_plan_with_replicas_runs_from_its_file(tmp_path):
     with Deployment(graph, again, timeout=60) as dep:
         torch.testing.assert_close(dep.run(x)["head"], G.reference(graph, x)["head"])
         assert sorted(dep.ready) == list(range(6))
+
+
+def test_the_cli_plans_a_widened_stage_and_runs_it_exactly(tmp_path, capsys):
+    from fastserve.cli.app import run_cli
+
+    assert run_cli(["plan", MLP, "--stages", "2", "--widen", "1", "--micro-batches", "4",
+                    "--threads", "1", "--batch", "8", "--json"]) == 0
+    path = tmp_path / "plan.json"
+    path.write_text(capsys.readouterr().out)
+    assert json.loads(path.read_text())["plan"]["widths"] == [1, 2]
+    assert run_cli(["run", MLP, "--plan", str(path), "--random", "8", "--check",
+                    "--json"]) == 0
+    out = capsys.readouterr()
+    ran = json.loads(out.out)
+    assert ran["check"] == "outputs equal the single-process reference"
+    assert [r["rank"] for r in ran["ranks"]] == [0, 1, 2]
+    assert "1 replica(s) x 2 stage(s) (ranks per stage 1/2) = 3 rank(s)" in out.err
+    assert run_cli(["plan", MLP, "--stages", "2", "--widen", "2"]) != 0
+    assert "the plan has stages 0 to 1, not 2" in capsys.readouterr().err
