@@ -8,7 +8,8 @@
 ``GET /readyz``         200 when every wanted replica is ready and work is admitted, else 503
 ``GET /v1/status``      plan, replicas, ranks, queue, requests, restarts (JSON)
 ``GET /metrics``        Prometheus text
-``POST /v1/scale``      ``{"replicas": N}``  (token)
+``POST /v1/scale``      ``{"replicas": N}``: N replicas, or N replicas' worth when the
+                        service widens stages (``replicas.widen``)   (token)
 ``POST /v1/drain``      admit nothing more, answer what was admitted   (token)
 ``POST /v1/stop``       drain, then stop the server and the ranks        (token)
 =====================  ==================================================================

@@ -311,17 +311,24 @@ def test_serve_status_and_stop_from_the_command_line(tmp_path):
             proc.wait()
 
 
-def test_widening_scales_the_bottleneck_stage_alone_and_back_without_losing_a_request(
-        tmp_path):
-    """A pipeline whose second stage holds nearly every layer: two replicas' worth of load is
-    met by a second rank for that stage (3 ranks, not 4); the old ranks serve until the new
-    ones are ready, then drain; back to one replica's worth the same way."""
+def skewed_plan(tmp_path) -> Path:
+    """A plan file for the MLP as 2 stages, the first holding one node of 14: its second stage
+    is the bottleneck by far."""
     graph = compile_graph(load_spec(MLP))
     order = list(graph.order)
     chosen = plan(graph, local_inventory(), constraints=Constraints(
         stages=2, threads=1, batch=4, cut=(tuple(order[:1]), tuple(order[1:]))))
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(chosen.document(graph)))
+    return path
+
+
+def test_widening_scales_the_bottleneck_stage_alone_and_back_without_losing_a_request(
+        tmp_path):
+    """A pipeline whose second stage holds nearly every layer: two replicas' worth of load is
+    met by a second rank for that stage (3 ranks, not 4); the old ranks serve until the new
+    ones are ready, then drain; back to one replica's worth the same way."""
+    path = skewed_plan(tmp_path)
     cfg = ServiceConfig(spec=MLP, plan=str(path), replicas=Replicas(max=2, widen=True),
                         batching=Batching(max_batch=2), limits=Limits(max_queue=1024))
     with Service(cfg) as svc:
@@ -357,12 +364,7 @@ def test_a_roll_asked_back_keeps_the_serving_set_and_a_widening_that_cannot_star
     """Widths asked for and then asked back before the new set is ready: the serving set
     stays and the starting one drains. A new set that cannot start: the old widths stay,
     the service stays ready, and it stops widening."""
-    graph = compile_graph(load_spec(MLP))
-    order = list(graph.order)
-    chosen = plan(graph, local_inventory(), constraints=Constraints(
-        stages=2, threads=1, batch=4, cut=(tuple(order[:1]), tuple(order[1:]))))
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(chosen.document(graph)))
+    path = skewed_plan(tmp_path)
 
     class NoRoomToWiden(Service):
         refuse = False
@@ -396,3 +398,27 @@ def test_a_roll_asked_back_keeps_the_serving_set_and_a_widening_that_cannot_star
         assert load.answered == load.sent > 0
         [failed] = [e for e in svc.status()["events"] if e["event"] == "widening failed"]
         assert "no room for a widened stage" in failed["error"] and failed["widths"] == [1, 1]
+
+
+def test_the_policy_widens_the_bottleneck_under_load_and_narrows_it_when_idle(tmp_path):
+    """A dynamic policy on a pipeline with a slow second stage: two replicas' worth of demand
+    is met by widening that stage (the policy counts a widened replica's samples as the
+    replicas' worth they are), and the idle service goes back to one rank per stage."""
+    path = skewed_plan(tmp_path)
+    cfg = ServiceConfig(spec=MLP, plan=str(path), replicas=Replicas(
+        policy="dynamic", min=1, max=2, interval_s=0.25, cooldown=1, patience=4, widen=True),
+        batching=Batching(max_batch=1), limits=Limits(max_queue=1024))
+    with Service(cfg) as svc:
+        with Load(svc, clients=8) as load:
+            wait_for(lambda: svc.status()["widths"] == [1, 2] and not svc._retiring, 30,
+                     "widening under load")
+            time.sleep(1.0)
+        wait_for(lambda: svc.status()["widths"] == [1, 1] and not svc._retiring, 20,
+                 "narrowing when idle")
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent > 0
+        scales = [(e["to"], e["widths"]) for e in svc.status()["events"]
+                  if e["event"] == "scale"]
+        assert scales == [(1, [1, 1]), (1, [1, 2]), (1, [1, 1])], scales
+        wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 15,
+                 "the old replicas' threads end")
