@@ -422,3 +422,25 @@ def test_the_policy_widens_the_bottleneck_under_load_and_narrows_it_when_idle(tm
         assert scales == [(1, [1, 1]), (1, [1, 2]), (1, [1, 1])], scales
         wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 1, 15,
                  "the old replicas' threads end")
+
+
+def test_a_killed_rank_of_a_widened_stage_loses_no_request_and_the_replica_comes_back_wide(
+        tmp_path):
+    cfg = ServiceConfig(spec=MLP, plan=str(skewed_plan(tmp_path)),
+                        replicas=Replicas(policy="dynamic", min=2, max=2, widen=True),
+                        batching=Batching(max_batch=2), limits=Limits(max_queue=1024))
+    with Service(cfg) as svc:  # two replicas' worth: one replica, its slow stage widened
+        [replica] = svc.running_replicas()
+        assert len(replica.dep.ranks) == 3
+        with Load(svc, clients=4) as load:
+            wait_for(lambda: load.answered > 20, 20, "answers before the kill")
+            victim = replica.dep.ranks[2].process.pid  # the widened stage's second rank
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: replica.restarts >= 1, 5, "the restart")
+            wait_for(lambda: svc.ready, 30, "ready again after the restart")
+            before = load.answered
+            wait_for(lambda: load.answered > before + 20, 20, "answers after the restart")
+        assert not load.failed, load.failed[:3]
+        assert load.answered == load.sent
+        assert len(replica.dep.ranks) == 3 and victim not in rank_pids(svc)
+        assert svc.status()["replicas"][0]["widths"] == [1, 2]
