@@ -43,7 +43,7 @@ from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
 from fastserve.resources.costmodel import Profile, micro_batch_size
 from fastserve.resources.inventory import Inventory, local_inventory
-from fastserve.resources.plan import Plan, check_plan
+from fastserve.resources.plan import Plan, RankPlan, check_plan
 from fastserve.resources.planner import Constraints, plan
 
 Progress = Callable[[str], None]
@@ -320,20 +320,22 @@ class Deployment:
         plan = self.plan
         public = [k.public if k else None for k in self._rank_keys]
         for rp in plan.ranks:
-            if rp.stage + 1 < plan.stages:
-                out = [self._endpoints[d.rank] for d in plan.stage_ranks(rp.replica,
-                                                                         rp.stage + 1)]
-            else:
-                out = [self._results_at]
             record = self._placement.record_for(self.ranks[rp.rank], self._records[rp.stage])
             shard = torch.frombuffer(bytearray(record), dtype=torch.uint8)
             self._control.send_multipart([f"rank{rp.rank}".encode(), *encode(
-                "control", meta={**self._load_meta(), "data_out": out},
+                "control", meta={**self._load_meta(), "data_out": self._outputs(rp)},
                 tensors={"shard": shard})])
         for r, sock in enumerate(self._inputs):  # a widened first stage: served in turn
             for rp in plan.stage_ranks(r, 0):
                 self._guard.connect_to(sock, public[rp.rank])
                 sock.connect(self._endpoints[rp.rank])
+
+    def _outputs(self, rp: RankPlan) -> list[str]:
+        """Where a rank sends its output: the next stage's ranks, or the results socket."""
+        if rp.stage + 1 < self.plan.stages:
+            return [self._endpoints[d.rank]
+                    for d in self.plan.stage_ranks(rp.replica, rp.stage + 1)]
+        return [self._results_at]
 
     def _load_meta(self) -> dict:
         return {"cmd": "load", "plan": self.plan_hash}

@@ -86,6 +86,33 @@ def test_a_rank_with_another_plan_hash_is_refused():
     assert all(r.process.poll() is not None for r in dep.ranks)
 
 
+class _ExtraOutput(Deployment):
+    """Tells the first rank to send its output to one endpoint more than it has keys for."""
+
+    def _outputs(self, rp) -> list[str]:
+        out = super()._outputs(rp)
+        return out * 2 if rp.rank == 0 else out
+
+
+@pytest.mark.parametrize("transport, message", [
+    ("tcp", "'load' gave 2 endpoint\\(s\\) for the output, and the config 1 key"),
+    ("ipc", None),  # ipc has no keys: the extra endpoint is the same peer, connected twice
+])
+def test_a_rank_refuses_more_output_endpoints_than_keys_on_tcp(transport, message):
+    graph = G.load(str(ROOT / "graphs/mlp.yaml"))
+    chosen = plan(graph, local_inventory(), constraints=Constraints(stages=2, batch=4,
+                                                                   transport=transport))
+    dep = _ExtraOutput(graph, chosen, timeout=30)
+    if message is None:
+        with dep:
+            x = G.random_inputs(graph, 4)
+            torch.testing.assert_close(dep.run(x)["head"], G.reference(graph, x)["head"])
+        return
+    with pytest.raises(EngineError, match=f"rank 0 could not load its shard: {message}"):
+        dep.start()
+    assert all(r.process.poll() is not None for r in dep.ranks)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(hash="sha256:" + "1" * 64), "does not match its hash"),
     (lambda d: d["plan"].update(micro_batches=7), "does not match its hash"),
