@@ -42,6 +42,14 @@ PRINTS = {
         *(rf"rank {k} \(stage {k}\) ran on host \S+ at 127\.0\.0\.\d:\d+" for k in range(3)),
         r"the pipeline over three hosts equals the single-process reference, to the last bit",
     ],
+    "07_widen_stage.py": [
+        r"predicted seconds per micro-batch by stage: \[.*\]; widening pays for stage 1",
+        r"two replicas' worth of throughput in the fewest ranks: 1 replica\(s\), ranks per "
+        r"stage \[1, 2\]",
+        # 3 batches of 8 micro-batches: the first stage takes all 24, its two ranks share them
+        r"3 ranks, micro-batches each took: \{0: 24, 1: \d+, 2: \d+\}; every output equals "
+        r"the reference",
+    ],
 }
 
 
