@@ -8,6 +8,15 @@
 * **schedulers**: one synthetic workload (Poisson arrivals, heavy-tailed output lengths, bounded
   in count and time) on the pipeline under FCFS and under skip-join MLFQ, alternated: time to
   first token, inter-token latency, job completion time, tokens/s.
+
+As on a real server, a job's length is not known when it arrives: each request carries the
+bound a client sets (``max_tokens``, the workload's longest output) and ends at its own length
+as it would at an end-of-sequence token (the driver stops it there, which the schedulers do not
+see). So FCFS, which reserves KV for a job's whole bound (Orca), admits by the bound, and MLFQ,
+which grows caches as tokens come, by what is used. The KV budget is that of
+:data:`KV_REQUESTS` maximum-length jobs: a serving accelerator's memory holds far fewer
+maximum-length sequences than it has batch slots. ``known_lengths`` gives every request its
+own length as its bound (an FCFS that knew the future), to show what the reservation costs.
 """
 
 from __future__ import annotations
@@ -33,30 +42,41 @@ from fastserve.resources.planner import Constraints, plan
 Progress = Callable[[str], None]
 
 
+KV_REQUESTS = 4  # the scheduler workload's KV budget, in maximum-length jobs
+
+
 @dataclass(frozen=True)
 class Job:
     arrival: float  # seconds after the start
     prompt: list[int]
-    max_tokens: int
+    length: int  # output tokens it ends after (unknown to the schedulers)
+    max_tokens: int  # the bound its request carries
 
 
 def workload(n: int, rate: float, vocab: int, seed: int = 0, longest: int = 4096,
              prompt: tuple[int, int] = (4, 32), output_min: int = 4, output_max: int = 256,
-             alpha: float = 1.2) -> list[Job]:
+             alpha: float = 1.2, known_lengths: bool = False) -> list[Job]:
     """``n`` jobs arriving as a Poisson process of ``rate`` per second; prompt lengths uniform
     in ``prompt``; output lengths Pareto(``alpha``) from ``output_min``, capped at
     ``output_max`` (a few long jobs hold most of the work, as in chat traces), and so that no
-    job is longer than ``longest`` positions."""
+    job is longer than ``longest`` positions. Each request's bound is ``output_max`` (its own
+    length with ``known_lengths``)."""
     rng = random.Random(seed)
     prompt = (min(prompt[0], longest // 4), min(prompt[1], longest // 4))
     output_max = min(output_max, longest - prompt[1])
     t, jobs = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
-        length = rng.randint(*prompt)
+        size = rng.randint(*prompt)
         out = min(output_max, int(output_min * (1 - rng.random()) ** (-1 / alpha)))
-        jobs.append(Job(t, [rng.randrange(1, vocab) for _ in range(length)], out))
+        jobs.append(Job(t, [rng.randrange(1, vocab) for _ in range(size)], out,
+                        out if known_lengths else output_max))
     return jobs
+
+
+def workload_kv_tokens(jobs: list[Job]) -> int:
+    """KV positions for :data:`KV_REQUESTS` of the longest requests ``jobs`` may make."""
+    return KV_REQUESTS * max(len(j.prompt) + j.max_tokens for j in jobs)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -82,7 +102,8 @@ def _decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
 
 
 def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
-    """Run ``jobs`` at their arrival times for at most ``seconds``; per-job timings."""
+    """Run ``jobs`` at their arrival times for at most ``seconds``, each ended at its own
+    length (as an end-of-sequence token would end it); per-job timings."""
     start = time.perf_counter()
     pending = list(jobs)
     rec: dict[int, dict] = {}
@@ -91,18 +112,22 @@ def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
         while pending and pending[0].arrival <= now:
             job = pending.pop(0)
             sid = gen.submit(Request(job.prompt, job.max_tokens))
-            rec[sid] = {"arrival": start + job.arrival, "times": [], "end": None}
+            rec[sid] = {"arrival": start + job.arrival, "times": [], "end": None,
+                        "length": job.length}
         if not gen.active and pending:
             time.sleep(min(0.05, max(0.0, pending[0].arrival - now)))
             continue
         for ev in gen.poll(wait_ms=5):
             t = time.perf_counter()
             r = rec.get(ev.seq)
-            if r is None:
+            if r is None or r["end"] is not None:
                 continue
             if ev.token is not None:
                 r["times"].append(t)
-            if ev.done:
+            if len(r["times"]) == r["length"]:
+                r["end"] = t
+                gen.cancel(ev.seq)  # its own end: no-op when its bound ended it
+            elif ev.done:
                 r["end"] = t
     gen.drain(cancel=True)  # out of time: the rest is cancelled, and counted as unfinished
     done = [r for r in rec.values() if r["end"] is not None]
@@ -111,7 +136,7 @@ def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
     jct = [r["end"] - r["arrival"] for r in done]
     tokens = sum(len(r["times"]) for r in done)
     span = max((r["end"] for r in done), default=start) - start
-    return {"finished": len(done), "unfinished": len(jobs) - len(done),
+    return {"finished": len(done), "unfinished": len(jobs) - len(done), "tokens": tokens,
             "ttft_p50_ms": _ms(_pct(ttft, 0.5)), "ttft_p99_ms": _ms(_pct(ttft, 0.99)),
             "itl_p50_ms": _ms(_pct(itl, 0.5)), "itl_p99_ms": _ms(_pct(itl, 0.99)),
             "jct_mean_s": statistics.fmean(jct) if jct else None,
@@ -126,7 +151,8 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                    requests: int = 40, load: float = 1.0, max_seqs: int = 4,
                    seconds: float = 120.0, rounds: int = 2, seed: int = 0,
                    kv_tokens: int | None = None, quantum: float = 4.0,
-                   trust_code: bool = False, progress: Progress = lambda _m: None) -> dict:
+                   known_lengths: bool = False, trust_code: bool = False,
+                   progress: Progress = lambda _m: None) -> dict:
     cleanup = ExitStack()  # a captured LM's rewrite, kept until the ranks stop
     graph, cut, export_dir = language_model(spec, trust_code, cleanup)
     if cut is not None:
@@ -188,21 +214,27 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                          f"per micro-batch")
                 capacity = _decode_rate(Generator(DeploymentPipeline(dep), max_seqs=max_seqs),
                                         max_seqs * stages, tokens, vocab)
-            mean_out = statistics.fmean(j.max_tokens for j in workload(2000, 1.0, vocab, seed,
-                                                                        longest))
+            mean_out = statistics.fmean(j.length for j in workload(2000, 1.0, vocab, seed,
+                                                                    longest))
             rate = load * capacity / mean_out
-            jobs = workload(requests, rate, vocab, seed, longest)
+            jobs = workload(requests, rate, vocab, seed, longest, known_lengths=known_lengths)
+            # of the bounded requests whether lengths are known or not (the same memory for
+            # both), and never more than the ranks hold
+            bounded = jobs if not known_lengths else workload(requests, rate, vocab, seed,
+                                                              longest)
+            kv = min(kv_tokens or workload_kv_tokens(bounded), DeploymentPipeline(dep).kv_tokens)
             out["workload"] = {"requests": requests, "rate_per_s": rate, "load": load,
                                "capacity_tokens_per_s": capacity,
-                               "output_tokens": sum(j.max_tokens for j in jobs),
-                               "max_seqs": max_seqs, "kv_tokens": kv_tokens,
-                               "quantum_steps": quantum}
+                               "output_tokens": sum(j.length for j in jobs),
+                               "bound": max(j.max_tokens for j in jobs),
+                               "known_lengths": known_lengths, "max_seqs": max_seqs,
+                               "kv_tokens": kv, "quantum_steps": quantum}
             results: dict[str, list[dict]] = {"fcfs": [], "mlfq": []}
             for r in range(rounds):
                 for name, sched in (("fcfs", FCFS()), ("mlfq", MLFQ(quantum=quantum))):
                     progress(f"round {r + 1}/{rounds}: {requests} requests under {name}")
                     gen = Generator(DeploymentPipeline(dep), sched, max_seqs=max_seqs,
-                                    kv_tokens=kv_tokens)
+                                    kv_tokens=kv)
                     results[name].append(_drive(gen, jobs, seconds))
             out["schedulers"] = {k: _median_of(v) for k, v in results.items()}
             f, m = out["schedulers"]["fcfs"], out["schedulers"]["mlfq"]

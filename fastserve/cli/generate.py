@@ -233,14 +233,18 @@ def _report(results, inputs, as_json, stream, verdict) -> None:
               help="Interleaved rounds; medians are printed.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--kv-tokens", type=click.IntRange(300), default=None,
-              help="Positions the caches may hold (default: what the ranks hold); FCFS "
-              "reserves each job's prompt and whole output, MLFQ grows and evicts.")
+              help="Positions the caches may hold in the scheduler workload (default: 4 "
+              "maximum-length requests, 1,152 for GPT-2). FCFS reserves each request's "
+              "prompt and whole bound, MLFQ grows caches and evicts.")
 @click.option("--quantum", type=click.FloatRange(0.5), default=4.0, show_default=True,
               help="MLFQ: the top level's quantum, in decode steps (doubling per level).")
+@click.option("--known-lengths", is_flag=True,
+              help="Give each request its own output length as its bound, as if FCFS knew "
+              "the future (default: every request is bounded by the longest output, 256).")
 @click.option("--json", "as_json", is_flag=True)
 @trust_option
 def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, seconds, rounds,
-                       seed, kv_tokens, quantum, as_json, trust_code) -> None:
+                       seed, kv_tokens, quantum, known_lengths, as_json, trust_code) -> None:
     """Generation: pipeline decode throughput against one 1-thread process (and the layout
     `fastserve generate` plans for decode), the runtime's cost per decode step, and FCFS
     against skip-join MLFQ on one heavy-tailed workload.
@@ -252,7 +256,7 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
     from fastserve.bench.generate import bench_generate
 
     out = bench_generate(spec, stages, seqs, tokens, requests, load, max_seqs, seconds, rounds,
-                         seed, kv_tokens, quantum, trust_code,
+                         seed, kv_tokens, quantum, known_lengths, trust_code,
                          progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -268,15 +272,17 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
                f"{s['compute_ms']:.2f} ms: runtime {s['runtime_ms_per_stage']:.2f} ms per stage")
     w = out["workload"]
     click.echo(f"workload: {w['requests']} requests, Poisson {w['rate_per_s']:.2f}/s, "
-               f"{w['output_tokens']} output tokens (heavy-tailed), {w['max_seqs']} sequences "
-               f"per micro-batch; load {w['load']:.2f} of a capacity of "
+               f"{w['output_tokens']} output tokens (heavy-tailed; "
+               + ("lengths known" if w["known_lengths"] else f"each bounded by {w['bound']}")
+               + f"), {w['max_seqs']} sequences per micro-batch, KV budget {w['kv_tokens']} "
+               f"positions; load {w['load']:.2f} of a capacity of "
                f"{w['capacity_tokens_per_s']:.1f} tokens/s")
     rows = []
     for name, r in out["schedulers"].items():
         rows.append(f"  {name:5} ttft p50/p99 {_f(r['ttft_p50_ms'])}/{_f(r['ttft_p99_ms'])} ms  "
                     f"itl p50/p99 {_f(r['itl_p50_ms'])}/{_f(r['itl_p99_ms'])} ms  "
                     f"jct mean/p99 {_f(r['jct_mean_s'], 2)}/{_f(r['jct_p99_s'], 2)} s  "
-                    f"{_f(r['tokens_per_s'])} tokens/s  unfinished {r['unfinished']}")
+                    f"{_f(r['tokens_per_s'])} tokens/s  unfinished {_f(r['unfinished'], 0)}")
     click.echo("\n".join(rows))
     ratio = out["jct_mean_fcfs_over_mlfq"]
     click.echo(f"mean job completion time, FCFS / MLFQ: {_f(ratio, 2)}x")

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import fastserve.graph as G
-from fastserve.generate import MLFQ, Generator, LocalPipeline, Request, Sampling
-from fastserve.graph.decode import GenerationError, check_generative
+from fastserve.bench.generate import (KV_REQUESTS, _drive, workload,
+                                      workload_kv_tokens)
+from fastserve.generate import FCFS, MLFQ, Generator, LocalPipeline, Request, Sampling
+from fastserve.graph.decode import GenerationError, check_generative, max_positions
 from fastserve.graph.module import build_reference
 from lms import ROOT, hf_gpt2, hf_greedy, hf_llama, prompts, small_gpt2, small_llama
 
@@ -107,6 +109,26 @@ def test_no_growth_over_1000_requests(lm):
     gen.run([Request([i % 400 + 1, 7, 9], 2) for i in range(1000)])
     assert idle == pipe.cores[0][0].cache.bytes == 0
     assert len(pipe.cores[0][0].cache) == 0
+
+
+def test_the_bench_workload_ends_each_job_at_a_length_its_request_does_not_carry(lm):
+    graph, _ = lm
+    vocab, longest = graph.spec.inputs[0].high, max_positions(graph)
+    jobs = workload(10, 500.0, vocab, seed=3, longest=longest)
+    bound = jobs[0].max_tokens
+    assert all(j.max_tokens == bound and 4 <= j.length <= bound for j in jobs)
+    assert min(j.length for j in jobs) < bound  # the bound is not the length
+    assert workload_kv_tokens(jobs) == KV_REQUESTS * max(len(j.prompt) + bound for j in jobs)
+    known = workload(10, 500.0, vocab, seed=3, longest=longest, known_lengths=True)
+    assert [j.max_tokens for j in known] == [j.length for j in known] == \
+        [j.length for j in jobs]
+    for sched in (FCFS(), MLFQ()):
+        gen = Generator(LocalPipeline(graph), sched, max_seqs=2,
+                        kv_tokens=workload_kv_tokens(jobs))
+        got = _drive(gen, jobs, 60.0)
+        assert (got["finished"], got["unfinished"]) == (10, 0)
+        assert got["tokens"] == sum(j.length for j in jobs)  # each ended at its own length
+        assert gen.active == 0 and gen.pipeline.cores[0][0].cache.bytes == 0
 
 
 def test_requests_that_cannot_run_are_refused_before_they_start(lm):
