@@ -104,6 +104,10 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
                   trust_code=cfg.trust_code or trust_code)
     rep = {"min": replicas, "max": max_replicas, "policy": policy, "widen": widen}
     rep = {k: v for k, v in rep.items() if v is not None}
+    if replicas is not None and cfg.plan and rep.get("policy", cfg.replicas.policy) == "static":
+        raise click.UsageError("--replicas with a plan and the static policy: the plan fixes "
+                               "the replicas (make it with 'fastserve plan SPEC --replicas N "
+                               "--json'), or use --policy dynamic or hybrid")
     if rep:
         merged = replace(cfg.replicas, **rep)
         if merged.max < merged.min:

@@ -50,11 +50,13 @@ class BadRequest(Exception):
         super().__init__(message)
 
 
-def _error(message: str, status: int) -> JSONResponse:
-    return _refused(ServiceError(message, status))
+def error_response(message: str, status: int) -> JSONResponse:
+    """The JSON error every route answers with."""
+    return refused(ServiceError(message, status))
 
 
-def _refused(e: ServiceError) -> JSONResponse:
+def refused(e: ServiceError) -> JSONResponse:
+    """``e`` as an answer: its status, its headers (Retry-After for a 503)."""
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
 
 
@@ -194,59 +196,59 @@ def make_app(service: Service, token: str | None = None,
             future = service.submit(inputs)
         except BadRequest as e:
             service.count_outcome("invalid")
-            return _error(str(e), e.status)
+            return error_response(str(e), e.status)
         except InputsError as e:
-            return _error(e.reason if not e.key else f"input '{e.key}': {e.reason}", 400)
+            return error_response(e.reason if not e.key else f"input '{e.key}': {e.reason}", 400)
         except ServiceError as e:
-            return _refused(e)
+            return refused(e)
         try:
             outputs = await asyncio.wait_for(asyncio.wrap_future(future), wait_s)
         except ServiceError as e:
-            return _refused(e)
+            return refused(e)
         except asyncio.TimeoutError:
-            return _error("no answer within the deadline", 504)
+            return error_response("no answer within the deadline", 504)
         if kind == MSGPACK or MSGPACK in request.headers.get("accept", ""):
             return Response(_pack(outputs), media_type=MSGPACK)
         try:  # JSON has no NaN or infinity: starlette refuses to write them (allow_nan=False)
             return JSONResponse({"outputs": {k: v.tolist() for k, v in outputs.items()}})
         except ValueError:
-            return _error(f"the outputs hold NaN or infinity, which JSON cannot carry: ask "
+            return error_response(f"the outputs hold NaN or infinity, which JSON cannot carry: ask "
                           f"for them as {MSGPACK} (an Accept header)", 500)
 
     def authorized(request: Request) -> Response | None:
         if token is None:
-            return _error("management is off: start the service with a token file "
+            return error_response("management is off: start the service with a token file "
                           "(--token-file)", 403)
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return _error("a valid 'Authorization: Bearer TOKEN' header is required", 401)
+            return error_response("a valid 'Authorization: Bearer TOKEN' header is required", 401)
         return None
 
     async def scale(request: Request) -> Response:
-        if (refused := authorized(request)) is not None:
-            return refused
+        if (denied := authorized(request)) is not None:
+            return denied
         try:
             doc = json.loads(await _body(request, 4096))
         except (ValueError, BadRequest):
-            return _error('expected {"replicas": N}', 400)
+            return error_response('expected {"replicas": N}', 400)
         n = doc.get("replicas") if isinstance(doc, dict) else None
         if not isinstance(n, int) or isinstance(n, bool):
-            return _error('expected {"replicas": N} with an integer N', 400)
+            return error_response('expected {"replicas": N} with an integer N', 400)
         try:
             await asyncio.to_thread(service.scale, n, "manual")
         except ServiceError as e:
-            return _refused(e)
+            return refused(e)
         return JSONResponse({"replicas": n})
 
     async def drain(request: Request) -> Response:
-        if (refused := authorized(request)) is not None:
-            return refused
+        if (denied := authorized(request)) is not None:
+            return denied
         await asyncio.to_thread(service.stop, True)
         return JSONResponse({"drained": True, "requests": dict(service.outcomes)})
 
     async def stop(request: Request) -> Response:
-        if (refused := authorized(request)) is not None:
-            return refused
+        if (denied := authorized(request)) is not None:
+            return denied
         await asyncio.to_thread(service.stop, True)
         on_stop()
         return JSONResponse({"stopped": True, "requests": dict(service.outcomes)})

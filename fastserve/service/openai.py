@@ -31,6 +31,7 @@ from starlette.routing import Route
 from fastserve.errors import ServiceError
 from fastserve.generate.text import TextStream
 from fastserve.graph.decode import Sampling
+from fastserve.service.http import BadRequest, error_response, refused
 from fastserve.service.service import Service
 
 MAX_STOPS = 4
@@ -48,10 +49,6 @@ def _is_neutral(value: Any, neutral: Any) -> bool:
     if isinstance(neutral, bool) or neutral is None:
         return value is neutral
     return type(value) in (int, float) and value == neutral
-
-
-class BadRequest(Exception):
-    pass
 
 
 def _number(doc: dict, key: str, default: float, low: float, high: float,
@@ -188,11 +185,11 @@ def routes(service: Service, body) -> list[Route]:
                 raise BadRequest(f"the body is not JSON: {str(e)[:200]}") from None
             prompt, max_tokens, sampling, stops, stream = parse(doc, service, chat)
             run = _Run(service, prompt, max_tokens, sampling, stops)
-        except BadRequest as e:
+        except BadRequest as e:  # a bad field (400), or a body over the limit (413)
             service.count_outcome("invalid")
-            return JSONResponse({"error": str(e)}, status_code=400)
+            return error_response(str(e), e.status)
         except ServiceError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+            return refused(e)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
         if stream:
@@ -204,7 +201,7 @@ def routes(service: Service, body) -> list[Route]:
             async for piece, new, finish in run.pieces():
                 text, ids, reason = text + piece, ids + new, finish or reason
         except ServiceError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            return refused(e)
         choice = {"index": 0, "finish_reason": reason, "token_ids": ids}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else
                       {"text": text, "logprobs": None})
@@ -228,13 +225,16 @@ async def _sse(run: _Run, ident: str, created: int, model: str, chat: bool
                ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(piece: str, ids: list[int], finish: str | None) -> bytes:
+    def chunk(piece: str, ids: list[int], finish: str | None, role: bool = False) -> bytes:
         choice = {"index": 0, "finish_reason": finish, "token_ids": ids}
-        choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+        delta = {"role": "assistant", "content": piece} if role else {"content": piece}
+        choice.update({"delta": delta} if chat else {"text": piece})
         doc = {"id": ident, "object": kind, "created": created, "model": model,
                "choices": [choice]}
         return f"data: {json.dumps(doc)}\n\n".encode()
 
+    if chat:  # as OpenAI's stream does: the role first, in a delta of its own
+        yield chunk("", [], None, role=True)
     try:
         async for piece, ids, finish in run.pieces():
             yield chunk(piece, ids, finish)

@@ -68,3 +68,16 @@ def test_plan_of_a_language_model_says_how_much_kv_cache_fits(tmp_path, capsys):
     assert f"generation: {fits} positions of KV cache fit in each replica" in out
     assert run_cli(["plan", str(ROOT / "graphs/mlp.yaml")]) == 0
     assert "generation" not in capsys.readouterr().out
+
+
+def test_serve_refuses_replicas_that_a_static_plan_would_ignore(tmp_path, capsys):
+    mlp = str(ROOT / "graphs/mlp.yaml")
+    assert run_cli(["plan", mlp, "--replicas", "2", "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    assert run_cli(["serve", mlp, "--plan", str(plan), "--replicas", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--replicas with a plan and the static policy" in err and "Traceback" not in err
+    config = tmp_path / "svc.yaml"  # the static policy of a config file counts too
+    config.write_text(f"spec: {mlp}\nplan: {plan}\nreplicas:\n  policy: static\n")
+    assert run_cli(["serve", "--config", str(config), "--replicas", "1"]) == 2

@@ -16,7 +16,7 @@ import pytest
 from fastserve.errors import ServiceError
 from fastserve.generate import Sampling
 from fastserve.service import Service, ServiceConfig
-from fastserve.service.config import Generation
+from fastserve.service.config import Generation, Limits
 from fastserve.service.http import make_app
 from lms import hf_gpt2, hf_greedy, prompts, small_gpt2
 
@@ -32,8 +32,8 @@ def lm(tmp_path_factory):
 
 
 def config(spec: str) -> ServiceConfig:
-    return ServiceConfig(spec=spec, stages=2, generation=Generation(
-        enabled=True, max_tokens=40, max_seqs=2))
+    return ServiceConfig(spec=spec, stages=2, limits=Limits(max_body_bytes=4096),
+                         generation=Generation(enabled=True, max_tokens=40, max_seqs=2))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,31 @@ def test_chat_and_stop_strings(svc):
     choice = cut.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["message"]["content"] == \
         text[:text.index(stop)]
+
+
+def test_a_chat_stream_gives_the_role_first_then_the_whole_answer(svc):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    whole, streamed = call(svc, ("/v1/chat/completions", body),
+                           ("/v1/chat/completions", {**body, "stream": True}))
+    events = [e.removeprefix("data: ") for e in streamed.text.strip().split("\n\n")]
+    assert events[-1] == "[DONE]"
+    docs = [json.loads(e) for e in events[:-1]]
+    assert {d["object"] for d in docs} == {"chat.completion.chunk"}
+    deltas = [d["choices"][0]["delta"] for d in docs]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all("role" not in d for d in deltas[1:])
+    answer = whole.json()["choices"][0]
+    assert "".join(d["content"] for d in deltas) == answer["message"]["content"]
+    assert sum((d["choices"][0]["token_ids"] for d in docs), []) == answer["token_ids"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_body_over_the_limit_gets_413_and_the_service_keeps_serving(svc, path):
+    big = {"prompt": "x" * 5000, "messages": [{"role": "user", "content": "x" * 5000}]}
+    answer, = call(svc, (path, big))
+    assert answer.status_code == 413 and "limits.max_body_bytes" in answer.json()["error"]
+    ok, = call(svc, ("/v1/completions", {"prompt": "hi", "max_tokens": 2}))
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2
 
 
 @pytest.mark.parametrize("body,words", [
