@@ -83,7 +83,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
         batch=batch, latency_ms=latency_ms, strategy=strategy, threads=threads,
         transport=transport), profile)
     for stage in widen_stages:
-        chosen = widen(chosen, stage)
+        chosen = widen(chosen, stage, inventory)
     if picture:
         from fastserve.resources.drawing import draw_plan
 

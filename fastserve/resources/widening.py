@@ -11,6 +11,10 @@ The predictions of a widened plan are the planner's, rescaled: a stage's time pe
 (compute and transfer) is shared by its ranks, and the replica's steady throughput follows its
 slowest stage (:func:`fastserve.resources.costmodel.steady_throughput`). Latency is unchanged:
 one micro-batch still crosses every stage.
+
+Given the inventory, an added rank goes where its threads and shard fit beside the ranks
+already there (its stage's host first, else the host with the most cores free); without one,
+or where nothing fits, it joins its stage's first rank.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 from dataclasses import replace
 
 from fastserve.errors import PlanFileError
+from fastserve.resources.inventory import Inventory
 from fastserve.resources.plan import MAX_WIDTH, Plan, RankPlan
 
 
@@ -33,23 +38,59 @@ def _pace(plan: Plan, widths: list[int]) -> float:
     return max(stage_seconds(plan, k, w) for k, w in enumerate(widths))
 
 
-def with_widths(plan: Plan, widths: tuple[int, ...] | list[int]) -> Plan:
-    """``plan`` with ``widths`` ranks per stage: each replica's ranks renumbered, an added
-    rank placed like its stage's first rank, the throughput rescaled."""
+def with_widths(plan: Plan, widths: tuple[int, ...] | list[int],
+                inventory: Inventory | None = None, busy: tuple[RankPlan, ...] = ()) -> Plan:
+    """``plan`` with ``widths`` ranks per stage: each replica's ranks renumbered, the ranks a
+    stage keeps where they were, an added rank placed by :meth:`_Room.place` (``busy``: ranks
+    of other deployments on ``inventory``'s hosts), the throughput rescaled."""
     widths = list(widths)
     if len(widths) != plan.stages or min(widths) < 1 or max(widths) > MAX_WIDTH:
         raise PlanFileError(f"widths must give each of the {plan.stages} stage(s) 1 to "
                             f"{MAX_WIDTH} ranks, not {widths}")
+    kept = [plan.stage_ranks(r, k)[:w] for r in range(plan.replicas)
+            for k, w in enumerate(widths)]
+    room = _Room(inventory, plan.transport, [*busy, *(x for stage in kept for x in stage)]) \
+        if inventory is not None else None
     ranks: list[RankPlan] = []
-    for r in range(plan.replicas):
-        for k, w in enumerate(widths):
-            first = plan.stage_ranks(r, k)[0]
-            ranks += [replace(first, rank=len(ranks) + i) for i in range(w)]
+    for stage, w in zip(kept, widths * plan.replicas):
+        for i in range(w):
+            rank = stage[i] if i < len(stage) else \
+                replace(stage[0], host=room.place(stage[0]) if room else stage[0].host)
+            ranks.append(replace(rank, rank=len(ranks)))
     throughput = plan.throughput * speedup(plan, widths)
     slowest = max(range(plan.stages), key=lambda k: stage_seconds(plan, k, widths[k]))
     stages = tuple(replace(s, bottleneck=k == slowest) for k, s in enumerate(plan.stage_plans))
     return replace(plan, ranks=tuple(ranks), stage_plans=stages, throughput=throughput,
                    widths=tuple(widths) if max(widths) > 1 else (), alternatives=())
+
+
+class _Room:
+    """Cores and memory left on each host an added rank may go to (every host of the
+    inventory; on ipc, only those whose ranks start here)."""
+
+    def __init__(self, inventory: Inventory, transport: str, used) -> None:
+        self.free = {h.name: [h.cores, h.memory_bytes] for h in inventory.hosts
+                     if transport != "ipc" or h.launcher == "local"}
+        for r in used:
+            if r.host in self.free:
+                self.free[r.host][0] -= r.threads
+                self.free[r.host][1] -= r.memory_bytes
+
+    def place(self, like: RankPlan) -> str:
+        """The host for another rank of ``like``'s stage: its own host while the rank fits
+        there, else the host with the most cores free that it fits (the first such in the
+        inventory), else its own (oversubscribed, as with no inventory)."""
+        def fits(host: str) -> bool:
+            cores, memory = self.free.get(host, (0, 0))
+            return cores >= like.threads and memory >= like.memory_bytes
+
+        hosts = [h for h in self.free if fits(h)]
+        host = like.host if fits(like.host) or not hosts else \
+            max(hosts, key=lambda h: self.free[h][0])
+        if host in self.free:
+            self.free[host][0] -= like.threads
+            self.free[host][1] -= like.memory_bytes
+        return host
 
 
 def speedup(plan: Plan, widths: tuple[int, ...] | list[int]) -> float:
@@ -59,13 +100,14 @@ def speedup(plan: Plan, widths: tuple[int, ...] | list[int]) -> float:
     return _pace(plan, [plan.width(k) for k in range(plan.stages)]) / new if new > 0 else 1.0
 
 
-def widen(plan: Plan, stage: int) -> Plan:
-    """``plan`` with one more rank on ``stage`` in every replica."""
+def widen(plan: Plan, stage: int, inventory: Inventory | None = None) -> Plan:
+    """``plan`` with one more rank on ``stage`` in every replica (placed on ``inventory`` as
+    :func:`with_widths` says)."""
     if not 0 <= stage < plan.stages:
         raise PlanFileError(f"the plan has stages 0 to {plan.stages - 1}, not {stage}")
     widths = [plan.width(k) for k in range(plan.stages)]
     widths[stage] += 1
-    return with_widths(plan, widths)
+    return with_widths(plan, widths, inventory)
 
 
 def widen_choice(plan: Plan) -> int | None:

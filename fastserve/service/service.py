@@ -397,7 +397,10 @@ class Service:
     def _start_replica(self) -> None:
         lim = self.config.limits
         index = self._next_index
-        plan = with_widths(self.replica_plans[index % len(self.replica_plans)], self.widths)
+        # an added rank of a widened stage goes where the running replicas leave room
+        busy = tuple(r for rep in self.running_replicas() for r in rep.plan.ranks)
+        plan = with_widths(self.replica_plans[index % len(self.replica_plans)], self.widths,
+                           self.inventory, busy)
         kind, extra = Replica, {}
         if self.generating:
             g = self.config.generation

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,17 +155,18 @@ def test_replicas_over_three_hosts_equal_the_reference(cluster):
 
 
 def test_a_widened_stage_over_hosts_equals_the_reference(cluster):
-    """Stage 1 widened, its second rank on the third host: the first stage's output fans out
-    over two CURVE links to two hosts, and both results come back to the coordinator."""
+    """Stage 1 widened: its second rank goes to the third host, the one with a core free,
+    so the first stage's output fans out over two CURVE links to two hosts, and both results
+    come back to the coordinator."""
     agents, keys = cluster
     graph = G.load(str(ROOT / "graphs/mlp.yaml"))
     x = G.random_inputs(graph, 16, seed=4)
     inventory = _inventory(agents)
     chosen = plan(graph, inventory, constraints=Constraints(
         transport="tcp", threads=1, stages=2, replicas=1, batch=16, micro_batches=8))
-    wide = widen(chosen, 1)
+    wide = widen(chosen, 1, inventory)
     spare = ({"a", "b", "c"} - {r.host for r in chosen.ranks}).pop()
-    wide = replace(wide, ranks=(*wide.ranks[:2], replace(wide.ranks[2], host=spare)))
+    assert wide.ranks[2].host == spare and wide.ranks[:2] == chosen.ranks
     with Deployment(graph, wide, inventory=inventory, keys=load_keys(keys, "coordinator"),
                     timeout=60) as dep:
         out = dep.run(x)

@@ -12,7 +12,7 @@ import pytest
 
 import fastserve.graph as G
 from fastserve.errors import PlanFileError
-from fastserve.resources.inventory import local_inventory
+from fastserve.resources.inventory import Host, Inventory, local_inventory
 from fastserve.resources.plan import Plan, check_plan
 from fastserve.resources.planner import Constraints, plan
 from fastserve.resources.widening import (layout_for, speedup, stage_seconds, widen,
@@ -55,6 +55,48 @@ def test_widen_adds_a_rank_to_the_stage_of_every_replica(graph):
     for bad in [(1, 1), (1, 0, 1), (1, 65, 1)]:
         with pytest.raises(PlanFileError, match="1 to 64 ranks"):
             with_widths(base, bad)
+
+
+GiB = 1 << 30
+
+
+def _on_hosts(graph, transport="tcp") -> tuple[Plan, Inventory]:
+    """A 2-stage plan whose stage 0 (2 threads) fills host a and whose stage 1 (1 thread)
+    leaves a core free on b; c is idle with 4 cores, d is idle and has no memory to spare."""
+    base = _plan(graph, stages=2)
+    ranks = (replace(base.ranks[0], host="a", threads=2, memory_bytes=GiB),
+             replace(base.ranks[1], host="b", threads=1, memory_bytes=GiB))
+    hosts = (Host("a", "10.0.0.1", 2, 8 * GiB, launcher="agent"),
+             Host("b", "10.0.0.2", 2, 8 * GiB, launcher="agent"),
+             Host("c", "10.0.0.3", 4, 8 * GiB, launcher="agent"),
+             Host("d", "10.0.0.4", 8, GiB // 2, launcher="agent"))
+    return replace(base, ranks=ranks, transport=transport), Inventory("lab", hosts)
+
+
+def test_an_added_rank_goes_where_its_threads_and_shard_fit(graph):
+    base, inventory = _on_hosts(graph)
+
+    def hosts(p: Plan) -> list[list[str]]:
+        return [[r.host for r in p.stage_ranks(0, k)] for k in range(p.stages)]
+
+    # stage 0 fills a: its ranks go to c (the most cores free) until c is full, then back to
+    # a (nothing fits: oversubscribed, as without an inventory); d lacks the memory
+    assert hosts(with_widths(base, (2, 1), inventory)) == [["a", "c"], ["b"]]
+    assert hosts(with_widths(base, (4, 1), inventory)) == [["a", "c", "c", "a"], ["b"]]
+    # stage 1's host has a core free: its own host first
+    assert hosts(widen(base, 1, inventory)) == [["a"], ["b", "b"]]
+    assert hosts(with_widths(base, (1, 3), inventory)) == [["a"], ["b", "b", "c"]]
+    # the ranks a stage keeps stay where they are
+    wide = with_widths(base, (3, 1), inventory)
+    assert hosts(with_widths(wide, (2, 1), inventory)) == [["a", "c"], ["b"]]
+    # ranks of other deployments take room too
+    busy = (replace(base.ranks[0], host="c", threads=3),)
+    assert hosts(with_widths(base, (3, 1), inventory, busy)) == [["a", "a", "a"], ["b"]]
+    # without an inventory, or on ipc (only hosts whose ranks start here), beside the first
+    assert hosts(with_widths(base, (2, 1))) == [["a", "a"], ["b"]]
+    ipc, _ = _on_hosts(graph, "ipc")
+    assert hosts(with_widths(ipc, (2, 1), inventory)) == [["a", "a"], ["b"]]
+    check_plan(with_widths(base, (4, 1), inventory), graph)
 
 
 def test_a_widened_stage_shares_its_time_and_the_throughput_follows_the_slowest(graph):
