@@ -280,7 +280,11 @@ def sample(logits: torch.Tensor, sampling: Sequence[Sampling], positions: Sequen
         if s.temperature == 0.0:
             out[i] = int(torch.argmax(row))
             continue
-        row = row.float() / s.temperature
+        # from the largest logit down, in float64, so that no temperature in range overflows
+        # or rounds to zero (1e-300 would make the logits infinite, the probabilities NaN):
+        # the same softmax, and the largest logit's token alone as the temperature nears 0
+        row = row.double()
+        row = (row - row.max()) / s.temperature
         if 0 < s.top_k < row.numel():
             kth = torch.topk(row, s.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -56,8 +56,11 @@ def error_response(message: str, status: int) -> JSONResponse:
 
 
 def refused(e: ServiceError) -> JSONResponse:
-    """``e`` as an answer: its status, its headers (Retry-After for a 503)."""
-    return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+    """``e`` as an answer: its status, its headers (Retry-After for a 503). A message that
+    quotes a client's text may hold lone surrogates (JSON's ``\\ud800``), which UTF-8 cannot
+    carry: they are written as escapes."""
+    message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": message}, status_code=e.status, headers=e.headers)
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -63,38 +63,55 @@ def _number(doc: dict, key: str, default: float, low: float, high: float,
     return v
 
 
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text that UTF-8 can carry: JSON's ``\\ud800`` escapes
+    decode to lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _stops(doc: dict) -> list[str]:
     v = doc.get("stop")
     if v is None:
         return []
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(
-            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and _unicode(s)
+            for s in stops):
         raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} strings "
-                         f"of 1 to {MAX_STOP_CHARS} characters")
+                         f"of 1 to {MAX_STOP_CHARS} characters (Unicode text)")
     return stops
+
+
+def _message(m: Any) -> bool:
+    return isinstance(m, dict) and set(m) <= {"role", "content", "name"} and \
+        m.get("role") in ROLES and isinstance(m.get("content"), str) and \
+        _unicode(m["content"]) and (isinstance(m.get("name", ""), str)
+                                    and _unicode(m.get("name", "")))
 
 
 def _prompt_of(doc: dict, service: Service, chat: bool) -> list[int]:
     if chat:
         messages = doc.get("messages")
-        if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES or not all(
-                isinstance(m, dict) and set(m) <= {"role", "content", "name"}
-                and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                for m in messages):
+        if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES or \
+                not all(_message(m) for m in messages):
             raise BadRequest(f"'messages' must be a list of 1 to {MAX_MESSAGES} "
-                             f"{{role: {'|'.join(ROLES)}, content: text}}")
+                             f"{{role: {'|'.join(ROLES)}, content: text, name: text "
+                             f"(optional)}} (Unicode text)")
         try:
             return service.tokenizer.chat(messages)
         except ValueError as e:
             raise BadRequest(str(e)) from None
     prompt = doc.get("prompt")
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and _unicode(prompt):
         return service.tokenizer.encode(prompt)
     if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
-    raise BadRequest("'prompt' must be text or a non-empty list of token ids")
+    raise BadRequest("'prompt' must be Unicode text or a non-empty list of token ids")
 
 
 def parse(doc: Any, service: Service, chat: bool) -> tuple[list[int], int, Sampling, list[str],
@@ -178,6 +195,9 @@ def routes(service: Service, body) -> list[Route]:
 
     async def handle(request: Request, chat: bool) -> Response:
         try:
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind not in ("application/json", ""):
+                raise BadRequest(f"content type {kind[:80]!r}: send application/json", 415)
             raw = await body(request, service.config.limits.max_body_bytes)
             try:
                 doc = json.loads(raw)

@@ -365,3 +365,12 @@ def test_sampling_accepts_its_bounds_and_goes_on_the_wire():
     for s in (Sampling(0.0, 0, 1.0, 0), Sampling(100.0, 1 << 31, 1e-12, (1 << 63) - 1)):
         assert Sampling(*s.to_wire()) == s
     assert Sampling(0.7, 40, 0.9, 5).to_wire() == [0.7, 40, 0.9, 5]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_temperature_near_zero_samples_the_largest_logit_not_nan(temperature):
+    # float32 logits divided by these overflow to infinity (or by a float32 zero): the
+    # probabilities must still be defined, all on the largest logit
+    logits = torch.tensor([[1.0, 3.5, -2.0, 3.25], [0.0, -1.0, 7.0, 6.5]])
+    got = sample(logits, [Sampling(temperature, seed=s) for s in (1, 2)], [0, 3])
+    assert got.tolist() == [1, 2]
