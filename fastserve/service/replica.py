@@ -26,7 +26,7 @@ import torch
 
 from fastserve.engine.coordinator import WorkItem, stage_path
 from fastserve.engine.deployment import Deployment
-from fastserve.errors import EngineError, FastServeError, RankError, ServiceError
+from fastserve.errors import EngineError, RankError, ServiceError
 from fastserve.resources.plan import Plan
 from fastserve.service.queue import Request, RequestQueue
 
@@ -75,6 +75,7 @@ class Replica(threading.Thread):
         super().__init__(name=f"replica-{index}", daemon=True)
         self.index = index
         self.plan = plan
+        self.slot = 0  # which of the service plan's replicas' places it runs on
         self._start_deployment = start_deployment
         self.queue = queue
         self.batched = set(batched)
@@ -112,36 +113,50 @@ class Replica(threading.Thread):
     # --- the thread ----------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._live()
+        finally:  # whatever ended it, its ranks stop and what it held goes back to the queue
+            self._shutdown()
+            if self.state != "failed":
+                self.state = "stopped"
+
+    def _live(self) -> None:
         failures = 0
         # a drained replica ends once its deployment has answered what it held
         while not self._halt.is_set() and (self.dep is not None or not self._drain.is_set()):
             try:
                 if self.dep is None:
                     self.dep = self._start_deployment()
-                    self.state = "draining" if self._drain.is_set() else "ready"
+                    # state first, then the flag: drain() sets the flag, then the state, so
+                    # either order of the two threads ends in "draining"
+                    self.state = "ready"
+                    if self._drain.is_set():
+                        self.state = "draining"
                     self.on_event("ready", {"replica": self.index})
                 if self._serve():
                     failures = 0
                 if self._drain.is_set():
                     break
-            except (FastServeError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 (a replica that dies silently strands work)
                 if self._answered:  # the failed deployment had served: a new run of failures
                     failures = 0
                     self._answered = False
                 failures += 1
                 self._failed(e)
+                if self._drain.is_set():  # going away anyway: not a restart, not a failure
+                    break
                 if failures > self.restart_budget:
                     self.state = "failed"
                     self.on_event("failed", {"replica": self.index, "error": str(e)})
                     break
                 self.restarts += 1
                 self.state = "restarting"
+                if self._drain.is_set():
+                    self.state = "draining"
+                    break
                 self.on_event("restart", {"replica": self.index, "error": str(e)})
                 # back-off: 0.25, 0.5, 1, 2, 4 s, then 5 s
                 self._halt.wait(min(5.0, 0.25 * 2 ** (failures - 1)))
-        self._shutdown()
-        if self.state != "failed":
-            self.state = "stopped"
 
     def _serve(self) -> bool:
         """Serve until asked to stop or drained; True if at least one batch was answered."""
@@ -217,7 +232,7 @@ class Replica(threading.Thread):
         for r in batch:
             r.fail(ServiceError(f"the model failed on this request: {e}", 500))
 
-    def _failed(self, error: FastServeError | OSError) -> None:
+    def _failed(self, error: Exception) -> None:
         """The deployment failed: put back what it held (or fail it after ``attempts`` runs),
         stop its ranks."""
         self.last_error = str(error)

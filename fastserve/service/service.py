@@ -56,6 +56,12 @@ def replica_plan(full: Plan, replica: int) -> Plan:
                    alternatives=())
 
 
+def _ranks_of(replica: Replica) -> list[dict]:
+    dep = replica.dep  # once: its thread sets it to None when the deployment stops
+    return [{"rank": k.config.rank, "name": k.name} for k in (dep.ranks if dep else [])
+            if k is not None]
+
+
 def make_policy(cfg: ServiceConfig) -> Policy:
     r = cfg.replicas
     if r.policy == "static":
@@ -170,19 +176,21 @@ class Service:
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop admitting; with ``drain``, answer what was admitted first (up to ``timeout``
         seconds); then stop every replica. Whatever is left gets a 503."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
+        with self._lock:  # once set, scale() starts nothing: these are all the replicas
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            replicas = list(self.replicas)
         self.queue.close("the service is stopping")
         if drain:
             deadline = time.monotonic() + timeout
-            while (len(self.queue) or any(r.held for r in self.replicas)) and \
-                    any(r.state in ("ready", "restarting", "starting") for r in self.replicas) \
+            while (len(self.queue) or any(r.held for r in replicas)) and \
+                    any(r.state in ("ready", "restarting", "starting") for r in replicas) \
                     and time.monotonic() < deadline:
                 time.sleep(0.02)
-        for r in self.replicas:
+        for r in replicas:
             r.stop()
-        for r in self.replicas:
+        for r in replicas:
             r.join(timeout=30)
         self.queue.drain(ServiceError("the service stopped before a replica took the request",
                                       503))
@@ -352,13 +360,12 @@ class Service:
         if not 1 <= units <= limit:
             raise ServiceError(f"replicas must be between 1 and {limit} "
                                f"(replicas.max), not {units}", 400)
-        replicas, widths = self.layout(units)
         with self._lock:
-            for r in self.replicas:
-                if not r.is_alive() and r.state != "failed":  # ended: keep what it counted
-                    self._retired.update(self._seconds_of(r))
-                    self._retired_restarts += r.restarts
-            self.replicas = [r for r in self.replicas if r.is_alive() or r.state == "failed"]
+            if self._stopping.is_set():
+                raise ServiceError("the service is stopping", 503)
+            replicas, widths = self.layout(units)  # (widening may have just been given up)
+            # ended replicas go, failed ones too: the replicas started below replace them
+            self._forget([r for r in self.replicas if not r.is_alive()])
             current = self._current()
             before = (len(current), self.widths)
             if widths != self.widths:
@@ -386,6 +393,14 @@ class Service:
                                   "widths": list(widths), "reason": reason})
         return units
 
+    def _forget(self, ended: list[Replica]) -> None:
+        """Drop ``ended`` replicas from the list, keeping what they counted (under the
+        lock)."""
+        for r in ended:
+            self._retired.update(self._seconds_of(r))
+            self._retired_restarts += r.restarts
+        self.replicas = [r for r in self.replicas if r not in ended]
+
     @staticmethod
     def _widths_of(replica: Replica) -> tuple[int, ...]:
         return tuple(replica.plan.width(k) for k in range(replica.plan.stages))
@@ -397,10 +412,14 @@ class Service:
     def _start_replica(self) -> None:
         lim = self.config.limits
         index = self._next_index
-        # an added rank of a widened stage goes where the running replicas leave room
-        busy = tuple(r for rep in self.running_replicas() for r in rep.plan.ranks)
-        plan = with_widths(self.replica_plans[index % len(self.replica_plans)], self.widths,
-                           self.inventory, busy)
+        live = [r for r in self.replicas if r.is_alive() and r.state != "failed"]
+        # the place of the plan's replica that the fewest staying replicas use
+        used = Counter(r.slot for r in live if r.state != "draining")
+        slot = min(range(len(self.replica_plans)), key=lambda k: (used[k], k))
+        # an added rank of a widened stage goes where the live replicas (draining ones too:
+        # their ranks hold cores until they end) leave room
+        busy = tuple(k for r in live for k in r.plan.ranks)
+        plan = with_widths(self.replica_plans[slot], self.widths, self.inventory, busy)
         kind, extra = Replica, {}
         if self.generating:
             g = self.config.generation
@@ -409,6 +428,7 @@ class Service:
         rep = kind(index, lambda p=plan: self._deploy(p), self.queue, self.batched,
                    hang_s=lim.hang_s, restart_budget=lim.restart_budget,
                    attempts=lim.attempts, on_event=self._event, plan=plan, **extra)
+        rep.slot = slot
         self._next_index += 1
         self.replicas.append(rep)
         rep.start()
@@ -429,7 +449,7 @@ class Service:
             elif not current:
                 failed = [r for r in self.replicas if r.state == "failed"
                           and r not in self._retiring]
-                self.replicas = [r for r in self.replicas if r not in failed]
+                self._forget(failed)
                 self.widths = self._widths_of(self._retiring[0])
                 self.widen = False
                 event = "widening failed"
@@ -453,7 +473,8 @@ class Service:
                     next_step += interval
                     self._autoscale_step(interval)
             except Exception as e:  # noqa: BLE001
-                self.progress(f"a maintenance step failed: {type(e).__name__}: {e}")
+                if not self._stopping.is_set():
+                    self.progress(f"a maintenance step failed: {type(e).__name__}: {e}")
 
     def _autoscale_step(self, interval: float) -> None:
         """The load as demand in replicas, one policy step, scale to it."""
@@ -518,9 +539,8 @@ class Service:
                           "widths": list(self._widths_of(r)),
                           "hosts": [k.host for k in r.plan.ranks],
                           "restarts": r.restarts, "last_error": r.last_error,
-                          "ranks": [{"rank": k.config.rank, "name": k.name}
-                                    for k in (r.dep.ranks if r.dep else []) if k is not None]}
-                         for r in self.replicas],
+                          "ranks": _ranks_of(r)}
+                         for r in list(self.replicas)],
             "generation": {"scheduler": self.config.generation.scheduler,
                            "max_seqs": self.config.generation.max_seqs,
                            "tokenizer": self.tokenizer.name} if self.generating else None,

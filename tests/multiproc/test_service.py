@@ -444,3 +444,66 @@ def test_a_killed_rank_of_a_widened_stage_loses_no_request_and_the_replica_comes
         assert load.answered == load.sent
         assert len(replica.dep.ranks) == 3 and victim not in rank_pids(svc)
         assert svc.status()["replicas"][0]["widths"] == [1, 2]
+
+
+def test_a_set_asked_back_whose_start_then_fails_is_neither_a_restart_nor_a_failure(tmp_path):
+    """The widened set is asked back while it starts, and its start then fails: a replica
+    draining anyway just ends, so the service stays ready and counts no restart."""
+    path = skewed_plan(tmp_path)
+
+    class SlowToFail(Service):
+        def _deploy(self, p):
+            if p.widths:
+                time.sleep(1.0)  # asked back meanwhile
+                raise EngineError("no room for a widened stage")
+            return super()._deploy(p)
+
+    cfg = ServiceConfig(spec=MLP, plan=str(path), replicas=Replicas(max=2, widen=True),
+                        limits=Limits(restart_budget=0))
+    with SlowToFail(cfg) as svc:
+        svc.scale(2)
+        [starting] = [r for r in svc.replicas if r.plan.widths]
+        svc.scale(1)
+        wait_for(lambda: not starting.is_alive(), 10, "the starting replica ends")
+        assert starting.state == "stopped" and starting.restarts == 0
+        assert svc.ready and svc.status()["restarts"] == 0
+        torch.testing.assert_close(svc.infer(random_inputs(svc.graph, 1, seed=5), timeout=30)
+                                   ["head"], reference(svc.graph, random_inputs(
+                                       svc.graph, 1, seed=5))["head"])
+
+
+def test_a_failed_replica_is_replaced_by_the_policy_and_the_service_is_ready_again():
+    cfg = ServiceConfig(spec=MLP, replicas=Replicas(policy="dynamic", min=1, max=2,
+                                                    interval_s=0.2),
+                        limits=Limits(restart_budget=0))
+    with Service(cfg) as svc:
+        x = random_inputs(svc.graph, 1)
+        [first] = svc.replicas
+        os.kill(rank_pids(svc)[0], signal.SIGKILL)
+        wait_for(lambda: first.state == "failed", 5, "the replica gives up")
+        wait_for(lambda: svc.ready, 30, "a replacement is ready")
+        assert first not in svc.replicas and svc.status()["restarts"] == 0
+        torch.testing.assert_close(svc.infer(x, timeout=30)["head"],
+                                   reference(svc.graph, x)["head"])
+
+
+def test_scaling_reuses_the_plan_place_left_free_and_nothing_starts_after_stop(tmp_path):
+    graph = compile_graph(load_spec(MLP))
+    chosen = plan(graph, local_inventory(), constraints=Constraints(
+        replicas=2, stages=1, threads=1, batch=8))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(chosen.document(graph)))
+    svc = Service(ServiceConfig(spec=MLP, plan=str(path))).start()
+    try:
+        assert sorted(r.slot for r in svc.replicas) == [0, 1]
+        svc.scale(1)  # the newest drains: place 1 is free again
+        svc.scale(2)
+        wait_for(lambda: sum(r.is_alive() for r in svc.replicas) == 2, 10, "the drain ends")
+        assert sorted(r.slot for r in svc.replicas if r.is_alive()) == [0, 1]
+    finally:
+        svc.stop(drain=False)
+    pids = rank_pids(svc)
+    with pytest.raises(ServiceError) as e:
+        svc.scale(2)
+    assert e.value.status == 503 and "stopping" in str(e.value)
+    assert all(not r.is_alive() for r in svc.replicas) and rank_pids(svc) == pids == []
