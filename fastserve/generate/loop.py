@@ -150,9 +150,14 @@ class Generator:
         if cancel:
             for sid in list(self._seqs):
                 self.cancel(sid)
-        while self._seqs or self._flight or any(self._free):
+        while not self.idle:
             events += self.poll()
         return events + self.poll()
+
+    @property
+    def idle(self) -> bool:
+        """No sequence left, nothing in flight, no cache left to drop."""
+        return not (self._seqs or self._flight or any(self._free))
 
     def kv_in_use(self) -> int:
         """Positions the caches hold for running sequences (all replicas)."""

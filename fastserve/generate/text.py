@@ -111,8 +111,9 @@ class TextStream:
         if self.stopped:
             return self._take(text, len(text))
         hold = max([len(s) - 1 for s in self.stop] + [0])
-        if text.endswith("\ufffd"):  # a character still coming
-            hold = max(hold, 1)
+        # a character still coming: byte-level decoders show one U+FFFD for its bytes so far,
+        # byte-fallback ones (Llama's) one per byte, and both give the character once whole
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
         return self._take(text, max(self.sent, len(text) - hold))
 
     def flush(self) -> str:

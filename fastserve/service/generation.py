@@ -46,6 +46,7 @@ class Completion:
     samples: int = 1  # what the queue counts
     shape: tuple = ("completion",)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    gone: bool = False  # cancelled because its caller went away (not answered: not "ok")
     _ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,8 +74,10 @@ class Completion:
     def fail(self, error: ServiceError) -> bool:
         return self._close("error", error)
 
-    def cancel(self) -> None:
-        """The caller needs no more (a stop string, or it went away)."""
+    def cancel(self, gone: bool = False) -> None:
+        """The caller needs no more: a stop string, or (``gone``) it went away."""
+        if gone and not self._ended:
+            self.gone = True
         self.cancelled.set()
 
     def _close(self, kind: str, value: Any) -> bool:
@@ -140,8 +143,9 @@ class GenerationReplica(Replica):
             elif not self._active and busy_since is not None:
                 self.busy_s += time.monotonic() - busy_since
                 busy_since = None
-            if self._drain.is_set() and not self._active:
-                gen.drain()
+            # drained once the ranks have dropped every cache; waiting for that here, not in
+            # gen.drain(), keeps the stall and health checks below on a rank that hangs
+            if self._drain.is_set() and not self._active and gen.idle:
                 return answered
             if pipe.flow.stalled():
                 raise EngineError(f"no result for {dep.timeout:.0f} s although the ranks "
@@ -152,7 +156,7 @@ class GenerationReplica(Replica):
         return answered
 
     def _admit(self, gen: Generator, c: Completion) -> None:
-        c.taken = time.monotonic()
+        c.taken = c.taken or time.monotonic()  # (its queue time ends once, when first taken)
         if c.ended:
             return
         if c.cancelled.is_set() or len(c.sent) >= c.max_tokens:
@@ -164,11 +168,17 @@ class GenerationReplica(Replica):
             c.fail(ServiceError(f"cannot generate: {e}", 400))
             return
         self._active[sid] = c
+        self.held = len(self._active)  # at once: a drain must not miss it
 
     def _take_held(self) -> list[Completion]:
         """The completions in flight, which go back to the queue with the tokens they have
-        sent when the deployment fails (:meth:`Replica._failed`)."""
+        sent when the deployment fails (:meth:`Replica._failed`). Each gets its time in the
+        queue again from now: its admission deadline is long past for a long generation, and
+        its stream goes on where it stopped."""
         held = [c for c in self._active.values() if not c.ended]
+        now = time.monotonic()
+        for c in held:
+            c.deadline = now + (c.deadline - c.accepted)
         self._active = {}
         self.held = 0
         return held

@@ -157,6 +157,7 @@ class _Run:
         self.text = TextStream(service.tokenizer, stops)
         self.wait_s = service.config.limits.deadline_s + service.config.limits.hang_s + 5
         eos = service.tokenizer.eos_token_id
+        self.eos = {eos} if eos is not None else set()
         self.completion = service.complete(
             prompt, lambda kind, value: loop.call_soon_threadsafe(
                 self.events.put_nowait, (kind, value)),
@@ -165,28 +166,35 @@ class _Run:
 
     async def pieces(self) -> AsyncIterator[tuple[str, list[int], str | None]]:
         """(new text, new token ids, finish reason or None) as tokens come."""
+        answered = False
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(self.events.get(), self.wait_s)
                 except asyncio.TimeoutError:
-                    raise ServiceError("no token within the deadline", 504) from None
+                    error = ServiceError("no token within the deadline", 504)
+                    self.completion.fail(error)  # counted as a timeout, then cancelled below
+                    raise error from None
                 if kind == "error":
                     raise value
                 if kind == "token":
                     if self.text.stopped:
                         continue
+                    if value in self.eos:  # its id is reported, its text is not the answer's
+                        yield "", [value], None
+                        continue
                     piece = self.text.add(value)
                     if self.text.stopped:
-                        self.completion.cancel()
+                        answered = True
                         yield piece, [value], "stop"
                         return
                     yield piece, [value], None
                 else:
+                    answered = True
                     yield self.text.flush(), [], "length" if value == "length" else "stop"
                     return
-        finally:
-            self.completion.cancel()  # nothing more is read: a client gone, or the end
+        finally:  # nothing more is read: the answer is whole, or its client went away
+            self.completion.cancel(gone=not answered)
 
 
 def routes(service: Service, body) -> list[Route]:
@@ -217,11 +225,14 @@ def routes(service: Service, body) -> list[Route]:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text, ids, reason = "", [], None
+        watch = asyncio.create_task(_until_gone(request, run))
         try:
             async for piece, new, finish in run.pieces():
                 text, ids, reason = text + piece, ids + new, finish or reason
         except ServiceError as e:
             return refused(e)
+        finally:
+            watch.cancel()
         choice = {"index": 0, "finish_reason": reason, "token_ids": ids}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else
                       {"text": text, "logprobs": None})
@@ -239,6 +250,14 @@ def routes(service: Service, body) -> list[Route]:
 
     return [Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+
+
+async def _until_gone(request: Request, run: _Run) -> None:
+    """Cancel ``run`` when its client disconnects before the whole answer is ready (a
+    streamed answer notices by its writes failing)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.completion.cancel(gone=True)
 
 
 async def _sse(run: _Run, ident: str, created: int, model: str, chat: bool

@@ -145,6 +145,7 @@ class Service:
         self.outcomes: Counter = Counter()
         self.events: list[dict] = []  # the last scale and restart events, for status
         self._lock = threading.Lock()
+        self._counting = threading.Lock()
         self._stopping = threading.Event()
         self._arrived = 0  # samples admitted, for the policy's demand
         self._next_index = 0
@@ -261,6 +262,8 @@ class Service:
                 if len(completion.sent) == 1:
                     self.metrics.first_token.observe(completion.first_token -
                                                      completion.accepted)
+            elif kind == "done" and completion.gone:
+                self.count_outcome("cancelled")
             elif kind == "done":
                 self.count_outcome("ok")
                 self.metrics.latency.observe(time.monotonic() - completion.accepted)
@@ -282,8 +285,10 @@ class Service:
         return completion
 
     def count_outcome(self, outcome: str) -> None:
-        """Count one request's outcome (ok, invalid, overloaded, timeout, error)."""
-        self.outcomes[outcome] += 1
+        """Count one request's outcome (ok, invalid, overloaded, timeout, error, cancelled:
+        a completion whose caller went away)."""
+        with self._counting:  # from the event loop and every replica's thread
+            self.outcomes[outcome] += 1
         self.metrics.requests.labels(outcome).inc()
 
     def infer(self, inputs: Mapping[str, torch.Tensor], timeout: float | None = None

@@ -222,12 +222,18 @@ def test_requests_of_different_lengths_through_a_two_stage_pipeline_each_equal_t
         assert svc.outcomes["ok"] == len(requests)
 
 
-def test_a_plan_file_runs_as_planned_one_service_replica_per_plan_replica(tmp_path):
+def two_replica_plan(tmp_path) -> tuple[object, object, Path]:
+    """The MLP's graph, a plan of 2 one-rank replicas, and its file."""
     graph = compile_graph(load_spec(MLP))
     chosen = plan(graph, local_inventory(), constraints=Constraints(
         replicas=2, stages=1, threads=1, batch=8))
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(chosen.document(graph)))
+    return graph, chosen, path
+
+
+def test_a_plan_file_runs_as_planned_one_service_replica_per_plan_replica(tmp_path):
+    graph, chosen, path = two_replica_plan(tmp_path)
     with Service(ServiceConfig(spec=MLP, plan=str(path))) as svc:
         st = svc.status()
         assert st["ready"] and [r["state"] for r in st["replicas"]] == ["ready", "ready"]
@@ -488,11 +494,7 @@ def test_a_failed_replica_is_replaced_by_the_policy_and_the_service_is_ready_aga
 
 
 def test_scaling_reuses_the_plan_place_left_free_and_nothing_starts_after_stop(tmp_path):
-    graph = compile_graph(load_spec(MLP))
-    chosen = plan(graph, local_inventory(), constraints=Constraints(
-        replicas=2, stages=1, threads=1, batch=8))
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(chosen.document(graph)))
+    _, _, path = two_replica_plan(tmp_path)
     svc = Service(ServiceConfig(spec=MLP, plan=str(path))).start()
     try:
         assert sorted(r.slot for r in svc.replicas) == [0, 1]

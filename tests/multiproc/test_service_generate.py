@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import threading
+import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -154,7 +156,9 @@ def test_a_rank_killed_mid_generation_costs_the_stream_nothing(lm):
         generate_through_a_killed_rank(svc, prompt, expected)
 
 
-def generate_through_a_killed_rank(svc, prompt, expected):
+def generate_through_a_killed_rank(svc, prompt, expected, age_s: float = 0.0):
+    """``age_s``: hold the replica that long before the kill, so that the completion is
+    older than that when it goes back to the queue."""
     restarts = svc.status()["restarts"]
     tokens, ended = [], threading.Event()
     outcome = {}
@@ -163,6 +167,7 @@ def generate_through_a_killed_rank(svc, prompt, expected):
         if kind == "token":
             tokens.append(value)
             if len(tokens) == 5:  # from the replica's own thread: the next step finds it dead
+                time.sleep(age_s)
                 rep = next(r for r in svc.replicas if r.dep is not None)
                 os.kill(rep.dep.ranks[1].process.pid, signal.SIGKILL)
         else:
@@ -174,6 +179,52 @@ def generate_through_a_killed_rank(svc, prompt, expected):
     assert outcome == {"done": "length"}
     assert tokens == expected  # continued from the tokens already sent: no gap, no duplicate
     assert svc.status()["restarts"] == restarts + 1
+
+
+def test_a_generation_older_than_its_deadline_resumes_after_a_killed_rank(lm):
+    """The queue's deadline bounds the wait for a first replica: a generation handed back
+    mid-stream waits for the next one from then, not from its admission."""
+    spec, model = lm
+    prompt = prompts()[1]
+    cfg = replace(config(spec), limits=Limits(max_body_bytes=4096, deadline_s=4.0))
+    with Service(cfg) as svc:
+        generate_through_a_killed_rank(svc, prompt, hf_greedy(model, prompt, 40), age_s=4.5)
+
+
+def test_a_completion_whose_caller_went_away_is_counted_cancelled_not_ok(svc):
+    before = dict(svc.outcomes)
+    ended = threading.Event()
+    c = svc.complete(prompts()[0], lambda kind, value: kind != "token" and ended.set(),
+                     max_tokens=40, sampling=Sampling())
+    c.cancel(gone=True)
+    assert ended.wait(30)
+    assert svc.outcomes["cancelled"] == before.get("cancelled", 0) + 1
+    assert svc.outcomes["ok"] == before.get("ok", 0)
+
+
+def test_the_end_of_sequence_token_is_in_the_ids_not_in_the_text(lm, tmp_path):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    spec, model = lm
+    # a prompt whose greedy tokens include, third or later, one not said before: the EOS
+    prompt, greedy, eos = next((p, g, t) for p in [*prompts(), [5, 6, 7]]
+                               for g in [hf_greedy(model, p, 6)]
+                               for t in g if g.index(t) >= 2)
+    vocab = {f"<{i}>": i for i in range(500)} | {"<unk>": 500}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"<{eos}>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    cfg = config(spec)
+    cfg = replace(cfg, generation=replace(cfg.generation, tokenizer=str(tmp_path)))
+    with Service(cfg) as service:
+        answer, = call(service, ("/v1/completions", {"prompt": prompt, "max_tokens": 6,
+                                                     "temperature": 0}))
+    choice = answer.json()["choices"][0]
+    ids = greedy[:greedy.index(eos) + 1]
+    assert choice["token_ids"] == ids and choice["finish_reason"] == "stop"
+    assert choice["text"] == "".join(f"<{t}>" for t in ids[:-1])
 
 
 def test_admission_refuses_what_the_model_cannot_run(svc):

@@ -68,3 +68,21 @@ def test_text_comes_out_final_and_stops_before_a_stop_string():
     word = "é".encode()  # two bytes: nothing until the character is whole
     stream = TextStream(tok)
     assert stream.add(word[0]) == "" and stream.add(word[1]) == "é"
+
+
+def test_a_byte_fallback_tokenizers_partial_characters_are_held_until_whole(tmp_path):
+    """Llama-style byte fallback: the decoder shows one U+FFFD per byte of a character still
+    coming; the stream gives the character once it is whole, and loses nothing."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"a": 256, "b": 257, "<unk>": 258}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    hf = HFTokenizer(str(tmp_path))
+    ids = [256, *"€".encode(), 257]  # a, three byte tokens, b
+    assert [hf.decode(ids[:k]) for k in range(2, 5)] == ["a\ufffd", "a\ufffd\ufffd", "a€"]
+    stream = TextStream(hf)
+    assert [stream.add(t) for t in ids] == ["a", "", "", "€", "b"]
+    assert stream.flush() == ""
