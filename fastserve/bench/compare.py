@@ -138,9 +138,10 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
     ``profile`` (:class:`fastserve.resources.costmodel.Profile`) the pipeline is cut by measured
     node times, and torch pipelining runs on that cut too."""
     from fastserve.engine.deployment import Deployment, Layout
-    from fastserve.graph import build_reference, random_inputs
+    from fastserve.graph import build_reference, load_spec, random_inputs
 
-    dims = {"seq": seq}
+    has_seq = "seq" in load_spec(spec, trust_code=trust_code).dim_names
+    dims = {"seq": seq} if has_seq else {}  # (an MLP has none)
     size = math.ceil(batch / micro_batches)  # samples per micro-batch, everywhere
     per_replica = math.ceil(math.ceil(batch / stages) / size)
     with contextlib.ExitStack() as stack:

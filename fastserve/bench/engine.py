@@ -179,8 +179,9 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     from fastserve.engine.deployment import Deployment, Layout
     from fastserve.graph import build_reference, compile_graph, load_spec, random_inputs
 
-    dims = {"seq": seq}
-    graph = compile_graph(load_spec(spec, trust_code=trust_code), dims)
+    loaded = load_spec(spec, trust_code=trust_code)
+    dims = {"seq": seq} if "seq" in loaded.dim_names else {}  # (an MLP has none)
+    graph = compile_graph(loaded, dims)
     inputs = random_inputs(graph, batch, dims)
     progress("single process, 1 thread and p threads")
     module = build_reference(graph)

@@ -33,8 +33,9 @@ def bench_widen(spec: str = "graphs/gpt2.yaml", *, batch: int = 16, seq: int = 3
     from fastserve.resources.planner import Constraints, plan
     from fastserve.resources.widening import widen, widen_choice
 
-    dims = {"seq": seq}
-    graph = compile_graph(load_spec(spec, trust_code=trust_code), dims)
+    loaded = load_spec(spec, trust_code=trust_code)
+    dims = {"seq": seq} if "seq" in loaded.dim_names else {}  # (an MLP has none)
+    graph = compile_graph(loaded, dims)
     order = list(graph.order)
     first = first or max(1, len(order) // 4)
     cut = (tuple(order[:first]), tuple(order[first:]))

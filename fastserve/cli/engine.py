@@ -83,7 +83,8 @@ def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None)
               "stream (no drain between batches); the summary is the stream's.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=None,
               help="ipc (default) or tcp (CURVE-authenticated).")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=60.0,
+              show_default=True,
               help="Seconds without progress before a rank is declared dead.")
 @cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

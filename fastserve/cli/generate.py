@@ -50,7 +50,8 @@ from fastserve.errors import EngineError, FastServeError
 @click.option("--check", is_flag=True, help="Generate again in this process and fail unless "
               "the tokens are the same.")
 @click.option("--threads", type=click.IntRange(1), help="Torch threads per rank.")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=60.0,
+              show_default=True,
               help="Seconds without a result before a rank counts as hung.")
 @click.option("--json", "as_json", is_flag=True, help="Print texts, tokens and timings as JSON.")
 @cluster_options

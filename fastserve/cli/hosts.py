@@ -108,8 +108,9 @@ def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
                 rows.append({"host": h.name, "address": h.address, "launcher": h.launcher,
                              "cores": h.cores, "memory_bytes": h.memory_bytes})
                 continue
-            client = AgentClient(ctx, h.name, h.agent, keys)
+            client = None
             try:
+                client = AgentClient(ctx, h.name, h.agent, keys)
                 # a request waits for the agent's socket to come up, so waiting is a timeout
                 info, _ = client.request("resources", timeout=max(client.timeout, wait))
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
@@ -120,7 +121,8 @@ def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
                              "error": str(e)})
             finally:
-                client.close()
+                if client is not None:
+                    client.close()
     finally:
         ctx.term()
     if as_json:

@@ -77,8 +77,9 @@ def _span(nodes: tuple[str, ...]) -> str:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--strategy", type=click.Choice(["layer", "weight", "hybrid"]), default="weight",
               show_default=True, help="How to cut the graph.")
-@click.option("--shards", type=int, help="Number of shards.")
-@click.option("--layers-per-shard", type=int, help="layer: K consecutive layers per shard.")
+@click.option("--shards", type=click.IntRange(1), help="Number of shards.")
+@click.option("--layers-per-shard", type=click.IntRange(1),
+              help="layer: K consecutive layers per shard.")
 @click.option("--by", type=click.Choice(["params", "flops"]),
               help="weight: balance parameter bytes (default) or FLOPs.")
 @click.option("--memory-cap", "memory_cap", metavar="SIZE[,SIZE...]",

@@ -146,16 +146,23 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
     say(f"stopped; requests: {dict(service.outcomes)}")
 
 
-def _call(url: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
-    """One JSON call to a running service; its error, or no answer, as a ServiceError."""
+def _call(url: str, path: str, token: str | None = None, body: dict | None = None,
+          timeout: float = 10.0) -> dict:
+    """One JSON call to a running service; its error, or no answer within ``timeout``
+    seconds, as a ServiceError."""
+    if not url.startswith(("http://", "https://")):
+        raise click.UsageError(f"--url {url!r}: expected http://HOST:PORT")
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url.rstrip("/") + path, data=data,
-                                 method="POST" if data is not None else "GET")
+    try:
+        req = urllib.request.Request(url.rstrip("/") + path, data=data,
+                                     method="POST" if data is not None else "GET")
+    except ValueError as e:
+        raise click.UsageError(f"--url {url!r}: {e}") from None
     req.add_header("content-type", "application/json")
     if token:
         req.add_header("authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read(1 << 24))
     except urllib.error.HTTPError as e:
         try:
@@ -163,9 +170,9 @@ def _call(url: str, path: str, token: str | None = None, body: dict | None = Non
         except ValueError:
             reason = e.reason
         raise ServiceError(f"{url}{path}: {e.code} {reason}", e.code) from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError) as e:  # (a timeout is an OSError)
         why = getattr(e, "reason", e)
-        raise ServiceError(f"no service answers at {url} ({why})") from None
+        raise ServiceError(f"no service answers at {url} ({why or 'timed out'})") from None
     except ValueError:
         raise ServiceError(f"{url}{path} did not answer JSON: is that a FastServe "
                            f"service?") from None
@@ -175,15 +182,17 @@ def _call(url: str, path: str, token: str | None = None, body: dict | None = Non
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The service.")
 @click.option("--wait", "wait_s", type=click.FloatRange(0), default=0,
               help="Wait up to this many seconds for the service to answer and be ready.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0,
+              show_default=True, help="Seconds to wait for each answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status_cmd(url, wait_s, as_json) -> None:
+def status_cmd(url, wait_s, timeout, as_json) -> None:
     """Show a running service: readiness, replicas and their ranks, queue, requests."""
     import time
 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            st = _call(url, "/v1/status")
+            st = _call(url, "/v1/status", timeout=timeout)
             if st.get("ready") or time.monotonic() >= deadline:
                 break
         except ServiceError:
@@ -211,12 +220,14 @@ def status_cmd(url, wait_s, as_json) -> None:
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The service.")
 @click.option("--token-file", required=True, type=click.Path(dir_okay=False),
               help="The token file the service was started with.")
-def stop_cmd(url, token_file) -> None:
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0,
+              show_default=True, help="Seconds to wait for the drain to end.")
+def stop_cmd(url, token_file, timeout) -> None:
     """Stop a running service gracefully: it admits nothing more, answers what it admitted,
     then stops its ranks and exits."""
     from fastserve.service.token import read_token
 
-    done = _call(url, "/v1/stop", read_token(token_file), body={})
+    done = _call(url, "/v1/stop", read_token(token_file), body={}, timeout=timeout)
     click.echo(f"stopped; requests: {done.get('requests')}")
 
 

@@ -80,7 +80,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.2:{DEFAULT_PORT}), got "
                          f"{text!r}") from None
-    if host in ("*", "0.0.0.0", "::"):
+    if host.strip("[]") in ("*", "0.0.0.0", "::"):
         raise ValueError("an agent binds one address, not every interface: give the host's "
                          "address on the cluster network")
     return host, port
@@ -357,7 +357,12 @@ class AgentClient:
         self.sock.curve_secretkey = keys.own.secret.encode()
         self.sock.curve_publickey = keys.own.public.encode()
         self.sock.curve_serverkey = keys.peers[0].encode()
-        self.sock.connect(f"tcp://{address}")
+        try:
+            self.sock.connect(f"tcp://{address}")
+        except zmq.ZMQError as e:  # closed here: a socket left open blocks ctx.term() forever
+            self.sock.close()
+            raise HostError(f"host '{name}': cannot connect to {address}: {e}", name) \
+                from None
         self._next = 0
 
     def request(self, cmd: str, frame: bytes | None = None, timeout: float | None = None,

@@ -52,8 +52,16 @@ def new_keys(directory: str | Path, force: bool = False) -> list[Path]:
     if existing and not force:
         raise KeysError(f"'{d}' already holds keys ({existing[0].name}); pass --force to "
                         f"replace them (every agent and coordinator must then get the new ones)")
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
+    ours = {f"{r}.{kind}" for r in ROLES for kind in ("key", "key_secret")}
+    others = sorted(p.name for p in d.iterdir() if p.name not in ours) if d.is_dir() else []
+    if others:  # keys go in a directory of their own, made 0700: not among a user's files
+        raise KeysError(f"'{d}' holds other files ({others[0]}); give a new or empty "
+                        f"directory for the keys")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    except OSError as e:
+        raise KeysError(f"cannot make the key directory '{d}': {e.strerror or e}") from None
     written = []
     for role in ROLES:
         public, secret = zmq.auth.create_certificates(str(d), role)

@@ -32,6 +32,12 @@ def compile_graph(spec: GraphSpec, dims: Mapping[str, int] | None = None) -> Gra
         from fastserve.graph.capture import compile_captured
 
         return compile_captured(spec, dims)
+    known = spec.dim_names
+    unknown = sorted(set(dims or {}) - known)
+    if unknown:  # a misspelt --dim would otherwise change nothing, silently
+        raise SpecError(f"dim(s) {', '.join(unknown)} are not in the spec; its dims: "
+                        f"{', '.join(sorted(known - {'batch'})) or 'none'}", file=spec.file,
+                        key="dims")
     sizes = {**spec.dims, **(dims or {}), "batch": 1}
     env: dict[str, torch.Tensor] = {}  # tensor name -> meta tensor
     inputs = []

@@ -74,6 +74,15 @@ class GraphSpec:
     file: str | None = None
     output_lines: tuple[int | None, ...] = ()  # line of each entry of ``outputs``, if read
 
+    @property
+    def dim_names(self) -> set[str]:
+        """The symbolic dims a caller may size: those declared, and those inputs use."""
+        shapes = [i.shape for i in self.inputs]
+        if self.source is not None:  # a captured model's inputs are its example inputs
+            shapes += [e.get("shape", ()) for e in self.source.example_inputs.values()
+                       if isinstance(e, dict)]
+        return set(self.dims) | {d for shape in shapes for d in shape if isinstance(d, str)}
+
     def node(self, node_id: str) -> NodeSpec:
         for n in self.nodes:
             if n.id == node_id:

@@ -22,8 +22,10 @@ that offers the resource ``host:<name>``). Sizes accept ``2GB``/``512MiB``/bytes
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,23 @@ def machine_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def valid_address(address: str) -> bool:
+    """An IPv4 or IPv6 address, or a host name (RFC 1123 labels; all-numeric dotted names
+    must be IPv4 addresses, so 999.1.2.3 is refused)."""
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        pass
+    labels = address.rstrip(".").split(".")
+    if len(address) > 253 or all(label.isdigit() for label in labels):
+        return False
+    return all(_LABEL.fullmatch(label) for label in labels)
+
+
 def local_inventory() -> Inventory:
     """This machine alone, with detected cores and memory."""
     return Inventory("local", (Host("local", "localhost", machine_cores(), machine_memory()),))
@@ -181,6 +200,9 @@ def parse_inventory(doc: Any, file: str | None = None, limits: Limits | None = N
                    "launcher", "port"}, {"name", "address"}, path, raw_hosts, i)
         host_name = r.text(h, "name", f"{path}.name")
         address = r.text(h, "address", f"{path}.address")
+        if not valid_address(address):
+            r.fail(f"'{address[:80]}' is not a host address: expected an IPv4 or IPv6 "
+                   f"address or a host name", h, "address", f"{path}.address")
         if any(x.name == host_name for x in hosts):
             r.fail(f"duplicate host name '{host_name}'", h, "name", f"{path}.name")
         local = address in LOCAL_ADDRESSES

@@ -130,6 +130,12 @@ class Service:
             self.tokenizer = load_tokenizer(config.generation.tokenizer)
             self.max_len = max_positions(self.graph)
             self.vocab = self.graph.spec.inputs[0].high
+        agents = sorted({r.host for r in self.plan.ranks
+                         if inventory and inventory.host(r.host).launcher == "agent"})
+        if agents and keys is None:  # refused now, not by every replica's start in turn
+            raise ServiceConfigError(f"hosts {', '.join(agents)} start their ranks through "
+                                     f"their agents: give the cluster keys (--keys DIR; make "
+                                     f"them with: fastserve keys new DIR)", key="keys")
         mergeable = len(self.batched) == len(self.graph.spec.inputs)
         lim = config.limits
         self.queue = RequestQueue(lim.max_queue, b.max_batch, b.max_wait_ms / 1000, mergeable,
