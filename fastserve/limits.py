@@ -27,3 +27,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# torch threads per rank: past the cores of any host (OpenMP aborts a process that asks for
+# more threads than it can make, so a plan file asking 100,000 killed its ranks)
+MAX_THREADS = 1024

@@ -11,6 +11,7 @@ from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import dim_option, parse_dims, trust_option
 from fastserve.cli.render import table
 from fastserve.errors import EngineError
+from fastserve.limits import MAX_THREADS
 
 
 def cluster_options(command):
@@ -76,7 +77,8 @@ def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None)
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the outputs as .npz.")
 @click.option("--check", is_flag=True, help="Compare with the single-process reference; fail "
               "if they differ.")
-@click.option("--threads", type=click.IntRange(1), help="Torch threads per rank (default: "
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="Torch threads per rank (default: "
               "the planner's, the cores shared evenly).")
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="After a warm-up run, send the batch this many times back to back as one "

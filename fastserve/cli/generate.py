@@ -12,6 +12,7 @@ from fastserve.cli.app import bench, cli
 from fastserve.cli.engine import cluster_options, load_cluster
 from fastserve.cli.graph import trust_option
 from fastserve.errors import EngineError, FastServeError
+from fastserve.limits import MAX_THREADS
 
 
 @cli.command("generate")
@@ -49,7 +50,8 @@ from fastserve.errors import EngineError, FastServeError
 @click.option("--local", is_flag=True, help="Run the stages in this process, without ranks.")
 @click.option("--check", is_flag=True, help="Generate again in this process and fail unless "
               "the tokens are the same.")
-@click.option("--threads", type=click.IntRange(1), help="Torch threads per rank.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="Torch threads per rank.")
 @click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=60.0,
               show_default=True,
               help="Seconds without a result before a rank counts as hung.")

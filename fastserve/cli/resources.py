@@ -9,6 +9,7 @@ import click
 from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import dim_option, load_graph, trust_option
 from fastserve.cli.render import human_bytes, table
+from fastserve.limits import MAX_THREADS
 
 
 def _inventory(hosts: str | None):
@@ -29,7 +30,8 @@ def _inventory(hosts: str | None):
               help="Cut the stages as 'fastserve partition --strategy' does; default: the "
               "planner's cut, balanced by predicted time.")
 @click.option("--micro-batches", type=click.IntRange(1), help="Fix the micro-batches.")
-@click.option("--threads", type=click.IntRange(1), help="Fix the torch threads per rank.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="Fix the torch threads per rank.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=None,
               help="The transport the plan's ranks will use (default: ipc on this machine, "
               "tcp when the inventory has other hosts).")

@@ -13,6 +13,7 @@ from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import trust_option
 from fastserve.cli.render import table
 from fastserve.errors import ServiceError
+from fastserve.limits import MAX_THREADS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -41,7 +42,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               "alone (more ranks for it) where that adds more throughput per rank than a "
               "replica; --replicas and /v1/scale then count replicas' worth of throughput.")
 @click.option("--stages", type=click.IntRange(1), help="Pipeline stages per replica.")
-@click.option("--threads", type=click.IntRange(1), help="Torch threads per rank [default: 1].")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="Torch threads per rank [default: 1].")
 @click.option("--max-batch", type=click.IntRange(1), help="Samples per batch that concurrent "
               "requests are merged into [default: 8].")
 @click.option("--max-wait-ms", type=click.FloatRange(0), help="How long a request waits for "

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastserve.errors import PlanFileError
 from fastserve.graph import Graph
+from fastserve.limits import MAX_THREADS
 
 FORMAT = "fastserve-plan"
 VERSION = 1
@@ -236,14 +237,15 @@ def _read_plan(doc: Any, file: str | None) -> Plan:
         replica=_int(r, "replica", f"{where}.ranks[{i}]", file),
         stage=_int(r, "stage", f"{where}.ranks[{i}]", file),
         host=_str(r, "host", f"{where}.ranks[{i}]", file),
-        threads=_int(r, "threads", f"{where}.ranks[{i}]", file, low=1),
+        threads=_int(r, "threads", f"{where}.ranks[{i}]", file, low=1, high=MAX_THREADS),
         memory_bytes=_int(r, "memory_bytes", f"{where}.ranks[{i}]", file))
         for i, r in enumerate(_maps(m, "ranks", where, file)))
     stages = tuple(StagePlan(
         stage=_int(s, "stage", f"{where}.stage_plans[{i}]", file),
         nodes=_strs(s, "nodes", f"{where}.stage_plans[{i}]", file),
         host=_str(s, "host", f"{where}.stage_plans[{i}]", file),
-        threads=_int(s, "threads", f"{where}.stage_plans[{i}]", file, low=1),
+        threads=_int(s, "threads", f"{where}.stage_plans[{i}]", file, low=1,
+                     high=MAX_THREADS),
         compute_s=_num(s, "compute_s", f"{where}.stage_plans[{i}]", file),
         transfer_s=_num(s, "transfer_s", f"{where}.stage_plans[{i}]", file),
         memory_bytes=_int(s, "memory_bytes", f"{where}.stage_plans[{i}]", file),
@@ -282,7 +284,7 @@ def _read_plan(doc: Any, file: str | None) -> Plan:
                 alternatives=tuple(alternatives), widths=tuple(widths))
 
 
-_LIMIT = 1 << 20  # ranks, stages, nodes, threads: far above any real plan
+_LIMIT = 1 << 20  # ranks, stages, nodes: far above any real plan
 
 
 def _map(v: Any, where: str, file: str | None) -> dict:
@@ -297,10 +299,12 @@ def _field(m: dict, key: str, where: str, file: str | None) -> Any:
     return m[key]
 
 
-def _int(m: Any, key: str, where: str, file: str | None, low: int = 0) -> int:
+def _int(m: Any, key: str, where: str, file: str | None, low: int = 0,
+         high: int = 1 << 62) -> int:
     v = _field(_map(m, where, file), key, where, file)
-    if type(v) is not int or not low <= v <= (1 << 62):
-        raise PlanFileError(f"expected an int >= {low}, got {v!r:.40}", file=file,
+    if type(v) is not int or not low <= v <= high:
+        bound = f">= {low}" if high == 1 << 62 else f"from {low} to {high}"
+        raise PlanFileError(f"expected an int {bound}, got {v!r:.40}", file=file,
                             key=f"{where}.{key}")
     return v
 

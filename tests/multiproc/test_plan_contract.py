@@ -119,6 +119,7 @@ def test_a_rank_refuses_more_output_endpoints_than_keys_on_tcp(transport, messag
     (lambda d: d.update(graph_digest="sha256:" + "2" * 64), "made for another graph"),
     (lambda d: d["plan"].update(replicas="two"), "key 'plan.replicas'"),
     (lambda d: d["plan"]["ranks"][0].update(threads=0), "key 'plan.ranks[0].threads'"),
+    (lambda d: d["plan"]["ranks"][0].update(threads=100_000), "from 1 to 1024"),
     (lambda d: d["plan"].update(transport="udp"), "key 'plan.transport'"),
     (lambda d: d["plan"]["stage_plans"][0].pop("nodes"), "key 'plan.stage_plans[0].nodes'"),
     (lambda d: d.update(format="other"), "not a plan file"),
