@@ -144,6 +144,11 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
                                    f"{transport}")
         say(f"running the plan {plan_path} ({chosen.mode}: {chosen.replicas} replica(s) x "
             f"{chosen.stages} stage(s), {chosen.micro_batches} micro-batch(es))")
+        if not hosts:  # a plan made for other hosts runs here: say so, it may not be meant
+            named = sorted({r.host for r in chosen.ranks} - {h.name for h in inventory.hosts})
+            if named:
+                say(f"note: the plan places ranks on host(s) {', '.join(named)}; without "
+                    f"--hosts they all run on this machine")
     else:
         if cut is not None and stages not in (None, len(cut)):
             raise EngineError(f"the export '{spec}' holds {len(cut)} shards; it runs as "

@@ -172,7 +172,7 @@ def _write_measured(source: str, rows: list[dict], path: str) -> None:
 
 
 @bench.command("hosts")
-@click.argument("spec", default="graphs/gpt2.yaml", type=click.Path(dir_okay=False))
+@click.argument("spec", default="graphs/gpt2.yaml", type=click.Path(exists=True, dir_okay=False))
 @click.option("--hosts", "inventory_path", type=click.Path(exists=True, dir_okay=False),
               help="An inventory of agent hosts (default: start three agents on 127.0.0.2-4).")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False),

@@ -81,3 +81,18 @@ def test_serve_refuses_replicas_that_a_static_plan_would_ignore(tmp_path, capsys
     config = tmp_path / "svc.yaml"  # the static policy of a config file counts too
     config.write_text(f"spec: {mlp}\nplan: {plan}\nreplicas:\n  policy: static\n")
     assert run_cli(["serve", "--config", str(config), "--replicas", "1"]) == 2
+
+
+def test_a_plan_for_other_hosts_run_without_them_says_so(tmp_path, capsys):
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("name: two\nhosts:\n"
+                     "  - {name: a, address: 10.0.0.1, cores: 1, memory: 4GiB}\n"
+                     "  - {name: b, address: 10.0.0.2, cores: 1, memory: 4GiB}\n")
+    mlp = str(ROOT / "graphs/mlp.yaml")
+    assert run_cli(["plan", mlp, "--hosts", str(hosts), "--stages", "2", "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    assert run_cli(["run", mlp, "--plan", str(plan), "--random", "4", "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the plan places ranks on host(s) a, b; without --hosts they all run on this " \
+           "machine" in err
