@@ -201,7 +201,7 @@ def test_spec_wrong_type_of_outputs_names_line_and_key(tmp_path, capsys):
     refused(code, err, f"{p}:7", "'outputs'", exit_code=2)
 
 
-# --- host inventories (--hosts, hosts check) -------------------------------------------------------
+# --- host inventories (--hosts, hosts check) ------------------------------------------------------
 
 INVENTORIES = {
     # case: (text, what the error must name, given the path; line numbers are the file's)
@@ -284,7 +284,7 @@ def test_hosts_check_missing_key_directory(tmp_path, capsys):
     refused(code, err, str(tmp_path / "nokeys"))
 
 
-# --- plan files (--plan) -----------------------------------------------------------------------------
+# --- plan files (--plan) --------------------------------------------------------------------------
 
 
 def _plan_case(case: str, plans: dict[str, Path], tmp: Path) -> tuple[Path, list[str]]:
@@ -338,7 +338,7 @@ def test_the_good_plan_is_accepted_by_its_reader(plans):
     assert load_plan(str(plans["mlp"]), load_graph(MLP)).stages == 2
 
 
-# --- service configs (serve --config) ---------------------------------------------------------------
+# --- service configs (serve --config) -------------------------------------------------------------
 
 CONFIGS = {
     "unknown-key": (f"spec: {MLP}\nbogus: 1\n", lambda p: [f"{p}:2", "'bogus'", "unknown"]),
@@ -377,7 +377,7 @@ def test_serve_without_spec_or_config(capsys):
     refused(code, err, "SPEC", "--config", exit_code=2)
 
 
-# --- option values out of range ----------------------------------------------------------------------
+# --- option values out of range -------------------------------------------------------------------
 
 OPTIONS = [
     (["plan", MLP, "--stages", "0"], "--stages"),
@@ -467,7 +467,7 @@ def test_generate_negative_timeout_is_refused(capsys):
     refused(code, err, "--timeout", exit_code=2)
 
 
-# --- status / stop against nothing --------------------------------------------------------------------
+# --- status / stop against nothing ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("extra", [[], ["--json"]])
@@ -534,7 +534,7 @@ def test_stop_needs_a_token_file(capsys):
     refused(code, err, "--token-file", exit_code=2)
 
 
-# --- keys new --------------------------------------------------------------------------------------
+# --- keys new -------------------------------------------------------------------------------------
 
 
 def test_keys_new_refuses_a_directory_holding_keys(keys_dir, capsys):
@@ -579,7 +579,7 @@ def test_keys_new_into_an_unwritable_directory(tmp_path, capsys):
     refused(code, err, str(d / "keys"))
 
 
-# --- generate on what is not a language model ----------------------------------------------------------
+# --- generate on what is not a language model -----------------------------------------------------
 
 
 @pytest.mark.parametrize("argv", [
@@ -596,7 +596,7 @@ def test_generate_on_a_graph_that_is_not_a_language_model(argv, capsys):
             exit_code=2)
 
 
-# --- the rest of bench ---------------------------------------------------------------------------------
+# --- the rest of bench ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv,names", [
