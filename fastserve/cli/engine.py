@@ -84,7 +84,8 @@ def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None)
               help="After a warm-up run, send the batch this many times back to back as one "
               "stream (no drain between batches); the summary is the stream's.")
 @click.option("--transport", type=click.Choice(["ipc", "tcp"]), default=None,
-              help="ipc (default) or tcp (CURVE-authenticated).")
+              help="ipc or tcp (CURVE-authenticated) [default: ipc on this machine, tcp when "
+              "the inventory has other hosts].")
 @click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=60.0,
               show_default=True,
               help="Seconds without progress before a rank is declared dead.")

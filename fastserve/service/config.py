@@ -10,6 +10,7 @@ A YAML file (read with the safe loader; every error names the file, the line and
     trust_code: false           # the spec may name Python code (module:, source:)
     stages: 1                   # a pipeline of this many stages per replica
     threads: 1                  # torch threads per rank
+    transport: null             # ipc | tcp (default: ipc, tcp when hosts are elsewhere)
     replicas:
       policy: static            # static | dynamic | hybrid (fastserve.resources.policies)
       min: 1                    # static: the replicas; hybrid: the floor
