@@ -52,9 +52,11 @@ def new_keys(directory: str | Path, force: bool = False) -> list[Path]:
     if existing and not force:
         raise KeysError(f"'{d}' already holds keys ({existing[0].name}); pass --force to "
                         f"replace them (every agent and coordinator must then get the new ones)")
-    ours = {f"{r}.{kind}" for r in ROLES for kind in ("key", "key_secret")}
-    others = sorted(p.name for p in d.iterdir() if p.name not in ours) if d.is_dir() else []
-    if others:  # keys go in a directory of their own, made 0700: not among a user's files
+    # keys go in a directory of their own, made 0700: not among a user's files (key files,
+    # such as other coordinators' public keys an agent accepts, may stay)
+    others = sorted(p.name for p in d.iterdir() if not p.name.endswith((".key", ".key_secret"))
+                    ) if d.is_dir() else []
+    if others:
         raise KeysError(f"'{d}' holds other files ({others[0]}); give a new or empty "
                         f"directory for the keys")
     try:

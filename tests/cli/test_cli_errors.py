@@ -628,3 +628,14 @@ def test_run_inputs_file_not_npz(tmp_path, capsys):
 def test_plan_profile_not_a_profile(tmp_path, capsys, plans):
     code, _, err = cli(capsys, "plan", MLP, "--profile", plans["mlp"])
     refused(code, err, str(plans["mlp"]), "'node_seconds'")
+
+
+def test_keys_new_force_replaces_keys_among_other_key_files(tmp_path, capsys):
+    d = tmp_path / "keys"
+    assert cli(capsys, "keys", "new", d)[0] == 0
+    other = d / "coordinator-b.key"  # another coordinator's public key an agent accepts
+    other.write_text("kept\n")
+    code, _, err = cli(capsys, "keys", "new", d)
+    refused(code, err, "--force")
+    assert cli(capsys, "keys", "new", d, "--force")[0] == 0
+    assert other.read_text() == "kept\n"
