@@ -7,3 +7,9 @@ graph, partition, resources or engine imports them.
 * :mod:`fastserve.bench.plan`: planning time, and predicted vs measured throughput;
 * :mod:`fastserve.bench.partition`: the partition strategies' speed.
 """
+
+
+def seq_dims(spec, seq: int) -> dict[str, int]:
+    """A bench's ``--seq`` as dims for ``spec`` (a loaded GraphSpec): none for a spec without a
+    ``seq`` dim, such as an MLP."""
+    return {"seq": seq} if "seq" in spec.dim_names else {}

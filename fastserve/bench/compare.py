@@ -32,6 +32,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from fastserve.bench import seq_dims
 from fastserve.errors import EngineError
 
 Progress = Callable[[str], None]
@@ -140,8 +141,7 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
     from fastserve.engine.deployment import Deployment, Layout
     from fastserve.graph import build_reference, load_spec, random_inputs
 
-    has_seq = "seq" in load_spec(spec, trust_code=trust_code).dim_names
-    dims = {"seq": seq} if has_seq else {}  # (an MLP has none)
+    dims = seq_dims(load_spec(spec, trust_code=trust_code), seq)
     size = math.ceil(batch / micro_batches)  # samples per micro-batch, everywhere
     per_replica = math.ceil(math.ceil(batch / stages) / size)
     with contextlib.ExitStack() as stack:

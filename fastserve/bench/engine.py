@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import zmq
 
+from fastserve.bench import seq_dims
 from fastserve.engine.launcher import Addresses
 from fastserve.engine.wire import decode, encode
 
@@ -180,7 +181,7 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     from fastserve.graph import build_reference, compile_graph, load_spec, random_inputs
 
     loaded = load_spec(spec, trust_code=trust_code)
-    dims = {"seq": seq} if "seq" in loaded.dim_names else {}  # (an MLP has none)
+    dims = seq_dims(loaded, seq)
     graph = compile_graph(loaded, dims)
     inputs = random_inputs(graph, batch, dims)
     progress("single process, 1 thread and p threads")

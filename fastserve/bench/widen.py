@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from fastserve.bench import seq_dims
+
 Progress = Callable[[str], None]
 
 
@@ -34,7 +36,7 @@ def bench_widen(spec: str = "graphs/gpt2.yaml", *, batch: int = 16, seq: int = 3
     from fastserve.resources.widening import widen, widen_choice
 
     loaded = load_spec(spec, trust_code=trust_code)
-    dims = {"seq": seq} if "seq" in loaded.dim_names else {}  # (an MLP has none)
+    dims = seq_dims(loaded, seq)
     graph = compile_graph(loaded, dims)
     order = list(graph.order)
     first = first or max(1, len(order) // 4)

@@ -131,7 +131,7 @@ def serve_cmd(spec, config_path, plan_path, hosts, keys_dir, listen, replicas, m
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
-    if host.strip("[]") in ("0.0.0.0", "::"):  # allowed (behind a proxy), but said
+    if host in ("0.0.0.0", "::"):  # allowed (behind a proxy), but said
         say(f"note: listening on every interface ({cfg.listen}): whoever reaches this host "
             f"can send requests" + ("" if token else "; management is off (no --token-file)"))
     service = Service(cfg, progress=say)

@@ -87,10 +87,10 @@ def _stops(doc: dict) -> list[str]:
 
 
 def _message(m: Any) -> bool:
-    return isinstance(m, dict) and set(m) <= {"role", "content", "name"} and \
-        m.get("role") in ROLES and isinstance(m.get("content"), str) and \
-        _unicode(m["content"]) and (isinstance(m.get("name", ""), str)
-                                    and _unicode(m.get("name", "")))
+    if not isinstance(m, dict) or not set(m) <= {"role", "content", "name"}:
+        return False
+    text = [m.get("content"), m.get("name", "")]
+    return m.get("role") in ROLES and all(isinstance(t, str) and _unicode(t) for t in text)
 
 
 def _prompt_of(doc: dict, service: Service, chat: bool) -> list[int]:
