@@ -10,6 +10,9 @@ Measured in each round, one after another (so that a noisy neighbour slows them 
   peer a user would pick instead), 1 thread each;
 * a FastServe N-stage pipeline: one batch alone, and a stream of batches back to back;
 * N FastServe replicas of the whole model: alone and streamed, micro-batches of the same size;
+* N plain 1-thread processes side by side, each over 1/N of the batch in the same chunks, with
+  no messages at all (:mod:`fastserve.bench.plain`): what N processes reach on this machine,
+  the ceiling of both FastServe layouts;
 * with ``sockets``, both streamed again on deployments that send results over the ipc socket
   instead of the shared-memory ring (:mod:`fastserve.engine.ring`): what the ring buys.
 
@@ -56,61 +59,35 @@ def _chunked(module, inputs: Mapping[str, torch.Tensor], batched: list[str], siz
     return run
 
 
-class TorchPipeline:
-    """N torch.distributed.pipelining stage processes on a FastServe cut; see
-    :mod:`fastserve.bench.torchpipe`."""
+class _Workers:
+    """Benchmark worker processes that take one JSON line per command on stdin and answer one
+    JSON line each on stdout."""
 
-    def __init__(self, dep, inputs: Mapping[str, torch.Tensor], micro_batches: int,
-                 trust_code: bool = False) -> None:
-        from fastserve.graph.dtypes import DTYPES
-        from fastserve.graph.records import shard_record
-
-        names = {v: k for k, v in DTYPES.items()}
-        shards = dep.sharding
-        for k in range(1, len(shards)):
-            if list(shards[k].inputs) != list(shards[k - 1].outputs):
-                raise EngineError(
-                    f"torch.distributed.pipelining passes each stage's outputs to the next "
-                    f"stage as its inputs, but stage {k} reads {list(shards[k].inputs)} and "
-                    f"stage {k - 1} writes {list(shards[k - 1].outputs)}")
-        with socket.socket() as s:  # a free port for gloo's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
-        for k, shard in enumerate(shards):
-            cfg = {"stage": k, "stages": len(shards), "port": port, "threads": 1,
-                   "micro_batches": micro_batches, "trust_code": trust_code,
-                   "record": shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
-                                          list(shard.outputs))}
-            if k == 0:
-                cfg["inputs"] = [[inputs[n].tolist(), names[inputs[n].dtype]]
-                                 for n in shard.inputs]
-            # (a terminal's Ctrl-C goes to the driver, which closes their stdin: they exit)
-            proc = subprocess.Popen([sys.executable, "-m", "fastserve.bench.torchpipe"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-            self.procs.append(proc)
-            proc.stdin.write(json.dumps(cfg) + "\n")
-            proc.stdin.flush()
+
+    def _start(self, module: str, cfg: dict) -> None:
+        # (a terminal's Ctrl-C goes to the driver, which closes their stdin: they exit)
+        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(proc)
+        proc.stdin.write(json.dumps(cfg) + "\n")
+        proc.stdin.flush()
+
+    def _answers(self) -> list[dict]:
+        answers = []
+        for k, p in enumerate(self.procs):
+            line = p.stdout.readline()
+            if not line:
+                raise EngineError(f"{self.what} {k} exited (code {p.poll()})")
+            answers.append(json.loads(line))
+        return answers
 
     def _ask(self, cmd: dict) -> list[dict]:
         for p in self.procs:
             p.stdin.write(json.dumps(cmd) + "\n")
             p.stdin.flush()
-        answers = []
-        for k, p in enumerate(self.procs):
-            line = p.stdout.readline()
-            if not line:
-                raise EngineError(f"torch pipelining stage {k} exited (code {p.poll()})")
-            answers.append(json.loads(line))
-        return answers
-
-    def run(self, steps: int) -> float:
-        """Seconds for ``steps`` GPipe steps, as the slowest stage saw them."""
-        return max(a["seconds"] for a in self._ask({"steps": steps}))
-
-    def output_shape(self) -> list[int] | None:
-        return self._ask({"shape": True})[-1]["shape"]
+        return self._answers()
 
     def close(self) -> None:
         for p in self.procs:
@@ -122,6 +99,84 @@ class TorchPipeline:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _as_lists(tensors: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """Tensors as [nested lists, dtype name] for a worker's JSON config."""
+    from fastserve.graph.dtypes import DTYPES
+
+    names = {v: k for k, v in DTYPES.items()}
+    return {n: [t.tolist(), names[t.dtype]] for n, t in tensors.items()}
+
+
+class TorchPipeline(_Workers):
+    """N torch.distributed.pipelining stage processes on a FastServe cut; see
+    :mod:`fastserve.bench.torchpipe`."""
+
+    what = "torch pipelining stage"
+
+    def __init__(self, dep, inputs: Mapping[str, torch.Tensor], micro_batches: int,
+                 trust_code: bool = False) -> None:
+        from fastserve.graph.records import shard_record
+
+        super().__init__()
+        shards = dep.sharding
+        for k in range(1, len(shards)):
+            if list(shards[k].inputs) != list(shards[k - 1].outputs):
+                raise EngineError(
+                    f"torch.distributed.pipelining passes each stage's outputs to the next "
+                    f"stage as its inputs, but stage {k} reads {list(shards[k].inputs)} and "
+                    f"stage {k - 1} writes {list(shards[k - 1].outputs)}")
+        with socket.socket() as s:  # a free port for gloo's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, shard in enumerate(shards):
+            cfg = {"stage": k, "stages": len(shards), "port": port, "threads": 1,
+                   "micro_batches": micro_batches, "trust_code": trust_code,
+                   "record": shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
+                                          list(shard.outputs))}
+            if k == 0:
+                cfg["inputs"] = list(_as_lists({n: inputs[n] for n in shard.inputs}).values())
+            self._start("fastserve.bench.torchpipe", cfg)
+
+    def run(self, steps: int) -> float:
+        """Seconds for ``steps`` GPipe steps, as the slowest stage saw them."""
+        return max(a["seconds"] for a in self._ask({"steps": steps}))
+
+    def output_shape(self) -> list[int] | None:
+        return self._ask({"shape": True})[-1]["shape"]
+
+
+class SideBySide(_Workers):
+    """N plain 1-thread processes, each running the whole model over 1/N of the batch in
+    chunks, started together and talking to nobody: the ceiling of N processes on this
+    machine; see :mod:`fastserve.bench.plain`."""
+
+    what = "plain process"
+
+    def __init__(self, dep, inputs: Mapping[str, torch.Tensor], batched: list[str], n: int,
+                 size: int, trust_code: bool = False) -> None:
+        from fastserve.graph.records import shard_record
+
+        super().__init__()
+        graph = dep.graph
+        record = shard_record(graph, list(graph.order), [t.name for t in graph.inputs],
+                              list(graph.outputs))
+        total = next(iter(inputs[b] for b in batched)).shape[0]
+        share = math.ceil(total / n)
+        for i in range(n):
+            part = {k: (v[i * share:(i + 1) * share] if k in batched else v)
+                    for k, v in inputs.items()}
+            self._start("fastserve.bench.plain", {
+                "record": record, "inputs": _as_lists(part), "batched": batched,
+                "size": size, "trust_code": trust_code})
+        self._answers()  # each is built
+
+    def run(self, repeats: int) -> float:
+        """Seconds for each process to run its share ``repeats`` times, started together
+        (the slowest's)."""
+        return max(a["seconds"] for a in self._ask({"repeats": repeats,
+                                                    "at": time.time() + 0.05}))
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -173,6 +228,9 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
             progress(f"starting {stages} torch.distributed.pipelining stages (gloo)")
             torch_pipe = TorchPipeline(pipe, inputs, micro_batches, trust_code)
             stack.callback(torch_pipe.close)
+        progress(f"starting {stages} plain processes to run side by side")
+        side = SideBySide(pipe, inputs, batched, stages, size, trust_code)
+        stack.callback(side.close)
 
         progress("checking the deployments against one process")
         expected = {k: torch.cat([c[k] for c in one()]) for k in graph.outputs}
@@ -198,6 +256,7 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
         runs: dict[str, Callable[[], float]] = {
             "one_process_1_thread": lambda: _timed(one),
             f"one_process_{stages}_threads": lambda: _timed(many),
+            f"{stages}_plain_processes_side_by_side": lambda: side.run(stream) / stream,
             f"fastserve_pipeline_{stages}_stages": lambda: _timed(
                 lambda: pipe.run(inputs, micro_batches=micro_batches)),
             f"fastserve_pipeline_{stages}_stages_stream": lambda: _timed(
@@ -233,6 +292,12 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
     for key in socket_deps:
         ratios[f"{key.removesuffix('_sockets')} / the same over sockets"] = \
             rate[key.removesuffix("_sockets")] / rate[key]
+    ceiling = rate[f"{stages}_plain_processes_side_by_side"]
+    ratios[f"{stages} plain processes side by side / ({stages} x one 1-thread process)"] = \
+        ceiling / (stages * one1)
+    for name in (f"fastserve_pipeline_{stages}_stages_stream",
+                 f"fastserve_{stages}_replicas_stream"):
+        ratios[f"{name} / {stages} plain processes side by side"] = rate[name] / ceiling
     if torch_pipe is not None:
         peer = rate[f"torch_pipelining_{stages}_stages"]
         for name in (f"fastserve_pipeline_{stages}_stages",

@@ -177,7 +177,7 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                  f"plan ({layout})")
         with Deployment(graph, chosen, timeout=60, trust_code=trust_code,
                         export_dir=export_dir) as dep:
-            one, piped, best = [], [], []
+            one, piped, best, micro = [], [], [], []
             with Deployment(graph, planned, timeout=60, trust_code=trust_code,
                             export_dir=export_dir) as decode_dep:
                 for r in range(rounds):
@@ -185,15 +185,24 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                              f"process, the pipeline, the decode plan")
                     one.append(_decode_rate(Generator(local, max_seqs=seqs), seqs, tokens,
                                             vocab))
+                    # the pipeline's micro-batch in one process: each stage runs 1/P of the
+                    # model over this many rows, P of them in turn per step, so P times this
+                    # rate bounds the pipeline (when the stages split the time evenly)
+                    micro.append(_decode_rate(Generator(local, max_seqs=per_stage), per_stage,
+                                              tokens, vocab))
                     piped.append(_decode_rate(Generator(DeploymentPipeline(dep),
                                                         max_seqs=per_stage), seqs, tokens, vocab))
                     best.append(_decode_rate(
                         Generator(DeploymentPipeline(decode_dep),
                                   max_seqs=math.ceil(seqs / planned.stages)),
                         seqs, tokens, vocab))
-            alone, pipe, plan_rate = (statistics.median(x) for x in (one, piped, best))
+            alone, pipe, plan_rate, part = (statistics.median(x)
+                                            for x in (one, piped, best, micro))
             out["decode"] = {"one_process_tokens_per_s": alone, "pipeline_tokens_per_s": pipe,
-                             "ratio": pipe / alone, "decode_plan": layout,
+                             "ratio": pipe / alone,
+                             "one_process_micro_batch_tokens_per_s": part,
+                             "pipeline_ceiling": stages * part / alone,
+                             "decode_plan": layout,
                              "decode_plan_tokens_per_s": plan_rate,
                              "decode_plan_ratio": plan_rate / alone}
             progress("the runtime's cost per decode step: one sequence, one step in flight")

@@ -5,7 +5,9 @@
   (started here as a user starts it, with its own ranks) over HTTP; interleaved rounds, p50 and
   p99 of each and their differences;
 * **closed loop**: ``clients`` concurrent HTTP clients, each sending its next request when the
-  last is answered, for a bounded time: requests/s against one client's, and latency;
+  last is answered, for a bounded time: requests/s against one client's, and latency; beside
+  it, the model's own gain from batching (one process, 1 thread as the rank: a batch of that
+  many rows against as many batch-1 calls), the most any batching server gets from it here;
 * **open loop**: Poisson arrivals at half the closed loop's throughput, bounded in count and
   time: p50 and p99 latency and the answers that were not 200;
 * **overload**: Poisson arrivals at twice the closed loop's throughput into the service started
@@ -114,7 +116,7 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                 body_format: str = "json", queue_budget_ms: float | None = None,
                 progress: Progress = lambda _m: None) -> dict:
     from fastserve.engine import Deployment, Layout
-    from fastserve.graph import random_inputs, reference
+    from fastserve.graph import build_reference, random_inputs, reference
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fastserve-bench-serve-") as workdir:
@@ -159,6 +161,11 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                     client.close()
                 engine, http = _quantiles(engine_s), _quantiles(http_s)
                 one_client_rps = len(http_s) / sum(http_s)
+                rows_per_batch = min(clients, max_batch)
+                progress(f"the model alone (1 thread): a batch of {rows_per_batch} against "
+                         f"{rows_per_batch} batch-1 calls")
+                model_gain = _batching_gain(build_reference(dep.graph),
+                                            random_inputs(dep.graph, rows_per_batch, seed=2))
             part = seconds / 3
             progress(f"closed loop: {clients} clients for {part:.0f} s")
             closed = _closed_loop(url, bodies, check, clients, part)
@@ -196,9 +203,32 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
                           "overhead_p50_ms": http["p50_ms"] - engine["p50_ms"],
                           "overhead_p99_ms": http["p99_ms"] - engine["p99_ms"]},
         "closed_loop": {**closed, "one_client_requests_per_s": one_client_rps,
-                        "speedup_over_one_client": closed["requests_per_s"] / one_client_rps},
+                        "speedup_over_one_client": closed["requests_per_s"] / one_client_rps,
+                        "model_batching_gain": model_gain},
         "open_loop": opened, "overload": overload,
     }
+
+
+def _batching_gain(module, batch: dict[str, torch.Tensor], repeats: int = 2) -> float:
+    """How much faster ``module`` runs the rows of ``batch`` as one batch than one row at a
+    time (best of ``repeats`` each, in this process's threads)."""
+    rows = next(iter(batch.values())).shape[0]
+    singles = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(rows)]
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        module(batch)  # warm up: the allocator, both shapes
+        module(singles[0])
+        one_at_a_time = best(lambda: [module(s) for s in singles])
+        batched = best(lambda: module(batch))
+    return one_at_a_time / batched
 
 
 class _Bodies:

@@ -379,11 +379,14 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
                       profile_path, sockets, as_json, trust_code) -> None:
     """FastServe against what you would run instead, interleaved in one run: one process with
     1 and N threads, torch.distributed.pipelining with N stages over gloo on FastServe's cut,
-    a FastServe N-stage pipeline and N FastServe replicas (alone and streamed).
+    a FastServe N-stage pipeline and N FastServe replicas (alone and streamed), and N plain
+    1-thread processes side by side, each over 1/N of the batch with no messages at all.
 
     Prints samples/s and the ratios of the targets: the streamed pipeline and replicas
     against N x one 1-thread process (95%) and the N-thread process (1.0x), the pipeline
-    against torch pipelining (1.2x). Both FastServe deployments are first checked against one
+    against torch pipelining (1.2x). The plain processes side by side are the machine's
+    ceiling for any N-process layout: what N processes reach when they share its cores,
+    caches and memory, against N x one process alone. Both FastServe deployments are first checked against one
     process (assert_close). GPT-2 small at the defaults takes several minutes.
     """
     from fastserve.bench.compare import bench_compare

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import ExitStack
 
@@ -268,6 +269,10 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
     click.echo(f"decode, {seqs} sequences: one 1-thread process {d['one_process_tokens_per_s']:.1f}"
                f" tokens/s, {stages}-stage pipeline {d['pipeline_tokens_per_s']:.1f} tokens/s: "
                f"{d['ratio']:.2f}x")
+    click.echo(f"decode, {math.ceil(seqs / stages)} sequences (the pipeline's micro-batch): one "
+               f"1-thread process {d['one_process_micro_batch_tokens_per_s']:.1f} tokens/s, so "
+               f"the pipeline's ceiling is {stages} x that = {d['pipeline_ceiling']:.2f}x the "
+               f"process decoding all {seqs}")
     click.echo(f"decode, {seqs} sequences: the decode plan ({d['decode_plan']}) "
                f"{d['decode_plan_tokens_per_s']:.1f} tokens/s: {d['decode_plan_ratio']:.2f}x the "
                f"1-thread process")

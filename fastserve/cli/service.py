@@ -284,6 +284,9 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queu
                f"= {c['speedup_over_one_client']:.2f}x one client's "
                f"{c['one_client_requests_per_s']:.1f}/s; p50 {c['p50_ms']:.1f} ms, p99 "
                f"{c['p99_ms']:.1f} ms, {c['failed']} failed")
+    click.echo(f"the model alone (1 thread) runs a batch of {min(c['clients'], out['max_batch'])} "
+               f"{c['model_batching_gain']:.2f}x faster than as many batch-1 calls: the most "
+               f"batching can gain here")
     for name, o in (("open loop", out["open_loop"]), ("overload", out["overload"])):
         click.echo(f"{name}, Poisson {o['rate_per_s']:.1f}/s: {o['sent']} sent, "
                    f"{o['sent'] - o['refused'] - o['failed']} answered (p50 "

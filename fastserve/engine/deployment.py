@@ -32,7 +32,7 @@ from fastserve.engine.placement import Placement, Rank
 from fastserve.engine.memory import retain_freed_memory
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.flow import Flow
-from fastserve.engine.ring import Ring, ring_size
+from fastserve.engine.ring import INLINE_BYTES, Ring, ring_size
 from fastserve.engine.security import Guard, KeyPair
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
@@ -82,7 +82,7 @@ class Deployment:
                  trust_code: bool = False, export_dir: str | None = None,
                  inventory: Inventory | None = None, keys: ClusterKeys | None = None,
                  coordinator_address: str | None = None, ray_address: str | None = None,
-                 ring_bytes: int | None = None) -> None:
+                 ring_bytes: int | None = None, ring_min_bytes: int = INLINE_BYTES) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
@@ -97,7 +97,8 @@ class Deployment:
         the one this process is connected to, else ``RAY_ADDRESS`` or 'auto').
         ``ring_bytes``: the shared-memory ring each last-stage rank on this host sends its
         results through (:mod:`fastserve.engine.ring`); None sizes it for two of the plan's
-        micro-batches of results, 0 sends them over the socket."""
+        micro-batches of results, 0 sends them over the socket; a result smaller than
+        ``ring_min_bytes`` goes over the socket anyway (cheaper for small results)."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -151,6 +152,7 @@ class Deployment:
         self.received: Counter = Counter()
         secure = plan.transport == "tcp"
         self._keys = KeyPair.new() if secure else None
+        self.ring_min_bytes = int(ring_min_bytes)
         self.ring_bytes = ring_size(self.sharding[-1].out_bytes * micro_batch_size(
             plan.batch, plan.replicas, plan.micro_batches)) if ring_bytes is None else ring_bytes
         self._rings: dict[int, Ring] = {}  # last-stage rank -> its result ring
@@ -264,7 +266,8 @@ class Deployment:
                         upstream_keys=[u for u in ups if u],
                         downstream_keys=[d for d in downs if d],
                         coordinator_key=me, ring_fd=ring and ring.fd,
-                        ring_bytes=ring.size if ring else 0)
+                        ring_bytes=ring.size if ring else 0,
+                        ring_min_bytes=self.ring_min_bytes)
                     self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
                     if ring is not None:
                         ring.close_fd()  # the rank holds its own descriptor now

@@ -63,9 +63,11 @@ class RankConfig:
     downstream_keys: list[str] = field(default_factory=list)
     coordinator_key: str | None = None
     # a last-stage rank on the coordinator's host: the shared-memory ring its results go
-    # through (an inherited memfd, fastserve.engine.ring), and its size
+    # through (an inherited memfd, fastserve.engine.ring), its size, and the smallest result
+    # it carries (smaller ones go over the socket)
     ring_fd: int | None = None
     ring_bytes: int = 0
+    ring_min_bytes: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -240,8 +242,8 @@ def serve(cfg: RankConfig) -> int:
                 # encoded first: a result the wire refuses takes no room in the ring
                 frames = encode(out.kind, request=out.request, micro=out.micro,
                                 tensors=out.tensors, meta=out.meta)
-                placed = ring.put(out.tensors) if ring is not None and out.kind == "data" \
-                    else None
+                placed = ring.put(out.tensors, int(cfg.ring_min_bytes)) \
+                    if ring is not None and out.kind == "data" else None
                 if placed is not None:  # the header alone: the tensors are in the ring
                     return encode(out.kind, request=out.request, micro=out.micro,
                                   tensors=out.tensors,

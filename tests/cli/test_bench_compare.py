@@ -24,18 +24,24 @@ def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
     assert "checking the deployments against one process" in out.err
     runs = {"one_process_1_thread", "one_process_2_threads", "fastserve_pipeline_2_stages",
             "fastserve_pipeline_2_stages_stream", "fastserve_2_replicas",
-            "fastserve_2_replicas_stream", "torch_pipelining_2_stages"}
+            "fastserve_2_replicas_stream", "torch_pipelining_2_stages",
+            "2_plain_processes_side_by_side"}
     assert set(doc["seconds_per_batch"]) == runs
     assert doc["micro_batch_samples"] == 2 and sum(doc["cut"]) == 14 and len(doc["cut"]) == 2
     for name, seconds in doc["seconds_per_round"].items():
         assert len(seconds) == 2 and all(s > 0 for s in seconds), name
         assert doc["samples_per_s"][name] == pytest.approx(8 / statistics.median(seconds))
-    # the MLP's results (80 bytes) always fit its 1 MiB rings
-    assert doc["results_through_ring"] == {"pipeline": 1.0, "replicas": 1.0}
+    # the MLP's results (80 bytes) are too small to be worth the ring: the socket takes them
+    assert doc["results_through_ring"] == {"pipeline": 0.0, "replicas": 0.0}
     rate = doc["samples_per_s"]
     one = rate["one_process_1_thread"]
     assert doc["ratios"]["fastserve_2_replicas_stream / (2 x one 1-thread process)"] == \
         pytest.approx(rate["fastserve_2_replicas_stream"] / (2 * one))
+    side = rate["2_plain_processes_side_by_side"]
+    assert doc["ratios"]["2 plain processes side by side / (2 x one 1-thread process)"] == \
+        pytest.approx(side / (2 * one))
+    assert doc["ratios"]["fastserve_2_replicas_stream / 2 plain processes side by side"] == \
+        pytest.approx(rate["fastserve_2_replicas_stream"] / side)
     assert doc["ratios"]["fastserve_pipeline_2_stages_stream / torch pipelining"] == \
         pytest.approx(rate["fastserve_pipeline_2_stages_stream"]
                       / rate["torch_pipelining_2_stages"])

@@ -106,6 +106,9 @@ def test_bench_generate_prints_every_figure(lm, capsys):
     assert code == 0, out.err
     doc = json.loads(out.out)
     assert doc["decode"]["ratio"] > 0 and doc["step"]["runtime_ms_per_stage"] is not None
+    d = doc["decode"]  # the pipeline's ceiling: 2 stages x one process decoding 2 sequences
+    assert d["pipeline_ceiling"] == pytest.approx(
+        2 * d["one_process_micro_batch_tokens_per_s"] / d["one_process_tokens_per_s"])
     assert doc["decode"]["decode_plan_tokens_per_s"] > 0  # the plan generate makes for decode
     assert doc["decode"]["decode_plan"].startswith("1 stage(s)")
     w = doc["workload"]  # the capacity is measured at the workload's 4 sequences per step

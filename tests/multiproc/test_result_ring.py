@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
     # the MLP's output is 40 bytes per sample: 8 samples (320 bytes) fit three times in a
     # 1,024-byte ring, 32 samples (1,280 bytes) do not fit and go over the socket
-    with Deployment.from_spec(MLP, Layout(1, 2), timeout=60, ring_bytes=1024) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 2), timeout=60, ring_bytes=1024,
+                              ring_min_bytes=0) as dep:
         ring = dep._rings[1]
         requests = [G.random_inputs(dep.graph, batch=8, seed=s) for s in range(12)]
         got = dep.run_requests(requests)  # each result copied out before the ring moves on
@@ -44,7 +45,8 @@ def test_results_through_a_small_ring_wrap_fall_back_and_stay_exact():
 
 
 def test_results_of_an_abandoned_flow_free_the_ring_for_the_next_runs():
-    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=1024) as dep:
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=1024,
+                              ring_min_bytes=0) as dep:
         x = G.random_inputs(dep.graph, batch=8)
         abandoned = dep.flow()
         for key in range(3):  # three results of 320 bytes fill the ring; nobody takes them
@@ -72,6 +74,13 @@ def test_rings_are_sized_from_the_plan_or_left_out():
         dep.stop()
     with Deployment.from_spec(MLP, Layout(1, 1), timeout=60) as dep:
         assert list(dep._rings) == [0] and dep._rings[0].size == dep.ring_bytes == 1 << 20
+        # results under ring_min_bytes (256 KiB by default) take the socket; larger ones the
+        # ring (the MLP's results are 40 bytes a sample)
+        for batch in (8, 8192):
+            inputs = G.random_inputs(dep.graph, batch=batch)
+            torch.testing.assert_close(dep.run(inputs, micro_batches=1)["head"],
+                                       G.reference(dep.graph, inputs)["head"])
+        assert dep.received == {"socket": 1, "ring": 1}
     with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=0) as dep:
         assert dep._rings == {}
         inputs = G.random_inputs(dep.graph, batch=8)

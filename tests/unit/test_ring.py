@@ -80,6 +80,12 @@ def test_what_does_not_fit_goes_inline(ring):
     assert ring.put({"x": torch.zeros(0)}) is None  # nothing to place
 
 
+def test_results_under_the_smallest_size_go_inline(ring):
+    x = {"x": torch.zeros(1000, dtype=torch.uint8)}  # 1,024 bytes once aligned
+    assert ring.put(x, min_bytes=1025) is None
+    assert ring.put(x, min_bytes=1024) == [1024, 0]
+
+
 def test_the_reader_trusts_its_own_count_of_what_it_released(ring):
     ring.take(1024)
     ring.release(1024)
