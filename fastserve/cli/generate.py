@@ -103,9 +103,11 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     # a captured model's rewrite lives in a temporary directory until the command ends
     cleanup = click.get_current_context().with_resource(ExitStack())
     graph, cut, export_dir = language_model(spec, trust_code, cleanup, say)
+    # room for the caches of one micro-batch of the longest requests, at their full length
+    lengths = sorted((len(ids) + max_tokens for ids in inputs), reverse=True)
     chosen = plan(graph, inventory, "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
-        batch=max_seqs, transport=transport))
+        batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])))
     # a rank without room for KV is named before any rank starts
     kv_budget(chosen, inventory if hosts else None)
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()

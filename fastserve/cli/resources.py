@@ -42,6 +42,9 @@ def _inventory(hosts: str | None):
               help="What the plan maximises: samples/s, or one batch's latency; decode (a "
               "language model generating): the fewest ranks that hold the model, then the "
               "lowest latency.")
+@click.option("--kv-positions", type=click.IntRange(1),
+              help="Generation: positions of KV cache (prompts and new tokens of the sequences "
+              "that run together) every stage must hold beside its weights.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
               help="Measured node and host speeds from 'fastserve profile'.")
 @click.option("--widen", "widen_stages", type=click.IntRange(0), multiple=True,
@@ -56,8 +59,8 @@ def _inventory(hosts: str | None):
 @dim_option
 @trust_option
 def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, threads,
-             transport, batch, latency_ms, objective, profile_path, widen_stages, explain,
-             picture, as_json, dims, trust_code) -> None:
+             transport, batch, latency_ms, objective, kv_positions, profile_path,
+             widen_stages, explain, picture, as_json, dims, trust_code) -> None:
     """Choose replicas, stages, the cut and where every rank runs, from the cost model.
 
     Prints the ranks, each stage's memory, predicted time and the bottleneck, and the predicted
@@ -83,7 +86,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
     chosen = plan(graph, inventory, objective, Constraints(
         parallel=parallel, replicas=replicas, stages=stages, micro_batches=micro_batches,
         batch=batch, latency_ms=latency_ms, strategy=strategy, threads=threads,
-        transport=transport), profile)
+        transport=transport, kv_positions=kv_positions), profile)
     for stage in widen_stages:
         chosen = widen(chosen, stage, inventory)
     if picture:

@@ -86,6 +86,14 @@ class Service:
             self._cleanup.close()
             raise
 
+    def _kv_positions(self, config: ServiceConfig) -> int | None:
+        """Generation: the KV positions the planner keeps room for on every stage, one
+        micro-batch of sequences at the most new tokens a request may ask for (prompts take
+        what is left over: each rank's cache budget is all its host's memory it does not
+        need otherwise)."""
+        g = config.generation
+        return g.max_seqs * g.max_tokens if self.generating else None
+
     def _load(self, config: ServiceConfig, inventory: Inventory | None, keys) -> None:
         """The graph, hosts, keys, plan, queue and policy of ``config``."""
         if self.generating:  # a causal LM: completions instead of tensors
@@ -112,7 +120,7 @@ class Service:
             self.plan = plan(self.graph, inventory or local_inventory(), objective, Constraints(
                 replicas=max(1, config.replicas.min), stages=len(cut) if cut else config.stages,
                 threads=config.threads, cut=cut, batch=b.max_batch, micro_batches=1,
-                transport=transport))
+                transport=transport, kv_positions=self._kv_positions(config)))
         # each replica of the plan runs as a one-replica plan of its own; replicas beyond the
         # plan's (scaling up) reuse its replicas' places in turn
         self.replica_plans = [replica_plan(self.plan, r) for r in range(self.plan.replicas)]

@@ -34,6 +34,19 @@ def test_plan_infeasible_is_one_line(capsys):
     assert code == 7 and err.startswith("error: no plan fits in memory") and "GiB more" in err
 
 
+def test_a_decode_plan_keeps_room_for_the_kv_positions_asked(capsys):
+    gpt2, local = str(ROOT / "graphs/gpt2.yaml"), str(ROOT / "runtime/hosts/local.yaml")
+    assert run_cli(["plan", gpt2, "--hosts", local, "--objective", "decode",
+                    "--kv-positions", "1024"]) == 0
+    capsys.readouterr()
+    # 10 M positions of GPT-2's 72 KiB each: far beyond any host
+    code = run_cli(["plan", gpt2, "--hosts", local, "--objective", "decode",
+                    "--kv-positions", "10000000"])
+    err = capsys.readouterr().err
+    assert code == 7 and err.startswith(
+        "error: no plan fits in memory: the model with a KV cache of 10000000 positions")
+
+
 def test_profile_then_plan_with_measured_times(tmp_path, capsys):
     out = tmp_path / "mlp.profile.json"
     assert run_cli(["profile", str(ROOT / "graphs/mlp.yaml"), "--out", str(out)]) == 0

@@ -249,3 +249,26 @@ def test_with_measured_node_times_the_cut_balances_time_not_flops():
     flops = graph.node("n0")["flops"]
     partial = cm.Profile({"n3": 3 * flops / 1e9}, {"h": 1e9}, {}, call_seconds=0.0)
     assert [len(s) for s in plan(graph, inv, constraints=fixed, profile=partial).cut] == [3, 1]
+
+
+def test_decode_plans_keep_room_for_the_kv_cache_they_are_asked_to_hold():
+    from fastserve.graph.decode import kv_bytes_per_token
+
+    graph = G.load(str(ROOT / "graphs/gpt2.yaml"))
+    per_position = kv_bytes_per_token(graph, graph.order)  # 12 blocks x 2 x 768 floats
+    assert per_position == 12 * 2 * 768 * 4
+    roomy = Inventory("roomy", (Host("h0", "10.0.0.1", 2, 64 * 2**30),))
+    alone = plan(graph, roomy, "decode", Constraints(batch=8)).ranks[0].memory_bytes
+    # room for the weights and 300 MB more on each host: 4,096 positions (604 MB, as a cache
+    # grows by doubling) fit only when two stages share them
+    hosts = Inventory("two", tuple(Host(f"h{i}", f"10.0.0.{i}", 2, alone + 300 * 2**20)
+                                   for i in range(2)))
+    assert plan(graph, hosts, "decode", Constraints(batch=8)).stages == 1
+    two = plan(graph, hosts, "decode", Constraints(batch=8, kv_positions=4096))
+    assert (two.replicas, two.stages) == (1, 2) and len({r.host for r in two.ranks}) == 2
+    for r in two.ranks:  # the rank memory stays the shard's: what is left is the cache's
+        stage = two.stage_plans[r.stage].nodes
+        assert r.memory_bytes + 2 * 4096 * kv_bytes_per_token(graph, stage) <= \
+            alone + 300 * 2**20
+    with pytest.raises(PlanError, match="with a KV cache of 40000 positions"):
+        plan(graph, hosts, "decode", Constraints(batch=8, kv_positions=40000))
