@@ -14,7 +14,8 @@ Measured in each round, one after another (so that a noisy neighbour slows them 
   no messages at all (:mod:`fastserve.bench.plain`): what N processes reach on this machine,
   the ceiling of both FastServe layouts;
 * with ``sockets``, both streamed again on deployments that send results over the ipc socket
-  instead of the shared-memory ring (:mod:`fastserve.engine.ring`): what the ring buys.
+  instead of the shared-memory ring (:mod:`fastserve.engine.ring`): what the ring buys (results
+  under its ``ring_min_bytes`` take the socket either way).
 
 Everything is started before the first round and kept running. The FastServe outputs are
 checked against the single process (``torch.testing.assert_close``) once, before timing.
@@ -130,14 +131,19 @@ class TorchPipeline(_Workers):
         with socket.socket() as s:  # a free port for gloo's rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for k, shard in enumerate(shards):
-            cfg = {"stage": k, "stages": len(shards), "port": port, "threads": 1,
-                   "micro_batches": micro_batches, "trust_code": trust_code,
-                   "record": shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
-                                          list(shard.outputs))}
-            if k == 0:
-                cfg["inputs"] = list(_as_lists({n: inputs[n] for n in shard.inputs}).values())
-            self._start("fastserve.bench.torchpipe", cfg)
+        try:
+            for k, shard in enumerate(shards):
+                cfg = {"stage": k, "stages": len(shards), "port": port, "threads": 1,
+                       "micro_batches": micro_batches, "trust_code": trust_code,
+                       "record": shard_record(dep.graph, list(shard.nodes),
+                                              list(shard.inputs), list(shard.outputs))}
+                if k == 0:
+                    cfg["inputs"] = list(_as_lists({n: inputs[n]
+                                                    for n in shard.inputs}).values())
+                self._start("fastserve.bench.torchpipe", cfg)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` GPipe steps, as the slowest stage saw them."""
@@ -160,23 +166,30 @@ class SideBySide(_Workers):
 
         super().__init__()
         graph = dep.graph
+        total = next(iter(inputs[b] for b in batched)).shape[0]
+        if total < n:
+            raise EngineError(f"{n} processes side by side need a batch of at least {n} "
+                              f"samples, got {total}")
         record = shard_record(graph, list(graph.order), [t.name for t in graph.inputs],
                               list(graph.outputs))
-        total = next(iter(inputs[b] for b in batched)).shape[0]
-        share = math.ceil(total / n)
-        for i in range(n):
-            part = {k: (v[i * share:(i + 1) * share] if k in batched else v)
-                    for k, v in inputs.items()}
-            self._start("fastserve.bench.plain", {
-                "record": record, "inputs": _as_lists(part), "batched": batched,
-                "size": size, "trust_code": trust_code})
-        self._answers()  # each is built
+        # shares differ by at most one sample
+        parts = [{k: (v.tensor_split(n)[i] if k in batched else v) for k, v in inputs.items()}
+                 for i in range(n)]
+        try:
+            for part in parts:
+                self._start("fastserve.bench.plain", {
+                    "record": record, "inputs": _as_lists(part), "batched": batched,
+                    "size": size, "trust_code": trust_code})
+            self._answers()  # each is built
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, repeats: int) -> float:
-        """Seconds for each process to run its share ``repeats`` times, started together
-        (the slowest's)."""
-        return max(a["seconds"] for a in self._ask({"repeats": repeats,
-                                                    "at": time.time() + 0.05}))
+        """Seconds from the agreed start until the last process has run its share
+        ``repeats`` times (a process that starts late counts its lateness)."""
+        at = time.time() + 0.05
+        return max(a["end"] for a in self._ask({"repeats": repeats, "at": at})) - at
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -277,7 +290,8 @@ def bench_compare(spec: str, *, batch: int = 32, seq: int = 128, stages: int = 2
                 progress(f"round {r + 1}/{rounds}: {name}")
                 seconds[name].append(run())
         stages_seen = pipe.stats.to_json()["stages"]
-        # the share of results that came through the ring (the rest found it full)
+        # the share of results that came through the ring (the rest were small enough for the
+        # socket, or found it full)
         through_ring = {name: dep.received["ring"] / max(1, sum(dep.received.values()))
                         for name, dep in (("pipeline", pipe), ("replicas", reps))}
 

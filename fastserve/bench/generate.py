@@ -201,7 +201,8 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
             out["decode"] = {"one_process_tokens_per_s": alone, "pipeline_tokens_per_s": pipe,
                              "ratio": pipe / alone,
                              "one_process_micro_batch_tokens_per_s": part,
-                             "pipeline_ceiling": stages * part / alone,
+                             # P micro-batches of per_stage sequences hold seqs of them
+                             "pipeline_ceiling": part * seqs / per_stage / alone,
                              "decode_plan": layout,
                              "decode_plan_tokens_per_s": plan_rate,
                              "decode_plan_ratio": plan_rate / alone}

@@ -9,7 +9,8 @@ graph as a shard record (as a FastServe rank receives one), its share of the bat
 lists, which inputs are batched, and the chunk size (the micro-batch's samples). It answers
 ``{"ready": true}`` once built. Then each line ``{"repeats": K, "at": T}`` waits until the wall
 clock reads T (so that all of them start together), runs its share K times in chunks and answers
-``{"seconds": ...}``. End of file on stdin (the driver gone) ends it. No pickle crosses: JSON
+``{"end": ...}``, the wall clock when it finished (the driver times from T, so a process that
+wakes late counts its lateness). End of file on stdin (the driver gone) ends it. No pickle crosses: JSON
 only.
 """
 
@@ -38,12 +39,11 @@ def main() -> int:
     for line in sys.stdin:
         cmd = json.loads(line)
         time.sleep(max(0.0, cmd["at"] - time.time()))
-        t0 = time.perf_counter()
         with torch.inference_mode():
             for _ in range(cmd["repeats"]):
                 for chunk in chunks:
                     module(chunk)
-        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        print(json.dumps({"end": time.time()}), flush=True)
     return 0
 
 

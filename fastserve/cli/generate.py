@@ -86,6 +86,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
                                     Sampling, kv_budget, scheduler as make_scheduler)
     from fastserve.generate.model import language_model
     from fastserve.generate.text import TextStream, load_tokenizer
+    from fastserve.graph.decode import max_positions
     from fastserve.resources.planner import Constraints, plan
 
     def say(msg: str) -> None:
@@ -103,8 +104,11 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     # a captured model's rewrite lives in a temporary directory until the command ends
     cleanup = click.get_current_context().with_resource(ExitStack())
     graph, cut, export_dir = language_model(spec, trust_code, cleanup, say)
-    # room for the caches of one micro-batch of the longest requests, at their full length
-    lengths = sorted((len(ids) + max_tokens for ids in inputs), reverse=True)
+    # room for the caches of one micro-batch of the longest requests at their full length (the
+    # scheduler admits more as room allows; a request longer than the model takes is refused
+    # by name when it is submitted, so it counts here at the model's length)
+    longest = max_positions(graph) or 1 << 62
+    lengths = sorted((min(longest, len(ids) + max_tokens) for ids in inputs), reverse=True)
     chosen = plan(graph, inventory, "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
         batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])))

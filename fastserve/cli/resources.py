@@ -83,6 +83,14 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
     if transport is None:
         transport = "tcp" if any(h.launcher != "local" for h in inventory.hosts) else "ipc"
     profile = Profile.load(profile_path) if profile_path else None
+    if kv_positions:
+        from fastserve.graph.decode import kv_bytes_per_token
+
+        if not kv_bytes_per_token(graph, graph.order):
+            click.echo(f"note: '{graph.name}' has no attention node of the op library, so its "
+                       f"positions cost no cache the planner can count (a captured model's "
+                       f"attention is inside its programs): --kv-positions changes nothing",
+                       err=True)
     chosen = plan(graph, inventory, objective, Constraints(
         parallel=parallel, replicas=replicas, stages=stages, micro_batches=micro_batches,
         batch=batch, latency_ms=latency_ms, strategy=strategy, threads=threads,

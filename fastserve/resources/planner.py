@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 from fastserve.errors import PartitionError, PlanError
 from fastserve.graph import Graph
-from fastserve.graph.decode import kv_bytes_per_token
+from fastserve.graph.decode import KV_BYTES, kv_bytes_per_token
 from fastserve.partition import Sharding, shards_from_bounds, strategy_cut, weight_shards
 from fastserve.partition.weight import weight_objective
 from fastserve.units import format_bytes
@@ -252,7 +252,8 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
                     best = cand.plan()
     if best is None:
         if memory_short:
-            kv = f" with a KV cache of {c.kv_positions} positions" if c.kv_positions else ""
+            kv = f" with a KV cache of {c.kv_positions} positions (at most " \
+                f"{format_bytes(KV_BYTES)} a rank)" if c.kv_positions else ""
             raise PlanError(f"no plan fits in memory: the model{kv} needs at least "
                             f"{format_bytes(min(memory_short))} more than the cluster "
                             f"'{inventory.name}' offers in its best layout")
@@ -319,16 +320,23 @@ def _evaluate(graph: Graph, inventory: Inventory, replicas: list[list[_Slot]], d
         measured = profile.message_seconds if profile is not None else None
         ln = inventory.link(a, b)
         return Link(ln.bandwidth, measured) if measured is not None and a == b else ln
-    # a cache grows by doubling, so up to twice its positions are allocated (as the ranks'
-    # budget assumes, fastserve.generate.pipeline.kv_positions); the plan's rank memory stays
-    # without it, since what a rank has left over becomes its cache budget
-    kv = [2 * c.kv_positions * kv_bytes_per_token(graph, s.nodes) for s in sharding.shards] \
-        if c.kv_positions else [0] * len(costs)
+    # generation: room for the caches beside each shard, counted as the ranks' budget is
+    # (fastserve.generate.pipeline.kv_budget): a rank gets an even share of its host's memory
+    # less its predicted memory, every stage holds the same positions, a cache grows by
+    # doubling (up to twice its positions are allocated), and a rank holds at most KV_BYTES.
+    # The plan's rank memory stays without it: what a rank has left becomes its cache budget
+    cache = 2 * c.kv_positions * max(kv_bytes_per_token(graph, s.nodes)
+                                     for s in sharding.shards) if c.kv_positions else 0
     for m in ms:
         b = cm.micro_batch_size(c.batch, d, m)
         mem = [sc.memory(b) for sc in costs]
-        over = sum(max(0, sum(mem[k] + kv[k] for k in ks) - h.memory_bytes)
-                   for h, ks in stages_on.items())
+        if cache:
+            over = max(0, cache - KV_BYTES) + sum(
+                max(0, mem[k] + cache - h.memory_bytes // len(ks))
+                for h, ks in stages_on.items() for k in ks)
+        else:
+            over = sum(max(0, sum(mem[k] for k in ks) - h.memory_bytes)
+                       for h, ks in stages_on.items())
         if over:
             memory_short.append(over)
             continue

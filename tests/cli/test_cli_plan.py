@@ -45,6 +45,10 @@ def test_a_decode_plan_keeps_room_for_the_kv_positions_asked(capsys):
     err = capsys.readouterr().err
     assert code == 7 and err.startswith(
         "error: no plan fits in memory: the model with a KV cache of 10000000 positions")
+    # a graph without attention nodes has no cache to count: said, not silently ignored
+    assert run_cli(["plan", str(ROOT / "graphs/mlp.yaml"), "--objective", "decode",
+                    "--kv-positions", "1024"]) == 0
+    assert "--kv-positions changes nothing" in capsys.readouterr().err
 
 
 def test_profile_then_plan_with_measured_times(tmp_path, capsys):

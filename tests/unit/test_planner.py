@@ -266,9 +266,18 @@ def test_decode_plans_keep_room_for_the_kv_cache_they_are_asked_to_hold():
     assert plan(graph, hosts, "decode", Constraints(batch=8)).stages == 1
     two = plan(graph, hosts, "decode", Constraints(batch=8, kv_positions=4096))
     assert (two.replicas, two.stages) == (1, 2) and len({r.host for r in two.ranks}) == 2
-    for r in two.ranks:  # the rank memory stays the shard's: what is left is the cache's
-        stage = two.stage_plans[r.stage].nodes
-        assert r.memory_bytes + 2 * 4096 * kv_bytes_per_token(graph, stage) <= \
-            alone + 300 * 2**20
-    with pytest.raises(PlanError, match="with a KV cache of 40000 positions"):
-        plan(graph, hosts, "decode", Constraints(batch=8, kv_positions=40000))
+    # the rank memory stays the shard's: what is left is the cache's, every stage holding the
+    # same positions (the heavier stage's per-position bytes count for both)
+    per_stage = max(kv_bytes_per_token(graph, s.nodes) for s in two.stage_plans)
+    assert all(r.memory_bytes + 2 * 4096 * per_stage <= alone + 300 * 2**20 for r in two.ranks)
+    # two ranks on one such host share its memory evenly, as the ranks' budget does: no room
+    one_host = Inventory("one", (Host("h0", "10.0.0.1", 2, alone + 300 * 2**20),))
+    with pytest.raises(PlanError, match="with a KV cache of 4096 positions"):
+        plan(graph, one_host, "decode", Constraints(batch=8, kv_positions=4096))
+    # a rank holds at most 1 GiB of cache (KV_BYTES), however roomy its host: 8,000
+    # positions (1.1 GiB for 12 blocks) take 2 stages (the cut, by time, gives the first 9
+    # blocks), 30,000 more ranks than its 2 cores
+    assert plan(graph, roomy, "decode", Constraints(batch=8)).stages == 1
+    assert plan(graph, roomy, "decode", Constraints(batch=8, kv_positions=8000)).stages == 2
+    with pytest.raises(PlanError, match="with a KV cache of 30000 positions"):
+        plan(graph, roomy, "decode", Constraints(batch=8, kv_positions=30000))
