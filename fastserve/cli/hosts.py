@@ -82,8 +82,9 @@ def hosts_group() -> None:
               help="Seconds to wait for an agent that does not answer yet (one just started).")
 @click.option("--json", "as_json", is_flag=True)
 def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
-    """Connect to every agent of INVENTORY and print its resources and the measured latency
-    (median round trip of 4 KiB) and bandwidth (16 MiB each way) of the link to it.
+    """Connect to every agent of INVENTORY and print its resources, the measured latency
+    (median round trip of 4 KiB) and bandwidth (16 MiB each way) of the link to it, and how
+    many peers without the cluster's key it has refused since it started.
 
     Exits non-zero if a host does not answer.
     """
@@ -115,7 +116,8 @@ def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
                 info, _ = client.request("resources", timeout=max(client.timeout, wait))
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
                              "cores": info["cores"], "memory_bytes": info["memory_bytes"],
-                             "flops_per_core": info["flops"], **measure_link(client)})
+                             "flops_per_core": info["flops"], "refused": info["refused"],
+                             **measure_link(client)})
             except HostError as e:
                 failed.append(str(e))
                 rows.append({"host": h.name, "address": h.agent, "launcher": "agent",
@@ -130,13 +132,14 @@ def hosts_check_cmd(inventory, keys_dir, write_path, wait, as_json) -> None:
     else:
         click.echo(table(
             ["host", "address", "cores", "memory GiB", "GFLOP/s per core", "latency us",
-             "bandwidth MB/s"],
+             "bandwidth MB/s", "refused peers"],
             [(r["host"], r["address"], r.get("cores", "-"),
               f"{r['memory_bytes'] / 2**30:.1f}" if "memory_bytes" in r else "-",
               f"{r['flops_per_core'] / 1e9:.1f}" if "flops_per_core" in r else "-",
               f"{r['latency_us']:.0f}" if "latency_us" in r else "-",
-              f"{r['bandwidth'] / 1e6:.0f}" if "bandwidth" in r else "-") for r in rows],
-            "llrrrrr"))
+              f"{r['bandwidth'] / 1e6:.0f}" if "bandwidth" in r else "-",
+              r.get("refused", "-")) for r in rows],
+            "llrrrrrr"))
     if failed:
         raise EngineError("; ".join(failed))
     if write_path:

@@ -290,6 +290,40 @@ _FIELDS = {"resources": set(), "echo": set(), "start": {"config"}, "status": set
            "put": {"sha256", "suffix", "offset", "size"}}
 
 
+def _count(v: Any, low: int = 0, high: int = 1 << 62) -> bool:
+    return type(v) is int and low <= v <= high
+
+
+def _text(v: Any, limit: int = 4096) -> bool:
+    return type(v) is str and len(v) <= limit
+
+
+def _reply_problem(cmd: str, reply: dict) -> str | None:
+    """What is wrong with an agent's reply to ``cmd`` (None: nothing), for every field the
+    coordinator reads. An agent holds the cluster's key, but a wrong or damaged answer is
+    named here rather than failing as a KeyError or a bad number deep in a run."""
+    if cmd == "resources":
+        flops = reply.get("flops")
+        if not (_text(reply.get("host"), 256) and _count(reply.get("cores"), 1, 1 << 20)
+                and _count(reply.get("memory_bytes")) and _count(reply.get("refused"))
+                and type(flops) in (int, float) and 0 <= flops < float("inf")):
+            return "'resources' needs host (text), cores (>= 1), memory_bytes, refused " \
+                   "(counts) and flops (a number >= 0)"
+    elif cmd == "status":
+        ranks = reply.get("ranks")
+        if not isinstance(ranks, dict) or len(ranks) > MAX_RANKS or not all(
+                _text(k, 20) and k.isdigit() and (v is None or _text(v))
+                for k, v in ranks.items()):
+            return "'ranks' must map rank numbers to null (running) or why each ended"
+    elif cmd in ("have", "put"):
+        path = reply.get("path")
+        if not (path is None or (_text(path) and path)):
+            return "'path' must be a path or null"
+    elif cmd == "logs" and not _text(reply.get("text", ""), 4 * LOG_TAIL):
+        return f"'text' must be text of at most {4 * LOG_TAIL} characters"
+    return None
+
+
 def _only(doc: dict, allowed: set[str]) -> None:
     extra = sorted(str(k) for k in doc if k not in allowed)
     if extra:
@@ -391,6 +425,10 @@ class AgentClient:
             if not reply.get("ok"):
                 raise HostError(f"host '{self.name}' ({self.address}) refused '{cmd}': "
                                 f"{reply.get('error', 'no reason given')}", self.name)
+            problem = _reply_problem(cmd, reply)
+            if problem:
+                raise HostError(f"host '{self.name}' ({self.address}) sent a malformed "
+                                f"reply to '{cmd}': {problem}", self.name)
             return reply, parts[1] if len(parts) > 1 else None
 
     def _silent(self, timeout: float | None) -> str:

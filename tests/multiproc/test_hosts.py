@@ -473,6 +473,7 @@ def test_the_cli_checks_hosts_and_runs_over_them(cluster, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["host"] for r in rows] == ["a", "b", "c"]
     assert all(r["latency_us"] > 0 and r["bandwidth"] > 0 and r["cores"] >= 1 for r in rows)
+    assert all(type(r["refused"]) is int for r in rows)  # peers without the key, per agent
     # what was measured feeds the planner: the written inventory loads, with it
     written = load_inventory(measured)
     assert [h.flops for h in written.hosts] == [round(r["flops_per_core"]) for r in rows]
