@@ -23,6 +23,7 @@ import zmq
 
 from fastserve.bench import seq_dims
 from fastserve.engine.launcher import Addresses
+from fastserve.engine.memory import IDLE_RELEASE_S
 from fastserve.engine.wire import decode, encode
 
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
@@ -201,10 +202,14 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
             streamed = min(_timed(lambda: dep.run_batches([inputs] * stream, micro))
                            for _ in range(repeats)) / stream
             after = dep.control("stats")
+            # a rank gives its activations' pages back once idle (fastserve.engine.memory)
+            time.sleep(IDLE_RELEASE_S + 1.0)
+            rested = dep.control("stats")
             memory = [{"rank": r, "weight_bytes": m["weight_bytes"],
                        "rss_idle": m["rss_before_load"], "rss_loaded": m["rss"],
                        "rss_peak_loading": m["rss_peak"], "load_s": m["load_s"],
-                       "rss_after_run": after[r]["rss"]} for r, m in sorted(dep.ready.items())]
+                       "rss_after_run": after[r]["rss"], "rss_after_idle": rested[r]["rss"]}
+                      for r, m in sorted(dep.ready.items())]
         return alone, streamed, memory
 
     pipe, pipe_stream, pipe_mem = deployed(Layout(1, stages, None, 1), micro_batches)
@@ -213,6 +218,8 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
     for m in pipe_mem:
         m["loaded_over_weights"] = (m["rss_loaded"] - m["rss_idle"]) / m["weight_bytes"]
         m["after_run_over_weights"] = (m["rss_after_run"] - m["rss_idle"]) / m["weight_bytes"]
+        m["after_idle_over_weights"] = (m["rss_after_idle"] - m["rss_idle"]) / \
+            m["weight_bytes"]
         m["peak_loading_over_weights"] = (m["rss_peak_loading"] - m["rss_idle"]) / \
             m["weight_bytes"]
     return {

@@ -313,13 +313,16 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
     for k, v in out["ratios"].items():
         click.echo(f"{k}: {v:.2f}x")
     click.echo(table(["rank", "weights MiB", "load s", "peak while loading", "loaded",
-                      "after run"],
+                      "after run", "after idling"],
                      [(m["rank"], f"{m['weight_bytes'] / 2**20:.1f}", f"{m['load_s']:.2f}",
                        f"{m['peak_loading_over_weights']:.3f}x",
                        f"{m['loaded_over_weights']:.3f}x",
-                       f"{m['after_run_over_weights']:.3f}x") for m in out["rank_memory"]],
-                     "rrrrrr"))
-    click.echo("(resident memory above an idle rank, over the rank's weight bytes)")
+                       f"{m['after_run_over_weights']:.3f}x",
+                       f"{m['after_idle_over_weights']:.3f}x") for m in out["rank_memory"]],
+                     "rrrrrrr"))
+    click.echo("(resident memory above an idle rank, over the rank's weight bytes; after "
+               "idling: once a rank has had no work for 2 s it gives its activations' pages "
+               "back)")
 
 
 @bench.command("request")

@@ -8,7 +8,9 @@ on page faults than on its own work while two ranks computed on the same two cor
 
 :func:`retain_freed_memory` makes glibc serve large blocks from the heap and never trim it: a
 freed block is reused by the next one of its size. The price is that resident memory stays at
-its high-water mark, which is what a long-running rank or coordinator wants anyway.
+its high-water mark while work comes. :func:`release_freed_memory` gives the free pages back
+(a rank calls it once it has been idle for :data:`IDLE_RELEASE_S`), so an idle rank holds its
+weights, not the activations of its busiest moment.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# a rank idle this long gives its free pages back; a gap shorter than this keeps them (the next
+# batch would only fault them in again)
+IDLE_RELEASE_S = 2.0
 _done = False
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def retain_freed_memory() -> bool:
@@ -26,11 +38,19 @@ def retain_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc (macOS, musl without mallopt)
         return False
     _done = (mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
              and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1)
     return _done
+
+
+def release_freed_memory() -> bool:
+    """Give every whole free page of the heap back to the kernel (glibc's ``malloc_trim``);
+    False where there is no such call."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True

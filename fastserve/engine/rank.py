@@ -138,7 +138,8 @@ def serve(cfg: RankConfig) -> int:
     import zmq
 
     from fastserve.engine.core import RankCore
-    from fastserve.engine.memory import retain_freed_memory
+    from fastserve.engine.memory import (IDLE_RELEASE_S, release_freed_memory,
+                                         retain_freed_memory)
     from fastserve.engine.ring import Ring
     from fastserve.engine.security import Guard, KeyPair
     from fastserve.engine.wire import MAX_MESSAGE_BYTES, WireError, decode, encode
@@ -263,6 +264,7 @@ def serve(cfg: RankConfig) -> int:
         poller = zmq.Poller()
         for m in guard.monitors:
             poller.register(m, zmq.POLLIN)
+        worked_at: float | None = None  # the last data message; None once idle and released
         while not stopping.is_set():
             poller.register(pull, zmq.POLLIN if outbox is None else 0)
             poller.register(push, zmq.POLLOUT if outbox is not None else 0)
@@ -292,6 +294,13 @@ def serve(cfg: RankConfig) -> int:
                     state["busy"] = False
                 except zmq.Again:  # downstream is full: hold it, stop reading, keep answering
                     outbox = frames
+                worked_at = time.monotonic()
+            elif outbox is None and worked_at is not None and \
+                    time.monotonic() - worked_at > IDLE_RELEASE_S:
+                # idle: the activations' pages kept for the next micro-batch go back, so an
+                # idle rank holds its weights and caches, not its busiest moment
+                release_freed_memory()
+                worked_at = None
             for m in guard.monitors:
                 if m in events:
                     core.stats.refused = guard.count(m)

@@ -86,3 +86,27 @@ def test_rings_are_sized_from_the_plan_or_left_out():
         inputs = G.random_inputs(dep.graph, batch=8)
         torch.testing.assert_close(dep.run(inputs)["head"],
                                    G.reference(dep.graph, inputs)["head"])
+
+
+def test_an_idle_rank_gives_back_the_memory_of_its_activations():
+    from fastserve.engine.memory import IDLE_RELEASE_S
+
+    # 16,384 samples through a 256-wide MLP: each layer's activations are 16 MiB, which the
+    # rank keeps for the next micro-batch while work comes, and gives back once idle
+    with Deployment.from_spec(MLP, Layout(1, 1), timeout=60, ring_bytes=0) as dep:
+        before = dep.control("stats")[0]["rss"]
+        x = G.random_inputs(dep.graph, batch=16384)
+        torch.testing.assert_close(dep.run(x, micro_batches=1)["head"],
+                                   G.reference(dep.graph, x)["head"])
+        busy = dep.control("stats")[0]["rss"]
+        assert busy - before > 32 << 20  # kept: at least two layers' activations
+        deadline = time.monotonic() + IDLE_RELEASE_S + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            idle = dep.control("stats")[0]["rss"]
+            if idle - before < 16 << 20:
+                break
+        assert idle - before < 16 << 20, (before, busy, idle)
+        # and it still computes the same after
+        torch.testing.assert_close(dep.run(x, micro_batches=1)["head"],
+                                   G.reference(dep.graph, x)["head"])
