@@ -256,7 +256,9 @@ def plan(graph: Graph, inventory: Inventory, objective: str = "throughput",
                 f"{format_bytes(KV_BYTES)} a rank)" if c.kv_positions else ""
             raise PlanError(f"no plan fits in memory: the model{kv} needs at least "
                             f"{format_bytes(min(memory_short))} more than the cluster "
-                            f"'{inventory.name}' offers in its best layout")
+                            f"'{inventory.name}' offers in its best layout" + (
+                                "; fewer sequences at once or fewer tokens each need fewer "
+                                "positions" if kv else ""))
         raise PlanError("no plan satisfies the constraints "
                         f"{ {k: v for k, v in asdict(c).items() if v is not None} }")
     best = replace(best, search=_describe(searched))

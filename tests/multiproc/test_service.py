@@ -406,6 +406,7 @@ def test_a_roll_asked_back_keeps_the_serving_set_and_a_widening_that_cannot_star
         assert "no room for a widened stage" in failed["error"] and failed["widths"] == [1, 1]
 
 
+@pytest.mark.slow  # 13 s; the widening itself is in the default run (scale ... and back)
 def test_the_policy_widens_the_bottleneck_under_load_and_narrows_it_when_idle(tmp_path):
     """A dynamic policy on a pipeline with a slow second stage: two replicas' worth of demand
     is met by widening that stage (the policy counts a widened replica's samples as the

@@ -63,20 +63,21 @@ def test_without_an_inventory_every_rank_shares_this_machine(two_stages):
     assert kv_budget(p, None) == min(KV_BYTES, machine // 2 - 200 * MiB)
 
 
-def test_a_generating_service_names_the_rank_without_room_before_it_starts():
+def test_a_generating_service_without_room_for_its_caches_is_refused_before_it_starts():
+    from fastserve.errors import PlanError
     from fastserve.service import ServiceConfig
     from fastserve.service.config import Generation
     from fastserve.service.service import Service
 
-    # GPT-2 in two stages on one host: the two ranks fit together (the planner checks the
-    # host), but the larger one takes more than half of it
+    # GPT-2 in two stages on one host: the two ranks fit together, but the planner keeps room
+    # for max_seqs x max_tokens (8 x 256) positions in each rank's share of the host, as the
+    # ranks' own budget counts it, and there is none
     one = parse_inventory({"name": "one", "hosts": [
         {"name": "a", "address": "127.0.0.2", "cores": 2, "memory": "1600MiB"}]})
     cfg = ServiceConfig(spec=str(ROOT / "graphs/gpt2.yaml"), stages=2,
                         generation=Generation(enabled=True))
-    with pytest.raises(GenerationError, match=r"rank 1 \(stage 1\) on host 'a' has no memory "
-                                              r"left for KV caches: its share of the host, "
-                                              r"800\.0 MiB"):
+    with pytest.raises(PlanError, match=r"no plan fits in memory: the model with a KV cache of "
+                                        r"2048 positions"):
         Service(cfg, inventory=one)
 
 
