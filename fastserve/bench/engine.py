@@ -24,6 +24,7 @@ import zmq
 from fastserve.bench import seq_dims
 from fastserve.engine.launcher import Addresses
 from fastserve.engine.memory import IDLE_RELEASE_S
+from fastserve.resources.costmodel import RUNTIME_BASELINE, micro_batch_size
 from fastserve.engine.wire import decode, encode
 
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
@@ -205,10 +206,18 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
             # a rank gives its activations' pages back once idle (fastserve.engine.memory)
             time.sleep(IDLE_RELEASE_S + 1.0)
             rested = dep.control("stats")
+            # one micro-batch's activations as the cost model predicts them: the plan's rank
+            # memory is its runtime, weights and activations for the plan's micro-batch, scaled
+            # here to the micro-batch this run sends
+            p = dep.plan
+            planned = micro_batch_size(p.batch, p.replicas, p.micro_batches)
+            sent = micro_batch_size(batch, layout.replicas, micro)
             memory = [{"rank": r, "weight_bytes": m["weight_bytes"],
                        "rss_idle": m["rss_before_load"], "rss_loaded": m["rss"],
                        "rss_peak_loading": m["rss_peak"], "load_s": m["load_s"],
-                       "rss_after_run": after[r]["rss"], "rss_after_idle": rested[r]["rss"]}
+                       "rss_after_run": after[r]["rss"], "rss_after_idle": rested[r]["rss"],
+                       "activation_bytes": max(0, p.ranks[r].memory_bytes - RUNTIME_BASELINE
+                                               - m["weight_bytes"]) * sent // planned}
                       for r, m in sorted(dep.ready.items())]
         return alone, streamed, memory
 
@@ -220,6 +229,10 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
         m["after_run_over_weights"] = (m["rss_after_run"] - m["rss_idle"]) / m["weight_bytes"]
         m["after_idle_over_weights"] = (m["rss_after_idle"] - m["rss_idle"]) / \
             m["weight_bytes"]
+        # the target: at most the weights + 10% + one micro-batch's activations
+        allowed = 1.1 * m["weight_bytes"] + m["activation_bytes"]
+        m["after_run_over_allowed"] = (m["rss_after_run"] - m["rss_idle"]) / allowed
+        m["after_idle_over_allowed"] = (m["rss_after_idle"] - m["rss_idle"]) / allowed
         m["peak_loading_over_weights"] = (m["rss_peak_loading"] - m["rss_idle"]) / \
             m["weight_bytes"]
     return {

@@ -322,7 +322,12 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
                      "rrrrrrr"))
     click.echo("(resident memory above an idle rank, over the rank's weight bytes; after "
                "idling: once a rank has had no work for 2 s it gives its activations' pages "
-               "back)")
+               "back; a result ring's pages are the coordinator's and not counted)")
+    click.echo("target, rank memory at most its weights + 10% + one micro-batch's activations "
+               "(as planned): " + "; ".join(
+                   f"rank {m['rank']} {m['after_run_over_allowed']:.2f}x after the run, "
+                   f"{m['after_idle_over_allowed']:.2f}x after idling"
+                   for m in out["rank_memory"]))
 
 
 @bench.command("request")

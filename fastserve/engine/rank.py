@@ -82,9 +82,16 @@ class RankConfig:
 
 
 def resident_bytes() -> int:
-    """This process's resident set size."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident set size, less its resident shared memory: a last-stage rank
+    maps its result ring (fastserve.engine.ring), which the coordinator owns and maps too, and
+    its pages would otherwise count once in each."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssShmem:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) * 1024
+    return fields.get("VmRSS", 0) - fields.get("RssShmem", 0)
 
 
 def watch_parent(workdir: str | None) -> None:
