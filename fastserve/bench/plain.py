@@ -10,8 +10,8 @@ lists, which inputs are batched, and the chunk size (the micro-batch's samples).
 ``{"ready": true}`` once built. Then each line ``{"repeats": K, "at": T}`` waits until the wall
 clock reads T (so that all of them start together), runs its share K times in chunks and answers
 ``{"end": ...}``, the wall clock when it finished (the driver times from T, so a process that
-wakes late counts its lateness). End of file on stdin (the driver gone) ends it. No pickle crosses: JSON
-only.
+wakes late counts its lateness). End of file on stdin (the driver gone) ends it. No pickle
+crosses: JSON only.
 """
 
 from __future__ import annotations

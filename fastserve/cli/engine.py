@@ -395,8 +395,9 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
     against N x one 1-thread process (95%) and the N-thread process (1.0x), the pipeline
     against torch pipelining (1.2x). The plain processes side by side are the machine's
     ceiling for any N-process layout: what N processes reach when they share its cores,
-    caches and memory, against N x one process alone. Both FastServe deployments are first checked against one
-    process (assert_close). GPT-2 small at the defaults takes several minutes.
+    caches and memory, against N x one process alone. Both FastServe deployments are first
+    checked against one process (assert_close). GPT-2 small at the defaults takes several
+    minutes.
     """
     from fastserve.bench.compare import bench_compare
     from fastserve.resources.costmodel import Profile
