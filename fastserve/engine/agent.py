@@ -275,7 +275,8 @@ class Agent:
                 raise ValueError(f"config '{k}' must be a list of 1 to {MAX_PEERS} CURVE keys")
         # a shared-memory ring (an inherited descriptor) never crosses hosts
         return RankConfig(**{**doc, "data_in": f"tcp://{self.host}:*",
-                             "workdir": self.workdir, "ring_fd": None, "ring_bytes": 0})
+                             "workdir": self.workdir, "ring_fd": None, "ring_bytes": 0,
+                             "ring_min_bytes": 0})
 
     def _stop(self, numbers: list[int]) -> None:
         stopping = [self.ranks.pop(n) for n in numbers if n in self.ranks]
