@@ -14,6 +14,7 @@ from lms import ROOT
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.slow  # 12 s: three deployments measured, like the other benchmark commands
 def test_bench_widen_runs_the_three_layouts_and_states_their_ratios(capsys):
     code = run_cli(["bench", "widen", str(ROOT / "graphs/mlp.yaml"), "--batch", "8",
                     "--micro-batches", "4", "--stream", "1", "--rounds", "1", "--json"])

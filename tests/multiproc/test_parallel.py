@@ -93,6 +93,7 @@ def test_variable_batch_and_sequence_lengths(tmp_path):
             torch.testing.assert_close(out["lm_head"], G.reference(dep.graph, x)["lm_head"])
 
 
+@pytest.mark.slow  # 9 s; an export runs in the default run too (test_cli_run, the README tour)
 def test_runs_from_a_partition_export(tmp_path):
     from fastserve.errors import FastServeError
     from fastserve.partition import export, partition

@@ -365,6 +365,7 @@ def test_widening_scales_the_bottleneck_stage_alone_and_back_without_losing_a_re
                           ("scale", [1, 1]), ("widened", [1, 1])]
 
 
+@pytest.mark.slow  # 11 s; widening and its roll back stay in the default run
 def test_a_roll_asked_back_keeps_the_serving_set_and_a_widening_that_cannot_start_falls_back(
         tmp_path):
     """Widths asked for and then asked back before the new set is ready: the serving set
