@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -26,6 +27,7 @@ IDLE_RELEASE_S = 2.0
 _done = False
 
 
+@functools.cache  # loaded once: a rank asks again each time it goes idle
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

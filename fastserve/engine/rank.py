@@ -196,7 +196,7 @@ def serve(cfg: RankConfig) -> int:
             tell({"event": "failed", "rank": cfg.rank,
                   "error": f"cannot bind its data socket {cfg.data_in}: {e}"})
             return 1
-        ring = None
+        ring, ring_min = None, int(cfg.ring_min_bytes)
         if cfg.ring_fd is not None:
             try:
                 ring = Ring.open(int(cfg.ring_fd), int(cfg.ring_bytes))
@@ -250,7 +250,7 @@ def serve(cfg: RankConfig) -> int:
                 # encoded first: a result the wire refuses takes no room in the ring
                 frames = encode(out.kind, request=out.request, micro=out.micro,
                                 tensors=out.tensors, meta=out.meta)
-                placed = ring.put(out.tensors, int(cfg.ring_min_bytes)) \
+                placed = ring.put(out.tensors, ring_min) \
                     if ring is not None and out.kind == "data" else None
                 if placed is not None:  # the header alone: the tensors are in the ring
                     return encode(out.kind, request=out.request, micro=out.micro,
