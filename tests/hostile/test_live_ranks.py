@@ -172,6 +172,12 @@ def test_junk_and_forged_results_on_the_results_socket_are_dropped():
         ctl.connect(dep.ranks[0].config.control)
         ctl.send_multipart(deep_header())
         exact(dep)
+        # the forged results arrive on their own socket: a run may end before all are read,
+        # so run again until they have been (each run reads what is waiting)
+        deadline = time.monotonic() + 10
+        while (dep.dropped["shm"] < 2 or dep.dropped["unrequested"] < 5) and \
+                time.monotonic() < deadline:
+            exact(dep)
         assert dep.control("health")[0]["ok"]
         assert dep.ranks[0].process.poll() is None
         assert dep.dropped["header"] >= 1 and dep.dropped["meta"] >= 1
