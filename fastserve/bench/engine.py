@@ -95,6 +95,52 @@ class _Echo:
         self.ctx.term()
 
 
+class _PlainChain:
+    """The stages of a deployment, each in a plain pyzmq process (:mod:`fastserve.bench.plainrank`)
+    chained stage to stage: a small request's floor on this machine without FastServe."""
+
+    def __init__(self, dep, addresses: Addresses, name: str) -> None:
+        from fastserve.graph.records import shard_record
+
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a plain process that failed: no hang
+        self.pull.bind(addresses.new(f"{name}-out"))
+        ins = [addresses.new(f"{name}-s{k}") for k in range(len(dep.sharding))]
+        outs = [*ins[1:], self.pull.getsockopt_string(zmq.LAST_ENDPOINT)]
+        self.procs = []
+        for k, shard in enumerate(dep.sharding):
+            record = shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
+                                  list(shard.outputs))
+            proc = subprocess.Popen([sys.executable, "-m", "fastserve.bench.plainrank"],
+                                    stdin=subprocess.PIPE)
+            self.procs.append(proc)
+            proc.stdin.write(json.dumps({"record": record, "trust_code": dep.trust_code,
+                                         "inp": ins[k], "out": outs[k]}).encode() + b"\n")
+            proc.stdin.flush()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(ins[0])
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from fastserve.bench.plainrank import frames_of, tensors_of
+
+        self.push.send_multipart(frames_of(inputs), copy=False)
+        return tensors_of(self.pull.recv_multipart(copy=False))
+
+    def close(self) -> None:
+        self.push.send(b"stop")
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdin.close()
+        self.push.close(linger=0)
+        self.pull.close(linger=0)
+        self.ctx.term()
+
+
 def _time_block(fn: Callable[[], None], n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -258,23 +304,27 @@ def bench_pipeline(spec: str, *, batch: int = 32, seq: int = 32, stages: int = 2
 def bench_request(spec: str = "graphs/mlp.yaml", *, batch: int = 1, blocks: int = 9,
                   n: int = 200, progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Latency of one small request: eager in this process (1 thread), a raw pyzmq ipc round
-    trip of the input's bytes, and ``Deployment.run`` through one rank and through two stages
-    (1 thread each); medians of ``blocks`` interleaved blocks of ``n`` requests. What a
-    deployment adds over eager is stated in raw round trips, the unit of the targets."""
+    trip of the input's bytes, ``Deployment.run`` through one rank and through two stages
+    (1 thread each), and the same one and two stages in plain pyzmq processes (the floor of
+    any multi-process path on this machine); medians of ``blocks`` interleaved blocks of ``n``
+    requests. What each path adds over eager is stated in raw round trips, the unit of the
+    targets."""
     from fastserve.engine.deployment import Deployment, Layout
     from fastserve.graph import build_reference, random_inputs
 
-    progress("starting one rank and a 2-stage pipeline")
+    progress("starting one rank, a 2-stage pipeline and their plain twins")
     addresses = Addresses("ipc")
     raw = _Echo(addresses, "raw")
+    plain: list[_PlainChain] = []
     try:
         with Deployment.from_spec(spec, Layout(1, 1, None, 1), batch=batch) as one, \
                 Deployment.from_spec(spec, Layout(1, 2, None, 1), batch=batch) as two:
+            plain += [_PlainChain(one, addresses, "plain1"), _PlainChain(two, addresses, "plain2")]
             inputs = random_inputs(one.graph, batch)
             module = build_reference(one.graph)
             expected = module(inputs)
-            for dep in (one, two):  # exact, and warm
-                for k, v in dep.run(inputs).items():
+            for path in (one, two, *plain):  # exact, and warm
+                for k, v in path.run(inputs).items():
                     torch.testing.assert_close(v, expected[k])
             tensors = list(inputs.values())
             header = encode("data", tensors=inputs)[0]
@@ -290,7 +340,9 @@ def bench_request(spec: str = "graphs/mlp.yaml", *, batch: int = 1, blocks: int 
                 with torch.inference_mode():
                     runs = {"eager": lambda: module(inputs), "raw_rtt": raw_trip,
                             "one_rank": lambda: one.run(inputs),
-                            "two_stages": lambda: two.run(inputs)}
+                            "plain_one_process": lambda: plain[0].run(inputs),
+                            "two_stages": lambda: two.run(inputs),
+                            "plain_two_processes": lambda: plain[1].run(inputs)}
                     times: dict[str, list[float]] = {k: [] for k in runs}
                     for b in range(blocks):
                         progress(f"block {b + 1}/{blocks}")
@@ -299,12 +351,22 @@ def bench_request(spec: str = "graphs/mlp.yaml", *, batch: int = 1, blocks: int 
                             times[k].append(_time_block(fn, n))
             finally:
                 torch.set_num_threads(previous)
+            spin = {"one_rank": one.spin_us, "two_stages": two.spin_us}
     finally:
+        for chain in plain:
+            chain.close()
         raw.close()
         addresses.close()
     us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+    def over_eager(path: str) -> float:
+        return (us[path] - us["eager"]) / us["raw_rtt"]
+
     return {"graph": one.graph.name, "batch": batch, "blocks": blocks, "requests_per_block": n,
-            "microseconds": us,
-            "one_rank_over_eager_in_raw_rtts": (us["one_rank"] - us["eager"]) / us["raw_rtt"],
-            "two_stages_over_eager_in_raw_rtts": (us["two_stages"] - us["eager"])
-            / us["raw_rtt"]}
+            "microseconds": us, "spin_us": spin,
+            "one_rank_over_eager_in_raw_rtts": over_eager("one_rank"),
+            "two_stages_over_eager_in_raw_rtts": over_eager("two_stages"),
+            "plain_one_process_over_eager_in_raw_rtts": over_eager("plain_one_process"),
+            "plain_two_processes_over_eager_in_raw_rtts": over_eager("plain_two_processes"),
+            "one_rank_over_plain": us["one_rank"] / us["plain_one_process"],
+            "two_stages_over_plain": us["two_stages"] / us["plain_two_processes"]}

@@ -124,7 +124,8 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
         proc, url = _start_service(os.path.abspath(spec), max_batch, max_queue, trust_code,
                                    workdir)
         try:
-            with Deployment.from_spec(spec, Layout(1, 1, threads=1), batch=1,
+            # the engine alone as the service runs it: without polling (engine.spin)
+            with Deployment.from_spec(spec, Layout(1, 1, threads=1), batch=1, spin_us=0,
                                       trust_code=trust_code, progress=None) as dep:
                 pool = random_inputs(dep.graph, 16, seed=1)
                 expected = reference(dep.graph, pool)

@@ -340,10 +340,12 @@ def bench_pipeline_cmd(spec, batch, seq, stages, replicas, micro_batches, stream
 @click.option("--json", "as_json", is_flag=True)
 def bench_request_cmd(spec, batch, blocks, n, as_json) -> None:
     """Latency of one small request through one rank and through two stages, against eager
-    in-process and a raw pyzmq ipc round trip of the same input bytes.
+    in-process, a raw pyzmq ipc round trip of the same input bytes, and the same one and two
+    stages in plain pyzmq processes (no FastServe on the path: this machine's floor for them).
 
     Targets (MLP, batch 1): one rank at most eager + 1.5 raw round trips; two stages at most
-    eager + 2.
+    eager + 2. A deployment polls for a due message before sleeping when the machine has a
+    core for each of its processes (spin_us in the output).
     """
     from fastserve.bench.engine import bench_request
 
@@ -356,8 +358,12 @@ def bench_request_cmd(spec, batch, blocks, n, as_json) -> None:
     click.echo(table(["path", "us per request"],
                      [(k, f"{v:.0f}") for k, v in out["microseconds"].items()], "lr"))
     click.echo(f"one rank: eager + {out['one_rank_over_eager_in_raw_rtts']:.2f} raw round "
-               f"trips (target 1.5); two stages: eager + "
-               f"{out['two_stages_over_eager_in_raw_rtts']:.2f} (target 2)")
+               f"trips (target 1.5; plain process: "
+               f"{out['plain_one_process_over_eager_in_raw_rtts']:.2f}; polling "
+               f"{out['spin_us']['one_rank']} us)")
+    click.echo(f"two stages: eager + {out['two_stages_over_eager_in_raw_rtts']:.2f} (target 2; "
+               f"plain processes: {out['plain_two_processes_over_eager_in_raw_rtts']:.2f}; "
+               f"polling {out['spin_us']['two_stages']} us)")
 
 
 @bench.command("compare")

@@ -45,6 +45,7 @@ from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.launcher import RankProcess, launch_local, log_tail, stop_processes
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard
+from fastserve.engine.spin import MAX_SPIN_US
 from fastserve.engine.wire import MAX_PEERS
 from fastserve.errors import EngineError
 from fastserve.units import host_port
@@ -256,7 +257,7 @@ class Agent:
             raise ValueError("'config' must be a rank config map")
         _only(doc, {f.name for f in fields(RankConfig)})
         ints = {"rank": (0, 1 << 20), "stage": (0, 1 << 20), "replica": (0, 1 << 20),
-                "threads": (1, 4096), "hwm": (1, 1 << 20)}
+                "threads": (1, 4096), "hwm": (1, 1 << 20), "spin_us": (0, MAX_SPIN_US)}
         for k, (low, high) in ints.items():
             if k in doc and (type(doc[k]) is not int or not low <= doc[k] <= high):
                 raise ValueError(f"config '{k}' must be an int in [{low}, {high}]")

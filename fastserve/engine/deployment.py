@@ -34,6 +34,7 @@ from fastserve.engine.rank import RankConfig
 from fastserve.engine.flow import Flow
 from fastserve.engine.ring import INLINE_BYTES, Ring, ring_size
 from fastserve.engine.security import Guard, KeyPair
+from fastserve.engine.spin import MAX_SPIN_US, Waiter, spin_window
 from fastserve.engine.wire import (MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, Message, WireError,
                                    decode, encode)
 from fastserve.errors import EngineError, RankDeadError
@@ -42,7 +43,7 @@ from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
 from fastserve.resources.costmodel import Profile, micro_batch_size
-from fastserve.resources.inventory import Inventory, local_inventory
+from fastserve.resources.inventory import Inventory, local_inventory, machine_cores
 from fastserve.resources.plan import Plan, RankPlan, check_plan
 from fastserve.resources.planner import Constraints, plan
 
@@ -82,7 +83,8 @@ class Deployment:
                  trust_code: bool = False, export_dir: str | None = None,
                  inventory: Inventory | None = None, keys: ClusterKeys | None = None,
                  coordinator_address: str | None = None, ray_address: str | None = None,
-                 ring_bytes: int | None = None, ring_min_bytes: int = INLINE_BYTES) -> None:
+                 ring_bytes: int | None = None, ring_min_bytes: int = INLINE_BYTES,
+                 spin_us: int | None = None) -> None:
         """``retain_memory``: keep this process's freed memory for reuse instead of returning
         it to the kernel (see :mod:`fastserve.engine.memory`); it changes glibc's malloc for
         the whole process, and makes merging large outputs several times cheaper.
@@ -98,12 +100,17 @@ class Deployment:
         ``ring_bytes``: the shared-memory ring each last-stage rank on this host sends its
         results through (:mod:`fastserve.engine.ring`); None sizes it for two of the plan's
         micro-batches of results, 0 sends them over the socket; a result smaller than
-        ``ring_min_bytes`` goes over the socket anyway (cheaper for small results)."""
+        ``ring_min_bytes`` goes over the socket anyway (cheaper for small results).
+        ``spin_us``: how long the ranks and this process poll for a message that is due before
+        they sleep (:mod:`fastserve.engine.spin`); None: ``SPIN_US`` on each machine with a
+        core for every rank thread (and this process) it runs, else 0."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
                               f"Deployment.from_spec(path) plans a spec for you")
         check_plan(plan, graph)
+        if spin_us is not None and (type(spin_us) is not int or not 0 <= spin_us <= MAX_SPIN_US):
+            raise EngineError(f"spin_us must be an int in [0, {MAX_SPIN_US}], got {spin_us!r}")
         source = graph.spec.source
         if export_dir is None and source is not None and source.factory.startswith("<") and (
                 not graph.spec.weights.checkpoint
@@ -158,6 +165,26 @@ class Deployment:
         self._rings: dict[int, Ring] = {}  # last-stage rank -> its result ring
         self._ring_data: dict[int, memoryview] = {}
         self._rank_keys = [KeyPair.new() if secure else None for _ in plan.ranks]
+        self._spin = self._spin_windows(spin_us)
+        self.spin_us = self._spin[None]  # this process's window
+        self._waiter = Waiter(self.spin_us)
+
+    def _spin_windows(self, spin_us: int | None) -> dict[str | None, int]:
+        """The polling window of each host's ranks, and of this process (key None), which
+        shares its machine with the ranks of every host the placement runs here."""
+        if spin_us is not None:
+            return {None: spin_us, **{r.host: spin_us for r in self.plan.ranks}}
+        remote = self._placement.remote
+
+        def machine(host: str) -> str | None:  # None: this machine
+            return host if host in remote else None
+
+        threads: dict[str | None, list[int]] = {None: [1]}  # this process, then the ranks
+        for r in self.plan.ranks:
+            threads.setdefault(machine(r.host), []).append(r.threads)
+        window = {m: spin_window(t, remote[m].cores if m is not None else machine_cores())
+                  for m, t in threads.items()}
+        return {None: window[None], **{r.host: window[machine(r.host)] for r in self.plan.ranks}}
 
     @classmethod
     def from_spec(cls, spec: str, layout: Layout | None = None, *,
@@ -267,7 +294,7 @@ class Deployment:
                         downstream_keys=[d for d in downs if d],
                         coordinator_key=me, ring_fd=ring and ring.fd,
                         ring_bytes=ring.size if ring else 0,
-                        ring_min_bytes=self.ring_min_bytes)
+                        ring_min_bytes=self.ring_min_bytes, spin_us=self._spin[rp.host])
                     self.ranks.append(self._placement.launch(cfg, rp.host, addr.dir))
                     if ring is not None:
                         ring.close_fd()  # the rank holds its own descriptor now

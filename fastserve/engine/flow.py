@@ -84,7 +84,9 @@ class Flow:
         :meth:`release` (a caller that merges each result at once saves the copy)."""
         self.release()
         dep = self.dep
-        ready = dep._results.poll(wait_ms)
+        # a result due: poll for a moment before sleeping (engine.spin)
+        ready = dep._waiter.wait(dep._results.poll, wait_ms) if self.sent else \
+            dep._results.poll(wait_ms)
         # junk that keeps arriving must not postpone the liveness check: once a tenth of a
         # second has passed without a result of ours, every wake-up checks the ranks
         if not ready or time.monotonic() - self.last_progress > 0.1:

@@ -68,6 +68,7 @@ class RankConfig:
     ring_fd: int | None = None
     ring_bytes: int = 0
     ring_min_bytes: int = 0
+    spin_us: int = 0  # how long to poll for the next message before sleeping (engine.spin)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -149,6 +150,7 @@ def serve(cfg: RankConfig) -> int:
                                          retain_freed_memory)
     from fastserve.engine.ring import Ring
     from fastserve.engine.security import Guard, KeyPair
+    from fastserve.engine.spin import Waiter
     from fastserve.engine.wire import MAX_MESSAGE_BYTES, WireError, decode, encode
     from fastserve.errors import EngineError
 
@@ -272,10 +274,11 @@ def serve(cfg: RankConfig) -> int:
         for m in guard.monitors:
             poller.register(m, zmq.POLLIN)
         worked_at: float | None = None  # the last data message; None once idle and released
+        waiter = Waiter(int(cfg.spin_us))
         while not stopping.is_set():
             poller.register(pull, zmq.POLLIN if outbox is None else 0)
             poller.register(push, zmq.POLLOUT if outbox is not None else 0)
-            events = dict(poller.poll(POLL_MS))
+            events = dict(waiter.wait(poller.poll, POLL_MS))
             if outbox is not None and push in events:
                 try:
                     push.send_multipart(outbox, flags=zmq.NOBLOCK, copy=False)

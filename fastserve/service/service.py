@@ -326,12 +326,14 @@ class Service:
     def _deploy(self, plan: Plan) -> Deployment:
         # one batch per rank plus one waiting at the first keeps every rank busy; more in
         # flight would only hold requests at the ranks, where they can no longer join a batch
-        # and where admission does not see them
+        # and where admission does not see them. Nothing polls (engine.spin): this process's engine
+        # threads would hold the interpreter the HTTP front needs (measured: the front's
+        # overhead grew), and replicas deployed one by one cannot count each other's cores
         dep = Deployment(self.graph, plan,
                          trust_code=self.config.trust_code,
                          export_dir=self.export_dir, inventory=self.inventory, keys=self.keys,
                          timeout=self.config.limits.deadline_s, retain_memory=False,
-                         max_in_flight=plan.per_replica + 1)
+                         max_in_flight=plan.per_replica + 1, spin_us=0)
         return dep.start()
 
     def _event(self, kind: str, info: dict) -> None:

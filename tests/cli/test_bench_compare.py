@@ -5,11 +5,13 @@ were checked against one process, and each ratio is the quotient of the figures 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
 
 from fastserve.cli.app import run_cli
+from fastserve.engine.spin import SPIN_US
 from lms import ROOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,11 +57,18 @@ def test_bench_request_states_the_overhead_in_raw_round_trips(capsys):
     assert code == 0, out.err
     doc = json.loads(out.out)
     us = doc["microseconds"]
-    assert set(us) == {"eager", "raw_rtt", "one_rank", "two_stages"}
+    assert set(us) == {"eager", "raw_rtt", "one_rank", "two_stages", "plain_one_process",
+                       "plain_two_processes"}
     assert all(v > 0 for v in us.values())
     assert us["one_rank"] > us["raw_rtt"]  # a rank's round trip includes a raw one
     assert doc["one_rank_over_eager_in_raw_rtts"] == pytest.approx(
         (us["one_rank"] - us["eager"]) / us["raw_rtt"])
+    assert doc["two_stages_over_plain"] == pytest.approx(
+        us["two_stages"] / us["plain_two_processes"])
+    # polling needs a core per process: one rank and this one fit 2 cores, two stages do not
+    cores = len(os.sched_getaffinity(0))
+    assert doc["spin_us"] == {"one_rank": SPIN_US if cores >= 2 else 0,
+                              "two_stages": SPIN_US if cores >= 3 else 0}
 
 
 @pytest.mark.parametrize("command", ["compare", "pipeline"])

@@ -344,6 +344,9 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             ("65 downstream keys", {**good, "downstream_keys": [real.own.public] * 65}),
             ("a plain downstream key", {**good, "downstream_keys": [real.own.public, "abc"]}),
             ("trust a string", {**good, "trust_code": "yes"}),
+            ("spin negative", {**good, "spin_us": -1}),
+            ("spin past its bound", {**good, "spin_us": 10**9}),
+            ("spin a float", {**good, "spin_us": 1.5}),
         ]
         for name, config in bad_configs:
             with pytest.raises(HostError, match="refused 'start'"):
