@@ -103,32 +103,44 @@ class _PlainChain:
         from fastserve.graph.records import shard_record
 
         self.ctx = zmq.Context()
+        self.procs: list[subprocess.Popen] = []
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a plain process that failed: no hang
-        self.pull.bind(addresses.new(f"{name}-out"))
-        ins = [addresses.new(f"{name}-s{k}") for k in range(len(dep.sharding))]
-        outs = [*ins[1:], self.pull.getsockopt_string(zmq.LAST_ENDPOINT)]
-        self.procs = []
-        for k, shard in enumerate(dep.sharding):
-            record = shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
-                                  list(shard.outputs))
-            proc = subprocess.Popen([sys.executable, "-m", "fastserve.bench.plainrank"],
-                                    stdin=subprocess.PIPE)
-            self.procs.append(proc)
-            proc.stdin.write(json.dumps({"record": record, "trust_code": dep.trust_code,
-                                         "inp": ins[k], "out": outs[k]}).encode() + b"\n")
-            proc.stdin.flush()
         self.push = self.ctx.socket(zmq.PUSH)
-        self.push.connect(ins[0])
+        try:
+            self.pull.setsockopt(zmq.RCVTIMEO, 30_000)  # a plain process that failed: no hang
+            self.pull.bind(addresses.new(f"{name}-out"))
+            ins = [addresses.new(f"{name}-s{k}") for k in range(len(dep.sharding))]
+            outs = [*ins[1:], self.pull.getsockopt_string(zmq.LAST_ENDPOINT)]
+            for k, shard in enumerate(dep.sharding):
+                record = shard_record(dep.graph, list(shard.nodes), list(shard.inputs),
+                                      list(shard.outputs))
+                proc = subprocess.Popen([sys.executable, "-m", "fastserve.bench.plainrank"],
+                                        stdin=subprocess.PIPE)
+                self.procs.append(proc)
+                proc.stdin.write(json.dumps({"record": record, "trust_code": dep.trust_code,
+                                             "inp": ins[k], "out": outs[k]}).encode() + b"\n")
+                proc.stdin.flush()
+            self.push.connect(ins[0])
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from fastserve.bench.plainrank import frames_of, tensors_of
 
         self.push.send_multipart(frames_of(inputs), copy=False)
-        return tensors_of(self.pull.recv_multipart(copy=False))
+        try:
+            return tensors_of(self.pull.recv_multipart(copy=False))
+        except zmq.Again:
+            codes = [p.poll() for p in self.procs]
+            raise RuntimeError(f"the plain processes gave no answer within 30 s (exit codes: "
+                               f"{codes}, None: still running)") from None
 
     def close(self) -> None:
-        self.push.send(b"stop")
+        try:
+            self.push.send(b"stop", flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=5)
@@ -319,7 +331,8 @@ def bench_request(spec: str = "graphs/mlp.yaml", *, batch: int = 1, blocks: int 
     try:
         with Deployment.from_spec(spec, Layout(1, 1, None, 1), batch=batch) as one, \
                 Deployment.from_spec(spec, Layout(1, 2, None, 1), batch=batch) as two:
-            plain += [_PlainChain(one, addresses, "plain1"), _PlainChain(two, addresses, "plain2")]
+            for dep, name in ((one, "plain1"), (two, "plain2")):
+                plain.append(_PlainChain(dep, addresses, name))
             inputs = random_inputs(one.graph, batch)
             module = build_reference(one.graph)
             expected = module(inputs)

@@ -345,7 +345,7 @@ def bench_request_cmd(spec, batch, blocks, n, as_json) -> None:
 
     Targets (MLP, batch 1): one rank at most eager + 1.5 raw round trips; two stages at most
     eager + 2. A deployment polls for a due message before sleeping when the machine has a
-    core for each of its processes (spin_us in the output).
+    core for each rank thread (spin_us in the output).
     """
     from fastserve.bench.engine import bench_request
 

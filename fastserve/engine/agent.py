@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.launcher import RankProcess, launch_local, log_tail, stop_processes
 from fastserve.engine.rank import RankConfig
 from fastserve.engine.security import Guard
-from fastserve.engine.spin import MAX_SPIN_US
+from fastserve.engine.spin import MAX_SPIN_US, spin_window
 from fastserve.engine.wire import MAX_PEERS
 from fastserve.errors import EngineError
 from fastserve.units import host_port
@@ -193,6 +193,10 @@ class Agent:
                 raise ValueError(f"rank {cfg.rank} is already running here")
             if len(self.ranks) >= MAX_RANKS:
                 raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
+            busy = [r.config.threads for r in self.ranks.values() if r.process.poll() is None]
+            if spin_window([*busy, cfg.threads], len(os.sched_getaffinity(0))) == 0:
+                # this host's ranks (of every coordinator) would outnumber its cores
+                cfg = replace(cfg, spin_us=0)
             self.ranks[cfg.rank] = launch_local(cfg, self.workdir)
             self.log(f"started rank {cfg.rank} (pid {self.ranks[cfg.rank].process.pid})")
             return {"pid": self.ranks[cfg.rank].process.pid}, None

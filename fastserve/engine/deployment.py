@@ -43,7 +43,8 @@ from fastserve.graph.records import shard_record
 from fastserve.partition import Sharding, load_manifest, shards_from_bounds
 from fastserve.partition.manifest import exported_spec
 from fastserve.resources.costmodel import Profile, micro_batch_size
-from fastserve.resources.inventory import Inventory, local_inventory, machine_cores
+from fastserve.resources.inventory import (Inventory, is_loopback, local_inventory,
+                                           machine_cores)
 from fastserve.resources.plan import Plan, RankPlan, check_plan
 from fastserve.resources.planner import Constraints, plan
 
@@ -103,7 +104,7 @@ class Deployment:
         ``ring_min_bytes`` goes over the socket anyway (cheaper for small results).
         ``spin_us``: how long the ranks and this process poll for a message that is due before
         they sleep (:mod:`fastserve.engine.spin`); None: ``SPIN_US`` on each machine with a
-        core for every rank thread (and this process) it runs, else 0."""
+        core for every rank thread it runs, else 0."""
         if not isinstance(graph, Graph) or not isinstance(plan, Plan):
             raise EngineError(f"Deployment(graph, plan) takes a compiled Graph and a Plan, got "
                               f"{type(graph).__name__} and {type(plan).__name__}; "
@@ -170,20 +171,28 @@ class Deployment:
         self._waiter = Waiter(self.spin_us)
 
     def _spin_windows(self, spin_us: int | None) -> dict[str | None, int]:
-        """The polling window of each host's ranks, and of this process (key None), which
-        shares its machine with the ranks of every host the placement runs here."""
+        """The polling window of each host's ranks, and of this process (key None): that of
+        its machine, which runs the ranks of every host the placement starts here."""
         if spin_us is not None:
             return {None: spin_us, **{r.host: spin_us for r in self.plan.ranks}}
         remote = self._placement.remote
 
-        def machine(host: str) -> str | None:  # None: this machine
-            return host if host in remote else None
+        def machine(host: str) -> str | None:
+            """Hosts share a machine when they share an address; None: this one (hosts on
+            loopback addresses, such as a test cluster's agents, run here too)."""
+            if host not in remote or is_loopback(remote[host].address):
+                return None
+            return remote[host].address
 
-        threads: dict[str | None, list[int]] = {None: [1]}  # this process, then the ranks
+        # this process is not counted: it mostly waits, and its polling yields the core
+        threads: dict[str | None, list[int]] = {None: []}
+        cores: dict[str | None, int] = {None: machine_cores()}
         for r in self.plan.ranks:
-            threads.setdefault(machine(r.host), []).append(r.threads)
-        window = {m: spin_window(t, remote[m].cores if m is not None else machine_cores())
-                  for m, t in threads.items()}
+            m = machine(r.host)
+            threads.setdefault(m, []).append(r.threads)
+            if m is not None:  # hosts at one address: the fewest cores any of them declares
+                cores[m] = min(cores.get(m, remote[r.host].cores), remote[r.host].cores)
+        window = {m: spin_window(t, cores[m]) for m, t in threads.items()}
         return {None: window[None], **{r.host: window[machine(r.host)] for r in self.plan.ranks}}
 
     @classmethod

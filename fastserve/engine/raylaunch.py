@@ -16,13 +16,13 @@ unauthenticated Ray cluster runs code for anyone who reaches it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from fastserve.engine.rank import RankConfig
 from fastserve.errors import EngineError
+from fastserve.resources.inventory import is_loopback
 
 PLACE_TIMEOUT_S = 60.0
 
@@ -30,11 +30,7 @@ PLACE_TIMEOUT_S = 60.0
 def check_ray_auth(gcs_address: str, environ=os.environ) -> None:
     """Refuse a Ray cluster reached over the network without token authentication."""
     host = gcs_address.rsplit(":", 1)[0].strip("[]")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and environ.get("RAY_AUTH_MODE") != "token":
+    if not is_loopback(host) and environ.get("RAY_AUTH_MODE") != "token":
         raise EngineError(f"the Ray cluster at {gcs_address} is not on this machine's loopback "
                           f"and Ray's token authentication is off: anyone who reaches it can "
                           f"run code there. Start every Ray node, and this driver, with "

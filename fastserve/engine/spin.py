@@ -8,8 +8,13 @@ polls instead. So a rank polls for ``spin_us`` after each message it handled, an
 coordinator polls while its results are due, before either sleeps in ``poll``. Between tries
 the core is yielded, so a process with work on the same core runs first.
 
-Polling burns its core, so a deployment polls only on a machine with a core for every busy
+Polling burns its core, so a deployment polls only on a machine with a core for every rank
 thread it runs there (:func:`spin_window`); with more, sleeping leaves the cores to compute.
+The coordinator is not counted: it mostly waits, and yields to compute when it polls. Measured
+side by side (2 stages of 1 thread and the coordinator on 2 cores): a batch-1 MLP request took
+1.18 ms with every process polling, 1.29 with the ranks alone, 1.57 with none, and a batch of
+GPT-2 (32 x 64 tokens, 8 micro-batches) 5.17, 5.02 and 5.42 s: a busy pipeline rarely polls,
+since its messages wait for it.
 """
 
 from __future__ import annotations
