@@ -10,6 +10,7 @@ import click
 from fastserve.cli.app import bench, cli
 from fastserve.cli.graph import dim_option, parse_dims, trust_option
 from fastserve.cli.render import table
+from fastserve.engine.spin import MAX_SPIN_US
 from fastserve.errors import EngineError
 from fastserve.limits import MAX_THREADS
 
@@ -30,6 +31,13 @@ def cluster_options(command):
                      "RAY_ADDRESS, else 'auto').")]):
         command = option(command)
     return command
+
+
+spin_option = click.option(
+    "--spin-us", type=click.IntRange(0, MAX_SPIN_US), default=None, metavar="US",
+    help="How long ranks (and this process) poll for a message that is due before they "
+    "sleep, in microseconds: faster small messages for a busy core [default: 1000 on each "
+    "machine with a core per rank thread, else 0; 0: never poll].")
 
 
 def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None):
@@ -89,13 +97,15 @@ def load_cluster(hosts: str | None, keys_dir: str | None, transport: str | None)
 @click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=60.0,
               show_default=True,
               help="Seconds without progress before a rank is declared dead.")
+@spin_option
 @cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dim_option
 @trust_option
 def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_batches,
             input_path, random_batch, output, check, threads, repeat, transport, timeout,
-            keys_dir, coordinator_address, ray_address, as_json, dims, trust_code) -> None:
+            spin_us, keys_dir, coordinator_address, ray_address, as_json, dims,
+            trust_code) -> None:
     """Run SPEC on rank processes connected by ZeroMQ.
 
     \b
@@ -166,7 +176,8 @@ def run_cmd(spec, plan_path, hosts, parallel, stages, replicas, strategy, micro_
     deployment = Deployment(graph, chosen, timeout=timeout, progress=say,
                             trust_code=trust_code, export_dir=export_dir,
                             inventory=inventory if hosts else None, keys=keys,
-                            coordinator_address=coordinator_address, ray_address=ray_address)
+                            coordinator_address=coordinator_address, ray_address=ray_address,
+                            spin_us=spin_us)
     micro = chosen.micro_batches
     threads_used = sorted({r.threads for r in chosen.ranks})
     widths = f" (ranks per stage {'/'.join(map(str, chosen.widths))})" if chosen.widths else ""
@@ -256,8 +267,8 @@ def _summary(stats: dict, shards: list, layout, micro: int, verdict: str | None,
 def bench_transport_cmd(transports, blocks, as_json) -> None:
     """FastServe hop vs a raw pyzmq round trip with the same bytes, side by side.
 
-    Targets: at 4 KiB the FastServe round trip is at most 1.5x raw; at 16 MiB its throughput
-    is at least 70% of raw.
+    Targets (ipc): at 4 KiB the FastServe round trip is at most 1.2x raw; at 16 MiB its
+    throughput is at least 90% of raw.
     """
     from fastserve.bench.engine import bench_transport
 

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.engine import cluster_options, load_cluster
+from fastserve.cli.engine import cluster_options, load_cluster, spin_option
 from fastserve.cli.graph import trust_option
 from fastserve.errors import EngineError, FastServeError
 from fastserve.limits import MAX_THREADS
@@ -57,12 +57,13 @@ from fastserve.limits import MAX_THREADS
               show_default=True,
               help="Seconds without a result before a rank counts as hung.")
 @click.option("--json", "as_json", is_flag=True, help="Print texts, tokens and timings as JSON.")
+@spin_option
 @cluster_options
 @trust_option
 def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas, scheduler,
                  max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local, check,
-                 threads, timeout, as_json, hosts, keys_dir, coordinator_address, ray_address,
-                 trust_code) -> None:
+                 threads, timeout, as_json, spin_us, hosts, keys_dir, coordinator_address,
+                 ray_address, trust_code) -> None:
     """Generate text with the language model of SPEC, a KV cache per stage.
 
     \b
@@ -178,7 +179,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
         with Deployment(graph, chosen, timeout=timeout, progress=say, trust_code=trust_code,
                         export_dir=export_dir, inventory=inventory if hosts else None,
                         keys=keys, coordinator_address=coordinator_address,
-                        ray_address=ray_address) as dep:
+                        ray_address=ray_address, spin_us=spin_us) as dep:
             say(f"generating on {len(chosen.ranks)} rank(s): {chosen.stages} stage(s) x "
                 f"{chosen.replicas} replica(s), scheduler {scheduler}")
             results = run(DeploymentPipeline(dep))

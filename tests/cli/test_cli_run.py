@@ -72,3 +72,19 @@ def test_run_an_export_and_refuse_a_conflicting_stage_count(tmp_path, capsys):
     code = run_cli(["run", str(tmp_path / "e"), "--stages", "2"])
     err = capsys.readouterr().err
     assert code == 8 and "holds 3 shards" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spin", ["0", "5000"])
+def test_a_run_that_polls_or_never_polls_gives_the_reference(capsys, spin):
+    code = run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--stages", "2", "--random", "4",
+                    "--repeat", "3", "--check", "--spin-us", spin])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "outputs equal" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("spin", ["-1", "100001", "1.5", "x"])
+def test_a_polling_window_out_of_bounds_is_a_usage_error(capsys, spin):
+    code = run_cli(["run", str(ROOT / "graphs/mlp.yaml"), "--spin-us", spin])
+    err = capsys.readouterr().err
+    assert code == 2 and "--spin-us" in err and "Traceback" not in err
