@@ -8,8 +8,19 @@ graph, partition, resources or engine imports them.
 * :mod:`fastserve.bench.partition`: the partition strategies' speed.
 """
 
+import subprocess
+
 
 def seq_dims(spec, seq: int) -> dict[str, int]:
     """A bench's ``--seq`` as dims for ``spec`` (a loaded GraphSpec): none for a spec without a
     ``seq`` dim, such as an MLP."""
     return {"seq": seq} if "seq" in spec.dim_names else {}
+
+
+def reap(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for a bench's helper process to end, then kill it."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from fastserve.bench import seq_dims
+from fastserve.bench import reap, seq_dims
 from fastserve.errors import EngineError
 
 Progress = Callable[[str], None]
@@ -95,11 +95,7 @@ class _Workers:
             with contextlib.suppress(OSError):
                 p.stdin.close()
         for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            reap(p, 10)
 
 
 def _as_lists(tensors: Mapping[str, torch.Tensor]) -> dict[str, list]:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import zmq
 
-from fastserve.bench import seq_dims
+from fastserve.bench import reap, seq_dims
 from fastserve.engine.launcher import Addresses
 from fastserve.engine.memory import IDLE_RELEASE_S
 from fastserve.resources.costmodel import RUNTIME_BASELINE, micro_batch_size
@@ -83,11 +83,7 @@ class _Echo:
 
     def close(self) -> None:
         self.push.send(b"stop")
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, 5)
         self.proc.stdin.close()
         self.guard.close()
         self.push.close(linger=0)
@@ -142,11 +138,7 @@ class _PlainChain:
         except zmq.ZMQError:
             pass
         for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap(proc, 5)
             proc.stdin.close()
         self.push.close(linger=0)
         self.pull.close(linger=0)

@@ -38,6 +38,7 @@ from typing import Callable
 import msgpack
 import torch
 
+from fastserve.bench import reap
 from fastserve.errors import ServiceError
 
 Progress = Callable[[str], None]
@@ -77,11 +78,7 @@ def _start_service(spec: str, max_batch: int, max_queue: int, trust_code: bool, 
 
 def _stop_service(proc: subprocess.Popen) -> None:
     proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    reap(proc, 30)
 
 
 class _Later:
