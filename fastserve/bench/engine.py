@@ -3,7 +3,8 @@ noisy, so absolute times mean little; a ratio of two things measured together do
 
 * transport: a FastServe hop (encode, send, receive, decode, and back) against a raw pyzmq
   round trip of the same bytes over the same kind of socket, per size and transport (on tcp the
-  FastServe hop is CURVE-encrypted, as every tcp socket of a deployment is; raw pyzmq is plain);
+  FastServe hop is CURVE-encrypted, as every tcp socket of a deployment is; raw pyzmq is plain),
+  and a plain codec (a JSON header read and written at both ends) against the same raw trip;
 * pipeline: a p-stage pipeline with one thread per rank against one process with one thread and
   with p threads; d data-parallel replicas against one; resident memory of each rank against its
   shard's weights.
@@ -31,6 +32,7 @@ SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
 
 _ECHO = """
 import json, sys, zmq
+from fastserve.bench.plainrank import frames_of, tensors_of
 from fastserve.engine.wire import decode, encode
 cfg = json.loads(sys.stdin.readline())  # keys never on the command line
 ctx = zmq.Context()
@@ -49,12 +51,15 @@ while True:
     if mode == "fastserve":
         m = decode(frames)
         frames = encode(m.kind, request=m.request, micro=m.micro, tensors=m.tensors, meta=m.meta)
+    elif mode == "plain":
+        frames = frames_of(tensors_of(frames))
     push.send_multipart(frames, copy=False)
 """
 
 
 class _Echo:
-    """A peer process that sends back what it gets (decoding and re-encoding in FastServe mode).
+    """A peer process that sends back what it gets (decoding and re-encoding in FastServe mode,
+    reading and writing a JSON header in plain mode).
     The driver binds both sockets and the echo connects; in FastServe mode on tcp both links
     are CURVE-authenticated and encrypted, as every tcp socket of a deployment is."""
 
@@ -155,7 +160,11 @@ def _time_block(fn: Callable[[], None], n: int) -> float:
 def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, float]:
     """Median seconds of a round trip of ``size`` bytes through each echo peer, measured in
     interleaved blocks so that all see the same machine load. A raw peer gets the bytes of a
-    FastServe message (header and payload) without the encoding and decoding."""
+    FastServe message (header and payload) without the encoding and decoding; a plain one
+    a codec as one would write it by hand: a JSON header that both ends read and write
+    (:mod:`fastserve.bench.plainrank`)."""
+    from fastserve.bench.plainrank import frames_of, tensors_of
+
     tensor = torch.randn(size // 4)
     payload = tensor.numpy().tobytes()
     header = encode("data", tensors={"x": tensor})[0]  # same header bytes for raw
@@ -164,6 +173,9 @@ def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, fl
         if peer.mode == "raw":
             peer.push.send_multipart([header, payload], copy=False)
             peer.pull.recv_multipart(copy=False)
+        elif peer.mode == "plain":
+            peer.push.send_multipart(frames_of({"x": tensor}), copy=False)
+            tensors_of(peer.pull.recv_multipart(copy=False))
         else:
             peer.push.send_multipart(encode("data", tensors={"x": tensor}), copy=False)
             decode(peer.pull.recv_multipart(copy=False))
@@ -180,23 +192,27 @@ def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, fl
 
 def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
-    """Round-trip time of a FastServe hop vs raw pyzmq; median of interleaved blocks."""
+    """Round-trip time of a FastServe hop vs raw pyzmq, and of a hand-written JSON-header codec
+    vs the same; median of interleaved blocks."""
     rows = []
     for transport in transports:
         addresses = Addresses(transport)
-        raw, fs = _Echo(addresses, "raw"), _Echo(addresses, "fastserve")
+        peers: dict[str, _Echo] = {}
         try:
+            for mode in ("raw", "plain", "fastserve"):
+                peers[mode] = _Echo(addresses, mode)
             for label, size in sizes.items():
                 progress(f"transport {transport} {label}")
-                t = round_trips({"raw": raw, "fastserve": fs}, size, blocks)
-                r, f = t["raw"], t["fastserve"]
+                t = round_trips(peers, size, blocks)
+                r, f, p = t["raw"], t["fastserve"], t["plain"]
                 rows.append({"transport": transport, "size": label, "bytes": size,
                              "raw_rtt_us": r * 1e6, "fastserve_rtt_us": f * 1e6,
-                             "overhead_ratio": f / r, "throughput_ratio": r / f,
+                             "plain_rtt_us": p * 1e6, "overhead_ratio": f / r,
+                             "plain_ratio": p / r, "throughput_ratio": r / f,
                              "fastserve_gbps": 2 * size / f / 1e9})
         finally:
-            raw.close()
-            fs.close()
+            for peer in peers.values():
+                peer.close()
             addresses.close()
     return rows
 

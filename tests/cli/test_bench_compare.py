@@ -75,3 +75,15 @@ def test_a_spec_that_runs_code_needs_trust_before_anything_starts(capsys, comman
     code = run_cli(["bench", command, str(ROOT / "graphs/gpt2-hf-tiny.yaml")])
     err = capsys.readouterr().err
     assert code != 0 and "--trust-code" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # a benchmark command, as the README's: about 9 s
+def test_bench_transport_measures_fastserve_and_a_plain_codec_against_raw(capsys):
+    code = run_cli(["bench", "transport", "--transport", "ipc", "--blocks", "1", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert [r["size"] for r in rows] == ["4KiB", "64KiB", "1MiB", "16MiB"]
+    for r in rows:
+        assert r["plain_ratio"] == pytest.approx(r["plain_rtt_us"] / r["raw_rtt_us"])
+        assert r["overhead_ratio"] == pytest.approx(r["fastserve_rtt_us"] / r["raw_rtt_us"])
