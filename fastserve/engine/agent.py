@@ -48,6 +48,7 @@ from fastserve.engine.security import Guard
 from fastserve.engine.spin import MAX_SPIN_US, spin_window
 from fastserve.engine.wire import MAX_PEERS
 from fastserve.errors import EngineError
+from fastserve.resources.inventory import machine_cores
 from fastserve.units import host_port
 
 DEFAULT_PORT = 7301
@@ -181,7 +182,7 @@ class Agent:
         cmd = req["cmd"]
         _only(req, {"id", "cmd"} | _FIELDS[cmd])
         if cmd == "resources":
-            return {"host": socket.gethostname(), "cores": len(os.sched_getaffinity(0)),
+            return {"host": socket.gethostname(), "cores": machine_cores(),
                     "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
                     "flops": self.flops, "refused": self.guard.count(),
                     "malformed": self.malformed}, None
@@ -194,7 +195,7 @@ class Agent:
             if len(self.ranks) >= MAX_RANKS:
                 raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
             busy = [r.config.threads for r in self.ranks.values() if r.process.poll() is None]
-            if spin_window([*busy, cfg.threads], len(os.sched_getaffinity(0))) == 0:
+            if spin_window([*busy, cfg.threads], machine_cores()) == 0:
                 # this host's ranks (of every coordinator) would outnumber its cores
                 cfg = replace(cfg, spin_us=0)
             self.ranks[cfg.rank] = launch_local(cfg, self.workdir)
