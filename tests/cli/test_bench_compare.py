@@ -17,6 +17,7 @@ from lms import ROOT
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.slow  # a benchmark command, as the README's: about 15 s
 def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
     code = run_cli(["bench", "compare", str(ROOT / "graphs/mlp.yaml"), "--batch", "8",
                     "--micro-batches", "4", "--stream", "2", "--rounds", "2", "--json"])
@@ -50,6 +51,7 @@ def test_bench_compare_measures_every_run_and_states_its_ratios(capsys):
 
 
 
+@pytest.mark.slow  # a benchmark command, as the README's: about 11 s
 def test_bench_request_states_the_overhead_in_raw_round_trips(capsys):
     code = run_cli(["bench", "request", str(ROOT / "graphs/mlp.yaml"), "--blocks", "2",
                     "--requests", "5", "--json"])

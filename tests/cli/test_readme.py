@@ -2,7 +2,7 @@
 graphs/ and runtime/. A command that reads what an earlier one writes runs after it (the tour
 exports out/gpt2, then runs it); the others run two at a time. The set-up lines run their
 FastServe part with this venv (the install itself is what CI does). Benchmarks take minutes
-each: they run with -m slow."""
+each, and the hosts section starts three agents: they run with -m slow."""
 
 from __future__ import annotations
 
@@ -51,7 +51,10 @@ def _cases():
     for start, lines in bash_blocks():
         quick = [ln for ln in lines if not ln.startswith("fastserve bench")]
         bench = [ln for ln in lines if ln.startswith("fastserve bench")]
-        if quick:
+        if quick and any(ln.startswith("fastserve agent") for ln in quick):
+            # the hosts section (28 s): its commands are test_hosts' CLI test on the same cluster
+            cases.append(pytest.param(quick, id=f"line{start}", marks=pytest.mark.slow))
+        elif quick:
             cases.append(pytest.param(quick, id=f"line{start}"))
         if bench:
             cases.append(pytest.param(bench, id=f"line{start}-bench", marks=pytest.mark.slow))

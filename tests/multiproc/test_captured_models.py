@@ -116,13 +116,13 @@ def test_the_shipped_captured_graph_with_seeded_weights(tmp_path):
     # to run, and a rank that is not says so
     with pytest.raises(EngineError, match="trust"):
         _deploy(graph, (1, 2), trust_code=False).start()
-    layout = (2, 2)  # replicas and stages at once (7 ranks running the factory cost 12 s more)
-    with _deploy(graph, layout, trust_code=True) as dep:
+    # two stages (replicas and stages at once are checkpointed_model_equals_eager's: every
+    # rank here runs the factory, 4 ranks cost 8 s more)
+    with _deploy(graph, (1, 2), trust_code=True) as dep:
         torch.testing.assert_close(dep.run(x)["lm_head"], want)
-        last = [m for r, m in dep.ready.items() if r % layout[1] == layout[1] - 1]
+        last = dep.ready[1]
     # the last stage borrows the tied embedding for its head, and holds it once
-    assert len(last) == 2 and \
-        all(m["weight_bytes"] == _shard_bytes(graph, m["nodes"]) for m in last)
+    assert last["weight_bytes"] == _shard_bytes(graph, last["nodes"])
 
 
 def test_a_model_captured_in_python_deploys_from_its_checkpoint(tmp_path):

@@ -69,6 +69,7 @@ def test_skip_connection_dag_pipeline():
     check(str(ROOT / "graphs/unet.yaml"), Layout(1, 3), batch=4, micro_batches=2)
 
 
+@pytest.mark.slow  # 10 s; test_captured_models deploys the same graph in the default run
 def test_captured_transformers_model():
     check(str(ROOT / "graphs/gpt2-hf-tiny.yaml"), Layout(1, 2), batch=3, micro_batches=3,
           trust_code=True)  # its source: names the zoo's factory
