@@ -48,7 +48,7 @@ from fastserve.engine.security import Guard
 from fastserve.engine.spin import MAX_SPIN_US, spin_window
 from fastserve.engine.wire import MAX_PEERS
 from fastserve.errors import EngineError
-from fastserve.resources.inventory import machine_cores
+from fastserve.resources.inventory import machine_cores, machine_memory
 from fastserve.units import host_port
 
 DEFAULT_PORT = 7301
@@ -129,7 +129,7 @@ class Agent:
 
     def serve(self, should_stop=lambda: False) -> None:
         """Answer requests until ``should_stop()``; stop every rank on the way out."""
-        self.log(f"agent listening on {self.endpoint} ({os.cpu_count()} cores, "
+        self.log(f"agent listening on {self.endpoint} ({machine_cores()} cores, "
                  f"{self.flops / 1e9:.1f} GFLOP/s per core)")
         try:
             while not should_stop():
@@ -183,7 +183,7 @@ class Agent:
         _only(req, {"id", "cmd"} | _FIELDS[cmd])
         if cmd == "resources":
             return {"host": socket.gethostname(), "cores": machine_cores(),
-                    "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                    "memory_bytes": machine_memory(),
                     "flops": self.flops, "refused": self.guard.count(),
                     "malformed": self.malformed}, None
         if cmd == "echo":

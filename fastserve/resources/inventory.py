@@ -14,7 +14,7 @@
       - {between: [a, b], bandwidth: 12.5GB, latency_us: 20}
 
 A host at ``localhost``/``127.0.0.1`` may omit ``cores`` and ``memory``: they are read from this
-machine. ``launcher`` says how a host's ranks start: ``local`` (subprocesses of the driver; the
+machine, within its container's CPU quota and memory limit (:mod:`fastserve.resources.cgroup`). ``launcher`` says how a host's ranks start: ``local`` (subprocesses of the driver; the
 default on this machine), ``agent`` (through ``fastserve agent`` on that host, at ``port``,
 default 7301; the default for every other address) or ``ray`` (as Ray actors on the Ray node
 that offers the resource ``host:<name>``). Sizes accept ``2GB``/``512MiB``/bytes. Errors name the file, the line and the key.
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastserve.resources.cgroup import cpu_quota, memory_limit
 from fastserve.errors import InventoryError, SizeError
 from fastserve.limits import DEFAULT_LIMITS, Limits
 from fastserve.units import parse_bytes
@@ -101,11 +102,18 @@ class Inventory:
 
 
 def machine_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on, within its container's CPU quota (whole cores, at
+    least one: threads beyond the quota would only wait for the next period)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cpu_quota()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
 
 
 def machine_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """This machine's memory, within its container's memory limit."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = memory_limit()
+    return min(physical, limit) if limit is not None else physical
 
 
 def is_loopback(address: str) -> bool:
