@@ -5,6 +5,7 @@ noisy, so absolute times mean little; a ratio of two things measured together do
   round trip of the same bytes over the same kind of socket, per size and transport (on tcp the
   FastServe hop is CURVE-encrypted, as every tcp socket of a deployment is; raw pyzmq is plain),
   and a plain codec (a JSON header read and written at both ends) against the same raw trip;
+  then a FastServe and a raw peer whose ends poll before they sleep, as a deployment's do;
 * pipeline: a p-stage pipeline with one thread per rank against one process with one thread and
   with p threads; d data-parallel replicas against one; resident memory of each rank against its
   shard's weights.
@@ -33,6 +34,7 @@ SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
 _ECHO = """
 import json, sys, zmq
 from fastserve.bench.plainrank import frames_of, tensors_of
+from fastserve.engine.spin import Waiter
 from fastserve.engine.wire import decode, encode
 cfg = json.loads(sys.stdin.readline())  # keys never on the command line
 ctx = zmq.Context()
@@ -44,7 +46,10 @@ for sock in (pull, push):
         sock.curve_serverkey = cfg["keys"]["server"].encode()
 pull.connect(cfg["inp"]); push.connect(cfg["out"])
 mode = cfg["mode"]
+waiter = Waiter(cfg["spin_us"])  # a rank's way of waiting (spin_us 0: a blocking poll)
 while True:
+    if not waiter.wait(pull.poll, 1000):
+        continue
     frames = pull.recv_multipart(copy=False)
     if len(frames) == 1 and frames[0].bytes == b"stop":
         break
@@ -63,28 +68,41 @@ class _Echo:
     The driver binds both sockets and the echo connects; in FastServe mode on tcp both links
     are CURVE-authenticated and encrypted, as every tcp socket of a deployment is."""
 
-    def __init__(self, addresses: Addresses, mode: str, curve: bool | None = None) -> None:
-        """``curve``: encrypt the raw mode too (default: FastServe mode on tcp only)."""
+    def __init__(self, addresses: Addresses, mode: str, curve: bool | None = None,
+                 spin_us: int = 0, name: str | None = None) -> None:
+        """``curve``: encrypt the raw mode too (default: FastServe mode on tcp only).
+        ``spin_us``: both ends wait as a deployment's ranks and coordinator do, polling for up
+        to that long before they sleep (:mod:`fastserve.engine.spin`); 0: a blocking wait."""
         from fastserve.engine.security import Guard, KeyPair
+        from fastserve.engine.spin import Waiter
 
         self.ctx = zmq.Context()  # one authenticator per context
         self.mode = mode
+        self.waiter = Waiter(spin_us)
+        name = name or mode
         secure = (mode == "fastserve" and addresses.transport == "tcp") if curve is None \
             else curve
         server, client = (KeyPair.new(), KeyPair.new()) if secure else (None, None)
         self.guard = Guard(self.ctx, server)
         self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
         ends = []
-        for sock, name in ((self.push, "in"), (self.pull, "out")):
-            self.guard.serve(sock, f"echo-{name}", [client.public] if client else [])
-            sock.bind(addresses.new(f"echo-{mode}-{name}"))
+        for sock, end in ((self.push, "in"), (self.pull, "out")):
+            self.guard.serve(sock, f"echo-{end}", [client.public] if client else [])
+            sock.bind(addresses.new(f"echo-{name}-{end}"))
             ends.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         keys = {"public": client.public, "secret": client.secret, "server": server.public} \
             if secure else None
         self.proc = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE)
         self.proc.stdin.write(json.dumps({"inp": ends[0], "out": ends[1], "mode": mode,
-                                          "keys": keys}).encode() + b"\n")
+                                          "keys": keys, "spin_us": spin_us}).encode() + b"\n")
         self.proc.stdin.flush()
+
+    def receive(self) -> list:
+        if not self.waiter.wait(self.pull.poll, 30_000):
+            code = self.proc.poll()
+            raise RuntimeError(f"the {self.mode} echo peer gave no answer within 30 s ("
+                               f"{'still running' if code is None else f'exit code {code}'})")
+        return self.pull.recv_multipart(copy=False)
 
     def close(self) -> None:
         self.push.send(b"stop")
@@ -172,13 +190,13 @@ def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, fl
     def trip(peer: _Echo) -> None:
         if peer.mode == "raw":
             peer.push.send_multipart([header, payload], copy=False)
-            peer.pull.recv_multipart(copy=False)
+            peer.receive()
         elif peer.mode == "plain":
             peer.push.send_multipart(frames_of({"x": tensor}), copy=False)
-            tensors_of(peer.pull.recv_multipart(copy=False))
+            tensors_of(peer.receive())
         else:
             peer.push.send_multipart(encode("data", tensors={"x": tensor}), copy=False)
-            decode(peer.pull.recv_multipart(copy=False))
+            decode(peer.receive())
 
     n = max(5, min(2000, (256 << 20) // (size * 8)))
     for peer in peers.values():  # connect and warm up
@@ -191,9 +209,17 @@ def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, fl
 
 
 def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
+                    spin_us: int | None = None,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
     """Round-trip time of a FastServe hop vs raw pyzmq, and of a hand-written JSON-header codec
-    vs the same; median of interleaved blocks."""
+    vs the same; median of interleaved blocks. All of them wait for a message in a blocking
+    poll; with a polling window (``spin_us``; None: what a deployment picks for two 1-thread
+    processes on this machine, 0: none) a raw and a FastServe peer that poll first, as a
+    deployment's ranks and coordinator do, are measured in the same blocks."""
+    from fastserve.engine.spin import SPIN_US, spin_window
+    from fastserve.resources.inventory import machine_cores
+
+    spin = spin_window([1, 1], machine_cores(), SPIN_US) if spin_us is None else spin_us
     rows = []
     for transport in transports:
         addresses = Addresses(transport)
@@ -201,15 +227,26 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
         try:
             for mode in ("raw", "plain", "fastserve"):
                 peers[mode] = _Echo(addresses, mode)
+            if spin:
+                for mode in ("raw", "fastserve"):
+                    peers[f"{mode}_polling"] = _Echo(addresses, mode, spin_us=spin,
+                                                     name=f"{mode}-polling")
             for label, size in sizes.items():
                 progress(f"transport {transport} {label}")
                 t = round_trips(peers, size, blocks)
                 r, f, p = t["raw"], t["fastserve"], t["plain"]
-                rows.append({"transport": transport, "size": label, "bytes": size,
-                             "raw_rtt_us": r * 1e6, "fastserve_rtt_us": f * 1e6,
-                             "plain_rtt_us": p * 1e6, "overhead_ratio": f / r,
-                             "plain_ratio": p / r, "throughput_ratio": r / f,
-                             "fastserve_gbps": 2 * size / f / 1e9})
+                row = {"transport": transport, "size": label, "bytes": size,
+                       "raw_rtt_us": r * 1e6, "fastserve_rtt_us": f * 1e6,
+                       "plain_rtt_us": p * 1e6, "overhead_ratio": f / r,
+                       "plain_ratio": p / r, "throughput_ratio": r / f,
+                       "fastserve_gbps": 2 * size / f / 1e9, "spin_us": spin}
+                if spin:
+                    rp, fp = t["raw_polling"], t["fastserve_polling"]
+                    row.update({"raw_polling_rtt_us": rp * 1e6,
+                                "fastserve_polling_rtt_us": fp * 1e6,
+                                # FastServe as a deployment runs it, against each raw trip
+                                "polling_over_raw": fp / r, "polling_over_raw_polling": fp / rp})
+                rows.append(row)
         finally:
             for peer in peers.values():
                 peer.close()

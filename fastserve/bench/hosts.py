@@ -52,7 +52,7 @@ def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
     hops = []
     addresses = Addresses("tcp", host=agents[0].address)
     peers = {"raw": _Echo(addresses, "raw", curve=False),
-             "raw_curve": _Echo(addresses, "raw", curve=True),
+             "raw_curve": _Echo(addresses, "raw", curve=True, name="raw-curve"),
              "fastserve": _Echo(addresses, "fastserve")}
     try:
         for label, size in SIZES.items():

@@ -79,9 +79,10 @@ def test_a_spec_that_runs_code_needs_trust_before_anything_starts(capsys, comman
     assert code != 0 and "--trust-code" in err and "Traceback" not in err
 
 
-@pytest.mark.slow  # a benchmark command, as the README's: about 9 s
+@pytest.mark.slow  # a benchmark command, as the README's: about 12 s
 def test_bench_transport_measures_fastserve_and_a_plain_codec_against_raw(capsys):
-    code = run_cli(["bench", "transport", "--transport", "ipc", "--blocks", "1", "--json"])
+    code = run_cli(["bench", "transport", "--transport", "ipc", "--blocks", "1", "--spin-us",
+                    "500", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
     rows = json.loads(out.out)
@@ -89,3 +90,16 @@ def test_bench_transport_measures_fastserve_and_a_plain_codec_against_raw(capsys
     for r in rows:
         assert r["plain_ratio"] == pytest.approx(r["plain_rtt_us"] / r["raw_rtt_us"])
         assert r["overhead_ratio"] == pytest.approx(r["fastserve_rtt_us"] / r["raw_rtt_us"])
+        # the polling peers: the same hop as a deployment waits for it
+        assert r["spin_us"] == 500
+        assert r["polling_over_raw"] == pytest.approx(r["fastserve_polling_rtt_us"]
+                                                      / r["raw_rtt_us"])
+        assert r["polling_over_raw_polling"] == pytest.approx(
+            r["fastserve_polling_rtt_us"] / r["raw_polling_rtt_us"])
+    # without a window, no polling peers; the table says what it measured
+    assert run_cli(["bench", "transport", "--transport", "ipc", "--blocks", "1", "--spin-us",
+                    "0", "--json"]) == 0
+    assert all("fastserve_polling_rtt_us" not in r and r["spin_us"] == 0
+               for r in json.loads(capsys.readouterr().out))
+    assert run_cli(["bench", "transport", "--spin-us", "-1"]) != 0
+    assert "--spin-us" in capsys.readouterr().err
