@@ -28,8 +28,8 @@ from fastserve.yamlio import line_of, read_text, read_yaml
 
 TRUST_FILE_ENV = "FASTSERVE_TRUST_FILE"  # the only environment variable FastServe's trust reads
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-_TARGET = re.compile(rf"^({_DOTTED}):({_DOTTED})$")
-_PREFIX = re.compile(rf"^{_DOTTED}$")
+_TARGET = re.compile(rf"^({_DOTTED}):({_DOTTED})\Z")
+_PREFIX = re.compile(rf"^{_DOTTED}\Z")
 
 
 def trust_file() -> Path:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,15 @@ MAX_REQUEST = 1 << 20  # a JSON request
 MAX_FRAME = 64 << 20  # an echo frame
 MAX_RANKS = 1024
 LOG_TAIL = 64 << 10
-_KEY = re.compile(r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")  # Z85, 32 bytes
-_TCP = re.compile(r"^tcp://[0-9A-Za-z.\-\[\]:]{1,255}:[0-9]{1,5}$")
+_KEY = re.compile(r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}\Z")  # Z85, 32 bytes
+_TCP = re.compile(r"^tcp://[0-9A-Za-z.\-\[\]:]{1,255}:[0-9]{1,5}\Z")
 COMMANDS = ("resources", "echo", "start", "status", "stop", "logs", "have", "put")
 MAX_FILE = 1 << 40  # a file put in the cache
 CHUNK = 16 << 20  # bytes per 'put' message
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SUFFIX = re.compile(r"^(\.[a-z0-9]{1,16})?$")
+MAX_UPLOADS = 8  # files arriving at once
+UPLOAD_IDLE_S = 600.0  # an upload without a chunk for this long is dropped when another starts
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+FILE_SUFFIX = re.compile(r"^(\.[a-z0-9]{1,16})?\Z")
 
 
 class HostError(EngineError):
@@ -91,6 +93,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 # --- the daemon -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Upload:
+    """A file arriving in chunks: its size, what has arrived and its running hash."""
+
+    size: int
+    received: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256)
+    touched: float = field(default_factory=time.monotonic)
+
+
 class Agent:
     """One agent: a bound, authenticated ROUTER and the ranks it started."""
 
@@ -102,6 +114,9 @@ class Agent:
         self.cache = Path(cache) if cache else \
             Path.home() / ".cache" / "fastserve" / f"agent-{self.host}-{port}"
         self.cache.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache.glob("*.part"):  # uploads an earlier agent left half done
+            stale.unlink(missing_ok=True)
+        self._uploads: dict[Path, _Upload] = {}
         os.chmod(self.cache, 0o700)
         self.keys = keys
         self.coordinator_timeout = coordinator_timeout
@@ -156,7 +171,7 @@ class Agent:
                                                    "binary frame"})
         try:
             req = json.loads(rest[0].bytes)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (nesting past the limit)
             req = None
         rid = req.get("id") if isinstance(req, dict) else None
         try:
@@ -223,7 +238,7 @@ class Agent:
         digest, suffix = req.get("sha256"), req.get("suffix", "")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise ValueError("'sha256' must be 64 lowercase hex digits")
-        if not isinstance(suffix, str) or not _SUFFIX.match(suffix):
+        if not isinstance(suffix, str) or not FILE_SUFFIX.match(suffix):
             raise ValueError("'suffix' must be a file extension like '.safetensors'")
         # the suffix says the format (readers go by it); the name is the content's hash
         final, part = self.cache / f"{digest}{suffix}", self.cache / f"{digest}{suffix}.part"
@@ -235,25 +250,47 @@ class Agent:
                 or offset + len(frame) > size:
             raise ValueError(f"'put' takes an offset, a size up to {MAX_FILE} and a chunk of "
                              f"at most {CHUNK} bytes that fits in it")
-        have = part.stat().st_size if part.exists() else 0
         if offset == 0:
-            have = 0
-        elif offset != have:
-            raise ValueError(f"chunk at {offset}, but {have} bytes have arrived: send in order")
-        with open(part, "r+b" if have else "wb") as f:
+            self._begin_upload(part, size)
+        upload = self._uploads.get(part)
+        if upload is None or offset != upload.received or size != upload.size:
+            have = upload.received if upload is not None else 0
+            raise ValueError(f"chunk at {offset} of a {size}-byte file, but {have} bytes of it "
+                             f"have arrived: send in order, from offset 0")
+        with open(part, "r+b") as f:
             f.seek(offset)
             f.write(frame.buffer)
-        if offset + len(frame) < size:
+        # hashed as it arrives: hashing a large file at the end would hold up every request
+        upload.sha256.update(frame.buffer)
+        upload.received += len(frame)
+        upload.touched = time.monotonic()
+        if upload.received < size:
             return {"path": None}
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
+        del self._uploads[part]
+        got = upload.sha256.hexdigest()
+        if got != digest:
             part.unlink()
-            raise ValueError(f"the file's sha256 is {h.hexdigest()}, not {digest}: dropped")
+            raise ValueError(f"the file's sha256 is {got}, not {digest}: dropped")
         part.replace(final)
         return {"path": str(final)}
+
+    def _begin_upload(self, part: Path, size: int) -> None:
+        """Start (or restart) the upload of ``part``: uploads left idle are dropped first, and
+        a file is refused when too many are under way or the disk cannot hold it."""
+        now = time.monotonic()
+        for stale in [p for p, u in self._uploads.items()
+                      if now - u.touched > UPLOAD_IDLE_S or p == part]:
+            del self._uploads[stale]
+            stale.unlink(missing_ok=True)
+        if len(self._uploads) >= MAX_UPLOADS:
+            raise ValueError(f"{MAX_UPLOADS} uploads are under way here; send this file after "
+                             f"they end")
+        free = shutil.disk_usage(self.cache).free
+        if size > free:
+            raise ValueError(f"the file takes {size} bytes and the cache ({self.cache}) has "
+                             f"{free} free")
+        part.write_bytes(b"")
+        self._uploads[part] = _Upload(size)
 
     def _config(self, doc: Any) -> RankConfig:
         """A rank config from a coordinator, every field checked; its data socket binds on
@@ -425,7 +462,7 @@ class AgentClient:
             parts = self.sock.recv_multipart()
             try:
                 reply = json.loads(parts[0])
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 continue
             if not isinstance(reply, dict) or reply.get("id") != rid:
                 continue  # a late answer to a request that timed out

@@ -67,6 +67,7 @@ def new_keys(directory: str | Path, force: bool = False) -> list[Path]:
     written = []
     for role in ROLES:
         public, secret = zmq.auth.create_certificates(str(d), role)
+        os.chmod(public, 0o644)  # (a umask of 002 would leave it writable by the group)
         os.chmod(secret, 0o600)
         written += [Path(public), Path(secret)]
     return written
@@ -80,6 +81,7 @@ def load_keys(directory: str | Path, role: str) -> ClusterKeys:
     if not d.is_dir():
         raise KeysError(f"key directory '{d}' does not exist; make one with: fastserve keys new "
                         f"{d}")
+    _check_owner(d, "key directory")
     secret_file = d / f"{role}.key_secret"
     own = _read(secret_file, secret=True)
     if role == "agent":
@@ -93,10 +95,25 @@ def load_keys(directory: str | Path, role: str) -> ClusterKeys:
     return ClusterKeys(own, accepted)
 
 
+def _check_owner(path: Path, what: str) -> None:
+    """Refuse a key file or directory that another user could change: whoever can write a
+    ``coordinator*.key`` into an agent's directory commands that agent (the rule sshd applies
+    to authorized_keys)."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KeysError(f"{what} '{path}' can be changed by other users, who could then add a "
+                        f"key the agents obey; make it writable by its owner only: chmod go-w "
+                        f"{path}")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise KeysError(f"{what} '{path}' belongs to another user (uid {st.st_uid}), who could "
+                        f"change it; it must be this user's or root's")
+
+
 def _read(path: Path, secret: bool) -> KeyPair:
     if not path.is_file():
         raise KeysError(f"key file '{path}' does not exist; make the keys with: fastserve keys "
                         f"new {path.parent}")
+    _check_owner(path, "key file")
     if secret and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeysError(f"secret key file '{path}' can be read by other users; make it "
                         f"private: chmod 600 {path}")

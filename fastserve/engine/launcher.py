@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from fastserve.engine.rank import RankConfig
 from fastserve.errors import EngineError
 
+MAX_WORDS = 1024  # characters of a dead rank's last line in its exit reason
+
 
 class Addresses:
     """Hands out socket addresses for one deployment and cleans them up."""
@@ -67,14 +69,25 @@ class RankProcess:
         code = self.process.poll()
         if code is None:
             return None
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
         words = self.last_words()
         return how + (f": {words}" if words else "")
 
     def last_words(self) -> str | None:
-        """The last line of the rank's log (its last error), if it wrote any."""
+        """The last line of the rank's log (its last error), if it wrote any, cut to
+        :data:`MAX_WORDS` characters (a reason travels in messages with bounded text)."""
         lines = log_tail(self.log, 4096).strip().splitlines()
-        return lines[-1] if lines else None
+        if not lines:
+            return None
+        return lines[-1] if len(lines[-1]) <= MAX_WORDS else lines[-1][:MAX_WORDS - 3] + "..."
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, or "signal 40" for one Python has no name for (the real-time ones)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def log_tail(path: str, limit: int) -> str:

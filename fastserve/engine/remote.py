@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from fastserve.engine.agent import CHUNK, AgentClient, HostError
+from fastserve.engine.agent import CHUNK, FILE_SUFFIX, AgentClient, HostError
 from fastserve.engine.keys import ClusterKeys
 from fastserve.engine.rank import RankConfig
 from fastserve.errors import EngineError
@@ -54,6 +54,8 @@ class HostLink:
         """Put the file at ``path`` in the agent's cache (nothing is sent if it holds a file with
         the same sha256 already); return its path on the host."""
         digest, suffix = sha256_of(path), os.path.splitext(path)[1].lower()
+        if not FILE_SUFFIX.match(suffix):  # (readers know .safetensors and take the rest as torch)
+            suffix = ""
         there = self.request("have", sha256=digest, suffix=suffix)["path"]
         if there:
             return there

@@ -42,9 +42,9 @@ from fastserve.limits import DEFAULT_LIMITS, Limits
 from fastserve.trust import check_code
 from fastserve.yamlio import Located, describe, line_of, located_like, read_text, read_yaml
 
-_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*\Z")
 # what YAML 1.1 reads as a string although it looks like a number: 1e11, 1_000.5e3
-_NUMERIC_TEXT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?([eE][-+]?[0-9]+)?$")
+_NUMERIC_TEXT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?([eE][-+]?[0-9]+)?\Z")
 
 
 def load_spec(path: str | Path, *, trust_code: bool = False,

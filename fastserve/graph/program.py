@@ -44,9 +44,9 @@ _LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
 _FORMATS = {str(f).removeprefix("torch."): f for f in (
     torch.contiguous_format, torch.preserve_format, torch.channels_last,
     torch.channels_last_3d)}
-_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-_ATEN = re.compile(r"^aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
-_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
+_ATEN = re.compile(r"^aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\Z")
+_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 class ProgramError(SpecError):

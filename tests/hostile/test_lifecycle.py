@@ -141,6 +141,27 @@ def test_a_rank_log_ends_with_its_own_last_words():
         assert reason == "killed by SIGKILL", reason
 
 
+def test_an_exit_reason_names_any_signal_and_stays_short(tmp_path):
+    # a real-time signal has no name in Python, and a rank's last line may be long: the reason
+    # travels in an agent's status reply, whose text is bounded
+    from fastserve.engine.launcher import MAX_WORDS, RankProcess
+
+    log = tmp_path / "rank.log"
+    log.write_text("starting\n" + "x" * 5000)  # no newline at the end
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rank = RankProcess(None, proc, str(log))
+        assert rank.exit_reason() is None
+        proc.send_signal(signal.SIGRTMIN + 6)
+        proc.wait(timeout=10)
+        reason = rank.exit_reason()
+        assert reason.startswith(f"killed by signal {int(signal.SIGRTMIN) + 6}: xxx")
+        assert reason.endswith("...") and len(reason) < MAX_WORDS + 40
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_health_is_answered_while_a_long_batch_computes(tmp_path, monkeypatch):
     spec = tmp_path / "slow.yaml"
     spec.write_text(SLOW.replace("seconds: 0.5", "seconds: 4"))

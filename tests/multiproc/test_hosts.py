@@ -9,6 +9,7 @@ whose coordinator vanished stops its ranks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import fastserve.graph as G
 from fastserve.engine import Deployment
 from fastserve.engine.agent import AgentClient, HostError, spawn_agent
 from fastserve.engine.keys import ClusterKeys, load_keys, new_keys
+from fastserve.engine.remote import HostLink
 from fastserve.engine.security import KeyPair
 from fastserve.errors import EngineError
 from fastserve.resources.inventory import load_inventory, parse_inventory
@@ -258,8 +260,41 @@ def test_a_checkpoint_reaches_each_host_once_verified(cluster, tmp_path):
             client.request("have", sha256="../../etc/passwd")
         with pytest.raises(HostError, match="file extension"):
             client.request("have", sha256="1" * 64, suffix="/../../x")
+        with pytest.raises(HostError, match="64 lowercase hex"):
+            client.request("have", sha256="1" * 64 + "\n")
+        with pytest.raises(HostError, match="file extension"):
+            client.request("have", sha256="1" * 64, suffix=".bin\n")
+        # uploads are bounded in number and by the disk, and hashed as they arrive
+        with pytest.raises(HostError, match="free"):
+            client.request("put", frame=b"x", sha256="2" * 64, offset=0, size=1 << 40)
+        digests = [f"{i:064x}" for i in range(9)]
+        for d in digests[:8]:
+            assert client.request("put", frame=b"x", sha256=d, offset=0, size=2)[0]["path"] \
+                is None
+        with pytest.raises(HostError, match="8 uploads are under way"):
+            client.request("put", frame=b"x", sha256=digests[8], offset=0, size=2)
+        with pytest.raises(HostError, match="send in order"):  # not the size it began with
+            client.request("put", frame=b"y", sha256=digests[0], offset=1, size=3)
+        for d in digests[:8]:
+            with pytest.raises(HostError, match="dropped"):
+                client.request("put", frame=b"y", sha256=d, offset=1, size=2)
+        ok = hashlib.sha256(b"xy").hexdigest()
+        client.request("put", frame=b"x", sha256=ok, offset=0, size=2)
+        path = client.request("put", frame=b"y", sha256=ok, offset=1, size=2)[0]["path"]
+        assert Path(path).read_bytes() == b"xy"
+        assert not list(Path(path).parent.glob("*.part"))
     finally:
         client.close()
+    # a file whose extension the agent would refuse is sent without one
+    link = HostLink(ctx, "a", f"{agents[0].address}:{agents[0].port}",
+                    load_keys(keys, "coordinator"))
+    odd = tmp_path / "model.ckpt_Step100"
+    odd.write_bytes(b"weights")
+    try:
+        there = Path(link.upload(str(odd)))
+        assert there.read_bytes() == b"weights" and there.suffix == ""
+    finally:
+        link.stop()  # (no ranks started: it only closes its socket)
         ctx.term()
 
 
@@ -327,7 +362,8 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
     try:
         for body in [b"not json", b"[1, 2]", json.dumps({"id": 1}).encode(),
                      json.dumps({"id": "1", "cmd": "resources"}).encode(),
-                     json.dumps({"id": 2, "cmd": "exec", "argv": ["sh"]}).encode()]:
+                     json.dumps({"id": 2, "cmd": "exec", "argv": ["sh"]}).encode(),
+                     b"[" * 200_000]:  # nested past Python's recursion limit
             raw.send(body)
             assert raw.poll(5000), body
             assert json.loads(raw.recv())["ok"] is False
@@ -347,6 +383,9 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             ("spin negative", {**good, "spin_us": -1}),
             ("spin past its bound", {**good, "spin_us": 10**9}),
             ("spin a float", {**good, "spin_us": 1.5}),
+            # a pattern's "$" matches before a final newline: every field is matched whole
+            ("a key and a newline", {**good, "public_key": real.own.public + "\n"}),
+            ("control and a newline", {**good, "control": "tcp://127.0.0.1:9\n"}),
         ]
         for name, config in bad_configs:
             with pytest.raises(HostError, match="refused 'start'"):
@@ -355,7 +394,7 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             client.request("resources", extra=1)
         with pytest.raises(HostError, match="no rank"):
             client.request("logs", rank=12345)
-        assert client.request("resources")[0]["malformed"] >= 18
+        assert client.request("resources")[0]["malformed"] >= 21
         assert not agents[1].ranks()
     finally:
         raw.close(linger=0)
@@ -533,6 +572,20 @@ def test_keys_and_agent_refuse_what_would_be_unsafe(tmp_path, capsys):
     assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
     assert "chmod 600" in capsys.readouterr().err
     (tmp_path / "k" / "agent.key_secret").chmod(0o600)
-    (tmp_path / "k" / "coordinator.key").unlink()
+    # whoever can write a coordinator*.key there would command the agent
+    public = tmp_path / "k" / "coordinator.key"
+    assert oct(public.stat().st_mode & 0o777) == "0o644"
+    for path, mode in [(tmp_path / "k", 0o777), (public, 0o666)]:
+        path.chmod(mode)
+        assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
+        assert f"chmod go-w {path}" in capsys.readouterr().err
+        path.chmod(0o700 if path.is_dir() else 0o644)
+    if os.geteuid() == 0:  # (only root can give a file away)
+        os.chown(public, 12345, 12345)
+        assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
+        assert "belongs to another user (uid 12345)" in capsys.readouterr().err
+        os.chown(public, 0, 0)
+    load_keys(tmp_path / "k", "agent")  # as it was: accepted again
+    public.unlink()
     assert run_cli(["agent", "--listen", "127.0.0.2:0", "--keys", str(tmp_path / "k")]) != 0
     assert "obey nobody" in capsys.readouterr().err
