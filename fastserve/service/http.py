@@ -42,6 +42,7 @@ from fastserve.service.service import Service
 MSGPACK = "application/msgpack"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 MAX_DIMS = 8
+INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a thread, off the event loop
 
 
 class BadRequest(Exception):
@@ -78,6 +79,22 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _inputs(kind: str, body: bytes, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The input tensors of a body of content type ``kind`` (msgpack, else JSON)."""
+    if kind == MSGPACK:
+        try:
+            # the body is already bounded by max_body_bytes
+            doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise BadRequest(f"the body is not msgpack: {type(e).__name__}") from None
+        return _inputs_msgpack(doc, dtypes)
+    try:
+        doc = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the body is not JSON: {str(e)[:200]}") from None
+    return _inputs_json(doc, dtypes)
+
+
 def _inputs_json(doc: Any, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     inputs = _inputs_map(doc)
     out = {}
@@ -97,11 +114,18 @@ def _inputs_json(doc: Any, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Te
         for _ in range(t.dim() - 1):
             flat = list(itertools.chain.from_iterable(flat))
         kinds = set(map(type, flat))
-        allowed = {int, float} if dtype.is_floating_point else {int}
+        allowed, what = ({bool}, "true or false") if dtype == torch.bool else \
+            ({int, float}, "numbers") if dtype.is_floating_point else ({int}, "integers")
         if not kinds <= allowed:
             raise BadRequest(f"input '{name}' is {str(dtype).removeprefix('torch.')}: its "
-                             f"values must be {'numbers' if dtype.is_floating_point else 'integers'}"
-                             f", not {', '.join(sorted(k.__name__ for k in kinds - allowed))}")
+                             f"values must be {what}, not "
+                             f"{', '.join(sorted(k.__name__ for k in kinds - allowed))}")
+        # torch wraps integers into a narrow type (-1 becomes 255 in uint8)
+        if allowed == {int} and flat:
+            info = torch.iinfo(dtype)
+            if min(flat) < info.min or max(flat) > info.max:
+                raise BadRequest(f"input '{name}' holds a value beyond the range of "
+                                 f"{str(dtype).removeprefix('torch.')}")
         # JSON has no NaN or Infinity (refused while parsing), but 1e400 reads as inf and 1e39
         # overflows float32
         if dtype.is_floating_point and flat and \
@@ -139,6 +163,8 @@ def _inputs_msgpack(doc: Any, dtypes: dict[str, torch.dtype]) -> dict[str, torch
         if not isinstance(data, bytes) or len(data) != size:
             raise BadRequest(f"input '{name}': data must be {size} raw bytes for shape "
                              f"{shape}, got {len(data) if isinstance(data, bytes) else 'no bytes'}")
+        if dtype == torch.bool and data.translate(None, b"\x00\x01"):
+            raise BadRequest(f"input '{name}': bool data must be bytes 0 and 1")
         t = torch.frombuffer(bytearray(data), dtype=dtype) if size else \
             torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape)
@@ -175,27 +201,23 @@ def make_app(service: Service, token: str | None = None,
     limit = service.config.limits.max_body_bytes
     wait_s = service.config.limits.deadline_s + 5.0
 
+    # a large body is parsed off the event loop (a 60 MB JSON body takes seconds, which would
+    # stall every other route), one at a time (parsing JSON takes many times its bytes)
+    parsing = asyncio.Semaphore(1)
+
     async def infer(request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             service.admits()  # refusing before the body is read is what keeps overload cheap
-            body = await _body(request, limit)
-            if kind == MSGPACK:
-                try:
-                    # the body is already bounded by max_body_bytes
-                    doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
-                except (ValueError, TypeError, msgpack.UnpackException) as e:
-                    raise BadRequest(f"the body is not msgpack: {type(e).__name__}") from None
-                inputs = _inputs_msgpack(doc, dtypes)
-            elif kind in ("application/json", ""):
-                try:
-                    doc = json.loads(body, parse_constant=_refuse_constant)
-                except (ValueError, RecursionError) as e:
-                    raise BadRequest(f"the body is not JSON: {str(e)[:200]}") from None
-                inputs = _inputs_json(doc, dtypes)
-            else:
+            if kind not in (MSGPACK, "application/json", ""):
                 raise BadRequest(f"content type {kind[:80]!r}: send application/json or "
                                  f"{MSGPACK}", 415)
+            body = await _body(request, limit)
+            if len(body) <= INLINE_PARSE_BYTES:
+                inputs = _inputs(kind, body, dtypes)
+            else:
+                async with parsing:
+                    inputs = await asyncio.to_thread(_inputs, kind, body, dtypes)
             future = service.submit(inputs)
         except BadRequest as e:
             service.count_outcome("invalid")
@@ -214,16 +236,17 @@ def make_app(service: Service, token: str | None = None,
             return Response(_pack(outputs), media_type=MSGPACK)
         try:  # JSON has no NaN or infinity: starlette refuses to write them (allow_nan=False)
             return JSONResponse({"outputs": {k: v.tolist() for k, v in outputs.items()}})
-        except ValueError:
+        except ValueError:  # (the model's answer to these inputs: not the service's fault)
             return error_response(f"the outputs hold NaN or infinity, which JSON cannot carry: ask "
-                          f"for them as {MSGPACK} (an Accept header)", 500)
+                                  f"for them as {MSGPACK} (an Accept header)", 422)
 
     def authorized(request: Request) -> Response | None:
         if token is None:
             return error_response("management is off: start the service with a token file "
                           "(--token-file)", 403)
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
             return error_response("a valid 'Authorization: Bearer TOKEN' header is required", 401)
         return None
 
@@ -232,7 +255,9 @@ def make_app(service: Service, token: str | None = None,
             return denied
         try:
             doc = json.loads(await _body(request, 4096))
-        except (ValueError, BadRequest):
+        except BadRequest as e:
+            return error_response(str(e), e.status)
+        except (ValueError, RecursionError):
             return error_response('expected {"replicas": N}', 400)
         n = doc.get("replicas") if isinstance(doc, dict) else None
         if not isinstance(n, int) or isinstance(n, bool):

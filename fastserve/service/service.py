@@ -311,6 +311,9 @@ class Service:
         return self.submit(inputs).result(timeout)
 
     def _finished(self, request: Request, future: Future) -> None:
+        if future.cancelled():  # the front stopped waiting for it: its deadline had passed
+            self.count_outcome("timeout")
+            return
         error = future.exception()
         if error is None:
             outcome = "ok"

@@ -256,6 +256,76 @@ def test_booleans_are_not_numbers(client, row):
     assert_refused(post_json(client, {"inputs": {"x": [row]}}), 400, "input 'x'")
 
 
+def test_outputs_json_cannot_carry_are_a_4xx_naming_msgpack(client):
+    # finite float32 inputs whose outputs overflow: the answer exists, JSON cannot hold it
+    r = post_json(client, {"inputs": {"x": [[3e38] * 64]}})
+    assert_refused(r, 422, MSGPACK)
+    r = post_json(client, {"inputs": {"x": [[3e38] * 64]}}, accept=MSGPACK)
+    assert r.status_code == 200 and r.headers["content-type"] == MSGPACK
+
+
+def test_a_large_body_is_parsed_off_the_event_loop_with_the_same_checks(svc, client,
+                                                                      monkeypatch):
+    import fastserve.service.http as http
+
+    monkeypatch.setattr(http, "INLINE_PARSE_BYTES", 0)  # every body takes the thread's path
+    assert_valid_request_succeeds(svc, client, seed=4)
+    x = x_of(2, 5)
+    r = post_msgpack(client, {"inputs": {"x": packed(x)}})
+    assert r.status_code == 200
+    torch.testing.assert_close(unpacked(msgpack.unpackb(r.content)["outputs"]["head"]),
+                               G.reference(svc.graph, {"x": x})["head"])
+    assert_refused(post_json(client, {"inputs": {"x": [[True] * 64]}}), 400, "input 'x'")
+    assert_refused(client.post("/v1/infer", content=b"[" * 3000,
+                               headers={"content-type": "application/json"}), 400, "not JSON")
+    assert_refused(post_msgpack(client, raw=b"\xc1"), 400, "not msgpack")
+
+
+@pytest.mark.parametrize("dtype,good,bad", [
+    (torch.bool, [[True, False]], [[[5, -3, 0]], [[1, 0]], [[0.5, 1.0]]]),
+    (torch.uint8, [[0, 255]], [[[-1, 3]], [[256]], [[True, 1]]]),
+    (torch.int8, [[-128, 127]], [[[-129]], [[128]]]),
+    (torch.int64, [[-(2 ** 63), 2 ** 63 - 1]], [[[2 ** 63]], [[1.5]]]),
+], ids=["bool", "uint8", "int8", "int64"])
+def test_json_values_must_be_of_the_input_dtype_and_in_its_range(dtype, good, bad):
+    # (no shipped graph takes these: the parser itself, as the front calls it)
+    from fastserve.service.http import BadRequest, _inputs
+
+    body = json.dumps({"inputs": {"m": good}}).encode()
+    assert _inputs("application/json", body, {"m": dtype})["m"].tolist() == good
+    for value in bad:
+        with pytest.raises(BadRequest, match="input 'm'"):
+            _inputs("application/json", json.dumps({"inputs": {"m": value}}).encode(),
+                    {"m": dtype})
+
+
+def test_msgpack_bool_data_must_be_zeros_and_ones():
+    from fastserve.service.http import BadRequest, _inputs
+
+    def body(data: bytes) -> bytes:
+        return msgpack.packb({"inputs": {"m": {"dtype": "bool", "shape": [3], "data": data}}})
+
+    assert _inputs(MSGPACK, body(b"\x00\x01\x01"), {"m": torch.bool})["m"].tolist() == \
+        [False, True, True]
+    with pytest.raises(BadRequest, match="bytes 0 and 1"):
+        _inputs(MSGPACK, body(b"\x00\x02\xff"), {"m": torch.bool})
+
+
+def test_a_request_the_front_stopped_waiting_for_counts_as_a_timeout(svc):
+    # the front's wait_for cancels the future of a request held past its deadline; the count
+    # must not fail in the callback (future.exception() raises on a cancelled future)
+    from concurrent.futures import Future
+
+    from fastserve.service.queue import Request
+
+    before = dict(svc.outcomes)
+    request = Request({"x": x_of(1)}, 1, (), time.monotonic() + 1)
+    request.future.add_done_callback(lambda f: svc._finished(request, f))
+    assert request.future.cancel()
+    assert svc.outcomes.get("timeout", 0) == before.get("timeout", 0) + 1
+    assert isinstance(request.future, Future) and not request.answer({"head": x_of(1)})
+
+
 def test_a_body_over_the_limit_with_a_lying_content_length_is_refused_413(client):
     body = doc(x=[[0.123456789] * 64] * 120)
     for declared in ("10", "0", str(LIMIT)):
@@ -355,7 +425,9 @@ def test_management_without_the_token_is_refused_401(svc, client, route):
     # none of these may ever be taken for the token: drain and stop would end the shared service
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN},
                     {"authorization": f"Basic {TOKEN}"}, {"authorization": f"Bearer {TOKEN}x"},
-                    {"authorization": f"Bearer {TOKEN[:-1]}"}, {"authorization": "Bearer "}):
+                    {"authorization": f"Bearer {TOKEN[:-1]}"}, {"authorization": "Bearer "},
+                    {"authorization": f"Bearer{TOKEN}"}, {"authorization": f"Bearer  {TOKEN}"},
+                    {"authorization": f"Bearer {TOKEN} "}):
         r = client.post(route, json=body, headers=headers)
         assert_refused(r, 401, "Authorization: Bearer TOKEN")
     assert svc.ready
@@ -378,6 +450,9 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 def test_scale_to_the_same_count_with_the_token(svc, client):
     r = client.post("/v1/scale", json={"replicas": 1}, headers=AUTH)
     assert r.status_code == 200 and r.json() == {"replicas": 1}
+    # the scheme's case does not matter (RFC 7235)
+    r = client.post("/v1/scale", json={"replicas": 1}, headers={"authorization": f"bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json() == {"replicas": 1}
     assert len(svc.running_replicas()) == 1 and svc.ready
     assert_valid_request_succeeds(svc, client, seed=8)
 
@@ -395,13 +470,14 @@ def test_scale_to_the_same_count_with_the_token(svc, client):
     (b'[1]', "integer"),
     (b'not json', '{"replicas": N}'),
     (b"", '{"replicas": N}'),
-    (b'{"replicas": ' + b"1" * 5000 + b"}", '{"replicas": N}'),  # over its 4096-byte bound
+    (b"[" * 3000, '{"replicas": N}'),  # nested past Python's recursion limit
+    (b'{"replicas": ' + b"1" * 5000 + b"}", "larger than 4096"),  # over its bound: 413
 ], ids=["beyond-max", "zero", "negative", "million", "bool", "float", "string", "null",
-        "no-key", "list", "not-json", "empty", "oversized"])
+        "no-key", "list", "not-json", "empty", "nested", "oversized"])
 def test_a_bad_scale_request_is_refused_400(svc, client, body, names):
     r = client.post("/v1/scale", content=body, headers={**AUTH,
                                                         "content-type": "application/json"})
-    assert_refused(r, 400, names)
+    assert_refused(r, 413 if len(body) > 4096 else 400, names)
     assert len(svc.running_replicas()) == 1 and svc.ready
 
 
