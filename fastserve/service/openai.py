@@ -34,6 +34,8 @@ from fastserve.graph.decode import Sampling
 from fastserve.service.http import BadRequest, error_response, refused
 from fastserve.service.service import Service
 
+MAX_BODY = 4 << 20  # a completion's body (a prompt far past any context), whatever
+# limits.max_body_bytes allows tensors: it is parsed on the event loop
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 256
@@ -206,7 +208,7 @@ def routes(service: Service, body) -> list[Route]:
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind not in ("application/json", ""):
                 raise BadRequest(f"content type {kind[:80]!r}: send application/json", 415)
-            raw = await body(request, service.config.limits.max_body_bytes)
+            raw = await body(request, min(service.config.limits.max_body_bytes, MAX_BODY))
             try:
                 doc = json.loads(raw)
             except (ValueError, RecursionError) as e:

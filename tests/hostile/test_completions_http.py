@@ -398,6 +398,15 @@ def test_a_body_past_max_body_bytes_gets_413(app, route, raw, headers, names):
 
 
 @pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
+def test_a_completion_body_is_bounded_below_max_body_bytes(app, route, monkeypatch):
+    # a prompt is parsed on the event loop: its body has its own, smaller bound
+    import fastserve.service.openai as openai
+
+    monkeypatch.setattr(openai, "MAX_BODY", 64)
+    assert_refused(send(app, route, body(route, max_tokens=1) + b" " * 100), 413, "64 bytes")
+
+
+@pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
 def test_a_chunked_body_past_max_body_bytes_gets_413(app, route):
     raw = padded(route, LIMIT + 1, max_tokens=2)
 
