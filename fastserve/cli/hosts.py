@@ -49,8 +49,8 @@ def agent_cmd(listen, keys_dir, coordinator_timeout, cache) -> None:
 
     It reports the host's cores, memory and measured FLOP/s, starts and stops ranks, reports a
     dead rank at once, sends rank logs on request, keeps the checkpoints coordinators send it
-    (verified and cached by sha256), and stops its ranks when the coordinator has been gone
-    longer than --coordinator-timeout. Stop it with Ctrl-C or SIGTERM.
+    (verified and cached by sha256), and stops a coordinator's ranks when that coordinator
+    has been gone longer than --coordinator-timeout. Stop it with Ctrl-C or SIGTERM.
     """
     from fastserve.engine.agent import Agent
     from fastserve.engine.keys import load_keys

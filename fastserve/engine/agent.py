@@ -17,9 +17,11 @@ put         a file for the cache, in chunks, kept only if its sha256 matches
 
 Every field of every request is checked before use; a malformed request gets an error reply and
 the agent keeps serving. A rank's data socket binds on the agent's own address (a port the kernel
-picks). Ranks are children of the agent and exit when it does (their stdin closes); when no
-coordinator has spoken for ``coordinator_timeout`` seconds the agent stops its ranks, so a
-vanished coordinator leaves nothing running. :class:`AgentClient` is the coordinator's side.
+picks). Ranks are children of the agent and exit when it does (their stdin closes). Each rank
+belongs to the coordinator that started it (known by its connection's routing id): only that
+one sees, stops or reads it, and when it has not spoken for ``coordinator_timeout`` seconds
+the agent stops its ranks, so a vanished coordinator leaves nothing running however many
+others are talking to the agent. :class:`AgentClient` is the coordinator's side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -126,6 +129,9 @@ class Agent:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME + MAX_REQUEST)
+        # a coordinator that reconnects (a link back after a cut) keeps its routing id, and so
+        # its ranks: the new connection takes the id over from the dead one
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.guard.serve(self.sock, "agent", keys.peers)
         try:
             self.sock.bind(f"tcp://{self.host}:{port}")
@@ -138,7 +144,11 @@ class Agent:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workdir = tempfile.mkdtemp(prefix="fastserve-agent-")
         self.ranks: dict[int, RankProcess] = {}
-        self.last_seen = time.monotonic()
+        # each coordinator (its connection's routing id, which it keeps across reconnects)
+        # owns the ranks it started: it alone stops them or reads them, and they stop when it
+        # has been silent for the timeout, whoever else is talking to this agent
+        self.owner: dict[int, bytes] = {}
+        self.last_seen: dict[bytes, float] = {}
         self.malformed = 0
         self.flops = _measure_flops()
 
@@ -151,10 +161,7 @@ class Agent:
                 if self.sock.poll(200):
                     self._answer(self.sock.recv_multipart(copy=False))
                 self.guard.count()
-                if self.ranks and time.monotonic() - self.last_seen > self.coordinator_timeout:
-                    self.log(f"no coordinator for {self.coordinator_timeout:.0f} s: stopping "
-                             f"{len(self.ranks)} rank(s)")
-                    self._stop(list(self.ranks))
+                self._stop_orphans()
         finally:
             self._stop(list(self.ranks))
             self.guard.close()
@@ -179,8 +186,8 @@ class Agent:
                     req.get("cmd") not in COMMANDS:
                 raise ValueError(f"expected {{id: int, cmd: one of {', '.join(COMMANDS)}, "
                                  f"...}}")
-            self.last_seen = time.monotonic()
-            out, frame = self._handle(req, rest[1] if len(rest) == 2 else None)
+            self.last_seen[identity.bytes] = time.monotonic()
+            out, frame = self._handle(req, rest[1] if len(rest) == 2 else None, identity.bytes)
             self._reply(identity, {"id": rid, "ok": True, **out}, frame)
         except (ValueError, TypeError, OSError) as e:
             self.malformed += 1
@@ -193,7 +200,20 @@ class Agent:
         except zmq.Again:  # the coordinator is not reading: it will time out and ask again
             pass
 
-    def _handle(self, req: dict, frame) -> tuple[dict, Any]:
+    def _stop_orphans(self) -> None:
+        """Stop the ranks of every coordinator silent for longer than the timeout."""
+        now = time.monotonic()
+        for who, seen in list(self.last_seen.items()):
+            if now - seen <= self.coordinator_timeout:
+                continue
+            del self.last_seen[who]
+            orphans = [n for n, o in self.owner.items() if o == who]
+            if orphans:
+                self.log(f"a coordinator silent for {self.coordinator_timeout:.0f} s: stopping "
+                         f"its {len(orphans)} rank(s)")
+                self._stop(orphans)
+
+    def _handle(self, req: dict, frame, who: bytes) -> tuple[dict, Any]:
         cmd = req["cmd"]
         _only(req, {"id", "cmd"} | _FIELDS[cmd])
         if cmd == "resources":
@@ -206,7 +226,11 @@ class Agent:
         if cmd == "start":
             cfg = self._config(req.get("config"))
             if cfg.rank in self.ranks and self.ranks[cfg.rank].process.poll() is None:
-                raise ValueError(f"rank {cfg.rank} is already running here")
+                whose = "" if self.owner.get(cfg.rank) == who else " for another coordinator"
+                raise ValueError(f"rank {cfg.rank} is already running here{whose}")
+            if cfg.rank in self.ranks and self.owner.get(cfg.rank) != who:
+                raise ValueError(f"rank {cfg.rank} here is another coordinator's (it has ended; "
+                                 f"that coordinator stops it)")
             if len(self.ranks) >= MAX_RANKS:
                 raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
             busy = [r.config.threads for r in self.ranks.values() if r.process.poll() is None]
@@ -214,22 +238,24 @@ class Agent:
                 # this host's ranks (of every coordinator) would outnumber its cores
                 cfg = replace(cfg, spin_us=0)
             self.ranks[cfg.rank] = launch_local(cfg, self.workdir)
+            self.owner[cfg.rank] = who
             self.log(f"started rank {cfg.rank} (pid {self.ranks[cfg.rank].process.pid})")
             return {"pid": self.ranks[cfg.rank].process.pid}, None
+        mine = [n for n, o in self.owner.items() if o == who]
         if cmd == "status":
-            return {"ranks": {str(n): r.exit_reason() for n, r in self.ranks.items()}}, None
+            return {"ranks": {str(n): self.ranks[n].exit_reason() for n in mine}}, None
         if cmd == "stop":
             which = req.get("ranks")
             if which is not None and (not isinstance(which, list) or
                                       not all(type(n) is int for n in which)):
                 raise ValueError("'ranks' must be a list of rank numbers, or null for all")
-            self._stop(list(self.ranks) if which is None else which)
+            self._stop(mine if which is None else [n for n in which if n in mine])
             return {}, None
         if cmd in ("have", "put"):
             return self._file(req, frame), None
         rank = req.get("rank")  # logs
-        if type(rank) is not int or rank not in self.ranks:
-            raise ValueError(f"no rank {rank!r} here")
+        if type(rank) is not int or rank not in mine:
+            raise ValueError(f"no rank {rank!r} of yours here")
         return {"text": log_tail(self.ranks[rank].log, LOG_TAIL)}, None
 
     def _file(self, req: dict, frame) -> dict:
@@ -323,6 +349,8 @@ class Agent:
 
     def _stop(self, numbers: list[int]) -> None:
         stopping = [self.ranks.pop(n) for n in numbers if n in self.ranks]
+        for n in numbers:
+            self.owner.pop(n, None)
         for r in stopping:
             if r.process.poll() is None:
                 r.process.terminate()
@@ -432,6 +460,8 @@ class AgentClient:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME + MAX_REQUEST)
+        # the agent knows this coordinator, and the ranks it starts, by this id
+        self.sock.setsockopt(zmq.ROUTING_ID, secrets.token_bytes(16))
         self.sock.curve_secretkey = keys.own.secret.encode()
         self.sock.curve_publickey = keys.own.public.encode()
         self.sock.curve_serverkey = keys.peers[0].encode()

@@ -480,23 +480,38 @@ def test_an_agent_stops_its_ranks_when_the_coordinator_vanishes(cluster):
     agents, keys = cluster
     real = load_keys(keys, "coordinator")
     ctx = zmq.Context()
-    client = AgentClient(ctx, "c", f"{agents[2].address}:{agents[2].port}", real)
+    address = f"{agents[2].address}:{agents[2].port}"
+    client = AgentClient(ctx, "c", address, real)
+    other = AgentClient(ctx, "c", address, real)  # another coordinator, with the same keys
     rank_keys = KeyPair.new()
+    config = {"rank": 7, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
+              "public_key": rank_keys.public, "secret_key": rank_keys.secret,
+              "upstream_keys": [real.own.public], "downstream_keys": [real.own.public],
+              "coordinator_key": real.own.public}
     try:
-        # a rank whose coordinator never answers; then this coordinator goes quiet
-        client.request("start", config={
-            "rank": 7, "stage": 0, "replica": 0, "control": "tcp://127.0.0.1:9",
-            "public_key": rank_keys.public, "secret_key": rank_keys.secret,
-            "upstream_keys": [real.own.public], "downstream_keys": [real.own.public],
-            "coordinator_key": real.own.public})
+        # a rank whose coordinator never answers
+        client.request("start", config=config)
         assert agents[2].ranks()
-        deadline = time.monotonic() + 10  # the agent's timeout is 3 s
+        # the other coordinator neither sees, stops, reads nor replaces it
+        assert other.request("status")[0]["ranks"] == {}
+        other.request("stop", ranks=[7])
+        other.request("stop", ranks=None)
+        with pytest.raises(HostError, match="no rank 7 of yours"):
+            other.request("logs", rank=7)
+        with pytest.raises(HostError, match="already running here for another coordinator"):
+            other.request("start", config=config)
+        assert client.request("status")[0]["ranks"] == {"7": None}
+        # then its coordinator goes quiet while the other one keeps talking: the agent's
+        # timeout (3 s here) is each coordinator's own
+        deadline = time.monotonic() + 10
         while agents[2].ranks() and time.monotonic() < deadline:
+            other.request("resources")
             time.sleep(0.2)
         assert not agents[2].ranks()
-        assert "no coordinator for 3 s" in (agents[2].log.read_text())
+        assert "a coordinator silent for 3 s: stopping its 1 rank(s)" in agents[2].log.read_text()
     finally:
         client.close()
+        other.close()
         ctx.term()
     assert os.path.exists(agents[2].keys)
 
