@@ -2,7 +2,8 @@
 
 * hop: a FastServe round trip between two host addresses (tcp, CURVE, as a deployment's
   cross-host links run) against a raw pyzmq tcp round trip of the same bytes with CURVE off and
-  on, interleaved;
+  on, interleaved; then, where this machine has a core for each end, a FastServe and a raw peer
+  whose ends poll before they sleep, as a deployment's ranks and coordinator do;
 * pipeline: a 3-stage plan whose ranks start on three hosts through their agents, against the
   same plan (same cut, threads, micro-batches, tcp) with every rank started on this machine: time
   to ready and seconds per batch of a stream; the outputs are checked against one process.
@@ -43,7 +44,9 @@ def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
     from fastserve.bench.engine import _Echo, round_trips
     from fastserve.engine.deployment import Deployment
     from fastserve.engine.launcher import Addresses
+    from fastserve.engine.spin import spin_window
     from fastserve.graph import load, random_inputs, reference
+    from fastserve.resources.inventory import machine_cores
     from fastserve.resources.planner import Constraints, plan
 
     agents = [h for h in inventory.hosts if h.launcher == "agent"]
@@ -51,18 +54,33 @@ def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
         raise ValueError("the inventory needs at least two agent hosts")
     hops = []
     addresses = Addresses("tcp", host=agents[0].address)
+    # both ends of these hops run on this machine: they poll when it has a core for each
+    spin = spin_window([1, 1], machine_cores())
     peers = {"raw": _Echo(addresses, "raw", curve=False),
              "raw_curve": _Echo(addresses, "raw", curve=True, name="raw-curve"),
              "fastserve": _Echo(addresses, "fastserve")}
+    if spin:
+        peers["raw_polling"] = _Echo(addresses, "raw", curve=False, spin_us=spin,
+                                     name="raw-polling")
+        peers["fastserve_polling"] = _Echo(addresses, "fastserve", spin_us=spin,
+                                           name="fastserve-polling")
     try:
         for label, size in SIZES.items():
-            progress(f"hop {label}: raw tcp, raw tcp + CURVE, FastServe (CURVE)")
+            progress(f"hop {label}: raw tcp, raw tcp + CURVE, FastServe (CURVE)"
+                     + (", and raw and FastServe polling" if spin else ""))
             t = round_trips(peers, size, blocks)
-            hops.append({"size": label, "raw_rtt_us": t["raw"] * 1e6,
-                         "raw_curve_rtt_us": t["raw_curve"] * 1e6,
-                         "fastserve_rtt_us": t["fastserve"] * 1e6,
-                         "vs_raw": t["fastserve"] / t["raw"],
-                         "vs_raw_curve": t["fastserve"] / t["raw_curve"]})
+            hop = {"size": label, "raw_rtt_us": t["raw"] * 1e6,
+                   "raw_curve_rtt_us": t["raw_curve"] * 1e6,
+                   "fastserve_rtt_us": t["fastserve"] * 1e6,
+                   "vs_raw": t["fastserve"] / t["raw"],
+                   "vs_raw_curve": t["fastserve"] / t["raw_curve"], "spin_us": spin}
+            if spin:  # FastServe as a deployment waits, against both raw trips
+                hop.update({"raw_polling_rtt_us": t["raw_polling"] * 1e6,
+                            "fastserve_polling_rtt_us": t["fastserve_polling"] * 1e6,
+                            "polling_vs_raw": t["fastserve_polling"] / t["raw"],
+                            "polling_vs_raw_polling": t["fastserve_polling"]
+                            / t["raw_polling"]})
+            hops.append(hop)
     finally:
         for p in peers.values():
             p.close()

@@ -187,7 +187,9 @@ def bench_hosts_cmd(spec, inventory_path, keys_dir, batch, seq, as_json) -> None
     """A hop between two hosts vs raw pyzmq tcp (CURVE off and on), and a 3-stage pipeline
     over three hosts vs the same plan on this machine.
 
-    Target: a 4 KiB hop with CURVE at most 1.5x a raw tcp round trip.
+    Target: a 4 KiB hop with CURVE at most 1.5x a raw tcp round trip. Every end waits in a
+    blocking poll; then, where this machine has a core for each end, a FastServe and a raw
+    peer whose ends poll before they sleep, as a deployment's ranks and coordinator do.
     """
     from fastserve.bench.hosts import bench_hosts
     from fastserve.engine.keys import load_keys
@@ -207,6 +209,16 @@ def bench_hosts_cmd(spec, inventory_path, keys_dir, batch, seq, as_json) -> None
                      [(h["size"], f"{h['raw_rtt_us']:.0f}", f"{h['raw_curve_rtt_us']:.0f}",
                        f"{h['fastserve_rtt_us']:.0f}", f"{h['vs_raw']:.2f}x",
                        f"{h['vs_raw_curve']:.2f}x") for h in out["hops"]], "lrrrrr"))
+    polled = [h for h in out["hops"] if "fastserve_polling_rtt_us" in h]
+    if polled:
+        click.echo(f"polling before sleeping ({polled[0]['spin_us']} us), as a deployment's "
+                   f"ranks and coordinator do:")
+        click.echo(table(["size", "raw tcp polling us", "FastServe polling us", "vs raw",
+                          "vs raw polling"],
+                         [(h["size"], f"{h['raw_polling_rtt_us']:.0f}",
+                           f"{h['fastserve_polling_rtt_us']:.0f}",
+                           f"{h['polling_vs_raw']:.2f}x", f"{h['polling_vs_raw_polling']:.2f}x")
+                          for h in polled], "lrrrr"))
     click.echo(f"{out['graph']}, batch {batch}, seq {seq}, {out['stages']} stages: ready in "
                f"{out['ready_s']['hosts']:.1f} s on the hosts, "
                f"{out['ready_s']['one_host']:.1f} s on one host; "

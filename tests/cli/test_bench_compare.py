@@ -5,13 +5,13 @@ were checked against one process, and each ratio is the quotient of the figures 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 
 import pytest
 
 from fastserve.cli.app import run_cli
 from fastserve.engine.spin import SPIN_US
+from fastserve.resources.inventory import machine_cores
 from lms import ROOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,7 +68,7 @@ def test_bench_request_states_the_overhead_in_raw_round_trips(capsys):
     assert doc["two_stages_over_plain"] == pytest.approx(
         us["two_stages"] / us["plain_two_processes"])
     # polling needs a core per rank thread
-    cores = len(os.sched_getaffinity(0))
+    cores = machine_cores()  # (what the deployment counts, a container quota included)
     assert doc["spin_us"] == {"one_rank": SPIN_US, "two_stages": SPIN_US if cores >= 2 else 0}
 
 
@@ -103,3 +103,21 @@ def test_bench_transport_measures_fastserve_and_a_plain_codec_against_raw(capsys
                for r in json.loads(capsys.readouterr().out))
     assert run_cli(["bench", "transport", "--spin-us", "-1"]) != 0
     assert "--spin-us" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a benchmark command: three agents and two 3-stage deployments, about 40 s
+def test_bench_hosts_measures_hops_with_and_without_polling(capsys):
+    code = run_cli(["bench", "hosts", "--batch", "2", "--seq", "8", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    doc = json.loads(out.out)
+    assert doc["exact"] is True and [h["size"] for h in doc["hops"]] == ["4KiB", "16MiB"]
+    cores = machine_cores()  # (what the deployment counts, a container quota included)
+    for h in doc["hops"]:
+        assert h["vs_raw"] == pytest.approx(h["fastserve_rtt_us"] / h["raw_rtt_us"])
+        assert h["spin_us"] == (SPIN_US if cores >= 2 else 0)
+        if h["spin_us"]:
+            assert h["polling_vs_raw"] == pytest.approx(h["fastserve_polling_rtt_us"]
+                                                        / h["raw_rtt_us"])
+            assert h["polling_vs_raw_polling"] == pytest.approx(
+                h["fastserve_polling_rtt_us"] / h["raw_polling_rtt_us"])
