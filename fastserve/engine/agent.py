@@ -228,9 +228,8 @@ class Agent:
             if cfg.rank in self.ranks and self.ranks[cfg.rank].process.poll() is None:
                 whose = "" if self.owner.get(cfg.rank) == who else " for another coordinator"
                 raise ValueError(f"rank {cfg.rank} is already running here{whose}")
-            if cfg.rank in self.ranks and self.owner.get(cfg.rank) != who:
-                raise ValueError(f"rank {cfg.rank} here is another coordinator's (it has ended; "
-                                 f"that coordinator stops it)")
+            # (a rank of that number that has ended is replaced, whoever started it: its
+            # coordinator then hears that this host no longer knows it, which is so)
             if len(self.ranks) >= MAX_RANKS:
                 raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
             busy = [r.config.threads for r in self.ranks.values() if r.process.poll() is None]
