@@ -85,6 +85,7 @@ class _Echo:
         server, client = (KeyPair.new(), KeyPair.new()) if secure else (None, None)
         self.guard = Guard(self.ctx, server)
         self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+        self.push.setsockopt(zmq.SNDTIMEO, 30_000)  # a trip to a peer that died fails
         ends = []
         for sock, end in ((self.push, "in"), (self.pull, "out")):
             self.guard.serve(sock, f"echo-{end}", [client.public] if client else [])
@@ -105,7 +106,10 @@ class _Echo:
         return self.pull.recv_multipart(copy=False)
 
     def close(self) -> None:
-        self.push.send(b"stop")
+        try:  # (a peer that died takes no message: a blocking send would wait for ever)
+            self.push.send(b"stop", flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         reap(self.proc, 5)
         self.proc.stdin.close()
         self.guard.close()

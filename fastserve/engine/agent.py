@@ -230,7 +230,7 @@ class Agent:
                 raise ValueError(f"rank {cfg.rank} is already running here{whose}")
             # (a rank of that number that has ended is replaced, whoever started it: its
             # coordinator then hears that this host no longer knows it, which is so)
-            if len(self.ranks) >= MAX_RANKS:
+            if len(self.ranks) >= MAX_RANKS and cfg.rank not in self.ranks:
                 raise ValueError(f"this agent runs at most {MAX_RANKS} ranks")
             busy = [r.config.threads for r in self.ranks.values() if r.process.poll() is None]
             if spin_window([*busy, cfg.threads], machine_cores()) == 0:
@@ -310,10 +310,12 @@ class Agent:
         if len(self._uploads) >= MAX_UPLOADS:
             raise ValueError(f"{MAX_UPLOADS} uploads are under way here; send this file after "
                              f"they end")
-        free = shutil.disk_usage(self.cache).free
+        # the uploads under way will take the rest of their bytes too
+        free = shutil.disk_usage(self.cache).free - sum(u.size - u.received
+                                                        for u in self._uploads.values())
         if size > free:
             raise ValueError(f"the file takes {size} bytes and the cache ({self.cache}) has "
-                             f"{free} free")
+                             f"{max(0, free)} free beside the uploads under way")
         part.write_bytes(b"")
         self._uploads[part] = _Upload(size)
 

@@ -23,27 +23,61 @@ _V1_UNLIMITED = 1 << 62
 
 def cpu_quota(root: Path = ROOT, self_file: Path = SELF) -> float | None:
     """The cores this process may use per period (2.5: two and a half cores' time), or None
-    when it has no quota."""
-    v2 = _read(_v2_dir(root, self_file), "cpu.max")
+    when it has no quota: the smallest quota of its group and the groups above it (a limit
+    on a parent, such as a systemd slice or a pod, holds for every group below)."""
+    v2 = _v2_dir(root, self_file)
     if v2 is not None:
-        parts = v2.split()
-        if len(parts) == 2 and parts[0] != "max":
-            return _ratio(parts[0], parts[1])
-        return None
+        return _least(_v2_quota(d) for d in _upwards(v2, root))
     v1 = _v1_dir(root, self_file, "cpu")
-    quota, period = _read(v1, "cpu.cfs_quota_us"), _read(v1, "cpu.cfs_period_us")
-    if quota is None or period is None:
-        return None
-    return _ratio(quota, period)
+    return _least(_v1_quota(d) for d in _upwards(v1, v1 and _mount_of(v1, root)))
 
 
 def memory_limit(root: Path = ROOT, self_file: Path = SELF) -> int | None:
-    """The bytes this process's group may use, or None when it has no limit."""
-    v2 = _read(_v2_dir(root, self_file), "memory.max")
+    """The bytes this process's group may use, or None when it has no limit: the smallest
+    limit of its group and the groups above it."""
+    v2 = _v2_dir(root, self_file)
     if v2 is not None:
-        return _positive(v2)
-    limit = _positive(_read(_v1_dir(root, self_file, "memory"), "memory.limit_in_bytes") or "")
-    return limit if limit is not None and limit < _V1_UNLIMITED else None
+        return _least(_positive(_read(d, "memory.max") or "") for d in _upwards(v2, root))
+    v1 = _v1_dir(root, self_file, "memory")
+    limits = (_positive(_read(d, "memory.limit_in_bytes") or "")
+              for d in _upwards(v1, v1 and _mount_of(v1, root)))
+    return _least(x if x is not None and x < _V1_UNLIMITED else None for x in limits)
+
+
+def _v2_quota(directory: Path) -> float | None:
+    parts = (_read(directory, "cpu.max") or "").split()
+    return _ratio(parts[0], parts[1]) if len(parts) == 2 and parts[0] != "max" else None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    quota, period = _read(directory, "cpu.cfs_quota_us"), _read(directory, "cpu.cfs_period_us")
+    return _ratio(quota, period) if quota is not None and period is not None else None
+
+
+def _least(values):
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def _upwards(directory: Path | None, top: Path | None):
+    """``directory``, then each parent up to ``top`` (a cgroup mount) included."""
+    if directory is None or top is None:
+        return
+    top = top.resolve()
+    d = directory.resolve()
+    while d.is_relative_to(top):
+        yield d
+        if d == top:
+            return
+        d = d.parent
+
+
+def _mount_of(directory: Path, root: Path) -> Path:
+    """The v1 controller mount ``directory`` lies in (the child of ``root`` above it)."""
+    d, root = directory.resolve(), root.resolve()
+    while d.parent != root and d.parent != d:
+        d = d.parent
+    return d
 
 
 def _ratio(quota: str, period: str) -> float | None:

@@ -64,17 +64,17 @@ def refused(e: ServiceError) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=e.status, headers=e.headers)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes without reading the rest."""
+async def _body(request: Request, limit: int, bound: str = "limits.max_body_bytes") -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading the rest;
+    ``bound`` names where the limit comes from."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise BadRequest(f"the body is larger than {limit} bytes (limits.max_body_bytes)", 413)
+        raise BadRequest(f"the body is larger than {limit} bytes ({bound})", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BadRequest(f"the body is larger than {limit} bytes (limits.max_body_bytes)",
-                             413)
+            raise BadRequest(f"the body is larger than {limit} bytes ({bound})", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -254,7 +254,7 @@ def make_app(service: Service, token: str | None = None,
         if (denied := authorized(request)) is not None:
             return denied
         try:
-            doc = json.loads(await _body(request, 4096))
+            doc = json.loads(await _body(request, 4096, "a scale request's bound"))
         except BadRequest as e:
             return error_response(str(e), e.status)
         except (ValueError, RecursionError):

@@ -200,7 +200,7 @@ class _Run:
 
 
 def routes(service: Service, body) -> list[Route]:
-    """The completion routes; ``body(request, limit)`` reads a bounded body."""
+    """The completion routes; ``body(request, limit, bound)`` reads a bounded body."""
     model = service.graph.name
 
     async def handle(request: Request, chat: bool) -> Response:
@@ -208,7 +208,9 @@ def routes(service: Service, body) -> list[Route]:
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind not in ("application/json", ""):
                 raise BadRequest(f"content type {kind[:80]!r}: send application/json", 415)
-            raw = await body(request, min(service.config.limits.max_body_bytes, MAX_BODY))
+            limit = service.config.limits.max_body_bytes
+            raw = await body(request, min(limit, MAX_BODY), "limits.max_body_bytes" if
+                             limit <= MAX_BODY else "a completion's bound")
             try:
                 doc = json.loads(raw)
             except (ValueError, RecursionError) as e:

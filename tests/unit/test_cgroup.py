@@ -71,6 +71,33 @@ def test_v2_reads_the_group_this_process_is_in_and_stays_inside_the_mount(tmp_pa
     assert cpu_quota(root, self_file) is None
 
 
+def test_a_limit_on_a_parent_group_holds_below_it(tmp_path):
+    # a systemd slice or a pod sets the limit; the process runs in a group below it
+    root, self_file = _v2(tmp_path, {"cpu.max": "max 100000", "memory.max": "max"})
+    for group, cpu, memory in (("slice", "150000 100000", "1073741824"),
+                               ("slice/svc", "max 100000", "4294967296")):
+        (root / group).mkdir()
+        (root / group / "cpu.max").write_text(cpu)
+        (root / group / "memory.max").write_text(memory)
+    self_file.write_text("0::/slice/svc\n")
+    assert cpu_quota(root, self_file) == 1.5
+    assert memory_limit(root, self_file) == 1 << 30
+    # v1: the parent's quota, the child's memory limit (the smaller of each)
+    v1 = tmp_path / "v1"
+    for sub, files in (("cpu,cpuacct/pod", {"cpu.cfs_quota_us": "50000",
+                                            "cpu.cfs_period_us": "100000"}),
+                       ("cpu,cpuacct/pod/ctr", {"cpu.cfs_quota_us": "-1",
+                                                "cpu.cfs_period_us": "100000"}),
+                       ("memory/pod", {"memory.limit_in_bytes": "9223372036854771712"}),
+                       ("memory/pod/ctr", {"memory.limit_in_bytes": "2147483648"})):
+        (v1 / sub).mkdir(parents=True)
+        for name, text in files.items():
+            (v1 / sub / name).write_text(text)
+    self_file.write_text("4:memory:/pod/ctr\n3:cpu,cpuacct:/pod/ctr\n")
+    assert cpu_quota(v1, self_file) == 0.5
+    assert memory_limit(v1, self_file) == 2 << 30
+
+
 @pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
 def test_the_v1_quota_and_limit(tmp_path, mount):
     cpu = {"cpu.cfs_quota_us": "150000\n", "cpu.cfs_period_us": "100000\n"}
