@@ -212,6 +212,21 @@ def round_trips(peers: dict[str, _Echo], size: int, blocks: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def polling_window() -> int:
+    """The polling window a deployment picks for two 1-thread processes on this machine."""
+    from fastserve.engine.spin import spin_window
+    from fastserve.resources.inventory import machine_cores
+
+    return spin_window([1, 1], machine_cores())
+
+
+def polling_peers(addresses: Addresses, spin_us: int) -> dict[str, _Echo]:
+    """A raw and a FastServe peer ("raw_polling", "fastserve_polling") whose ends poll for up
+    to ``spin_us`` before they sleep, as a deployment's do; none when it is 0."""
+    return {f"{mode}_polling": _Echo(addresses, mode, spin_us=spin_us, name=f"{mode}-polling")
+            for mode in ("raw", "fastserve")} if spin_us else {}
+
+
 def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
                     spin_us: int | None = None,
                     progress: Callable[[str], None] = lambda _m: None) -> list[dict]:
@@ -220,10 +235,7 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
     poll; with a polling window (``spin_us``; None: what a deployment picks for two 1-thread
     processes on this machine, 0: none) a raw and a FastServe peer that poll first, as a
     deployment's ranks and coordinator do, are measured in the same blocks."""
-    from fastserve.engine.spin import SPIN_US, spin_window
-    from fastserve.resources.inventory import machine_cores
-
-    spin = spin_window([1, 1], machine_cores(), SPIN_US) if spin_us is None else spin_us
+    spin = polling_window() if spin_us is None else spin_us
     rows = []
     for transport in transports:
         addresses = Addresses(transport)
@@ -231,10 +243,7 @@ def bench_transport(transports=("ipc", "tcp"), sizes=SIZES, blocks: int = 9,
         try:
             for mode in ("raw", "plain", "fastserve"):
                 peers[mode] = _Echo(addresses, mode)
-            if spin:
-                for mode in ("raw", "fastserve"):
-                    peers[f"{mode}_polling"] = _Echo(addresses, mode, spin_us=spin,
-                                                     name=f"{mode}-polling")
+            peers.update(polling_peers(addresses, spin))
             for label, size in sizes.items():
                 progress(f"transport {transport} {label}")
                 t = round_trips(peers, size, blocks)

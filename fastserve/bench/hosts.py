@@ -41,12 +41,10 @@ def bench_hosts(spec: str = "graphs/gpt2.yaml", *, batch: int = 8, seq: int = 32
 
 
 def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
-    from fastserve.bench.engine import _Echo, round_trips
+    from fastserve.bench.engine import _Echo, polling_peers, polling_window, round_trips
     from fastserve.engine.deployment import Deployment
     from fastserve.engine.launcher import Addresses
-    from fastserve.engine.spin import spin_window
     from fastserve.graph import load, random_inputs, reference
-    from fastserve.resources.inventory import machine_cores
     from fastserve.resources.planner import Constraints, plan
 
     agents = [h for h in inventory.hosts if h.launcher == "agent"]
@@ -55,15 +53,10 @@ def _bench(spec, batch, seq, stream, blocks, inventory, keys, progress) -> dict:
     hops = []
     addresses = Addresses("tcp", host=agents[0].address)
     # both ends of these hops run on this machine: they poll when it has a core for each
-    spin = spin_window([1, 1], machine_cores())
+    spin = polling_window()
     peers = {"raw": _Echo(addresses, "raw", curve=False),
              "raw_curve": _Echo(addresses, "raw", curve=True, name="raw-curve"),
-             "fastserve": _Echo(addresses, "fastserve")}
-    if spin:
-        peers["raw_polling"] = _Echo(addresses, "raw", curve=False, spin_us=spin,
-                                     name="raw-polling")
-        peers["fastserve_polling"] = _Echo(addresses, "fastserve", spin_us=spin,
-                                           name="fastserve-polling")
+             "fastserve": _Echo(addresses, "fastserve"), **polling_peers(addresses, spin)}
     try:
         for label, size in SIZES.items():
             progress(f"hop {label}: raw tcp, raw tcp + CURVE, FastServe (CURVE)"
