@@ -187,7 +187,10 @@ class ServiceError(FastServeError):
 
     @property
     def headers(self) -> dict[str, str] | None:
-        """The HTTP headers of this error's answer: Retry-After on a 503, in whole seconds."""
+        """The HTTP headers of this error's answer: Retry-After on a 503, in whole seconds;
+        on a 408 or 413, whose body was not read to its end, the connection is closed."""
+        if self.status in (408, 413):
+            return {"Connection": "close"}
         if self.status != 503:
             return None
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}

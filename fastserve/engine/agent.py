@@ -332,8 +332,10 @@ class Agent:
                 raise ValueError(f"config '{k}' must be an int in [{low}, {high}]")
         if type(doc.get("trust_code", False)) is not bool:
             raise ValueError("config 'trust_code' must be true or false")
-        if not isinstance(doc.get("control"), str) or not _TCP.match(doc["control"]):
-            raise ValueError("config 'control' must be the coordinator's tcp://HOST:PORT")
+        if not isinstance(doc.get("control"), str) or not _TCP.match(doc["control"]) or \
+                not 0 < int(doc["control"].rpartition(":")[2]) <= 65535:
+            raise ValueError("config 'control' must be the coordinator's tcp://HOST:PORT "
+                             "(a port from 1 to 65535)")
         for k in ("public_key", "secret_key", "coordinator_key"):
             if not isinstance(doc.get(k), str) or not _KEY.match(doc[k]):
                 raise ValueError(f"config '{k}' must be a CURVE key (ranks of other hosts "

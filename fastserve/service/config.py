@@ -33,6 +33,8 @@ A YAML file (read with the safe loader; every error names the file, the line and
       restart_budget: 5         # restarts in a row without a success before a replica gives up
       attempts: 3               # runs of a request whose replica failed, before a 503
       max_body_bytes: 67108864  # the largest request body the HTTP front reads
+      header_timeout_s: 10      # a request's line and headers must arrive within this, and
+      body_timeout_s: 60        # its body within this after them: slow clients are cut off
     generation:
       enabled: false            # serve /v1/completions and /v1/chat/completions (a causal LM
                                 # of the op library) instead of /v1/infer
@@ -88,6 +90,8 @@ class Limits:
     restart_budget: int = 5
     attempts: int = 3
     max_body_bytes: int = 64 << 20
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ _NUMBERS: dict[str, tuple[type, float]] = {
     "patience": (int, 1), "max_batch": (int, 1), "max_wait_ms": (float, 0.0),
     "max_queue": (int, 1), "queue_budget_ms": (float, 0.0), "deadline_s": (float, 0.01),
     "hang_s": (float, 0.5), "restart_budget": (int, 0), "attempts": (int, 1),
-    "max_body_bytes": (int, 1024),
+    "max_body_bytes": (int, 1024), "header_timeout_s": (float, 0.1),
+    "body_timeout_s": (float, 0.1),
     "max_seqs": (int, 1), "max_tokens": (int, 1),
 }
 _SECTIONS = {"replicas": Replicas, "batching": Batching, "limits": Limits,

@@ -14,9 +14,12 @@
 ``POST /v1/stop``       drain, then stop the server and the ranks        (token)
 =====================  ==================================================================
 
-Every body is bounded (``limits.max_body_bytes``) and every field checked before use: a
-malformed request gets a 4xx naming what is wrong, never a 500, and nothing is unpickled.
-Management routes need ``Authorization: Bearer TOKEN``; without a token file they are off.
+Every body is bounded in size (``limits.max_body_bytes``) and in time (headers within
+``limits.header_timeout_s``, the body within ``limits.body_timeout_s`` after them), and every
+field checked before use: a malformed request gets a 4xx naming what is wrong, never a 500, and
+nothing is unpickled. A request whose client goes away is withdrawn: if no replica has taken it
+yet, it is never run. Management routes need ``Authorization: Bearer TOKEN``; without a token
+file they are off.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import hmac
 import itertools
 import json
 import math
+from functools import partial
 from typing import Any, Callable
 
 import msgpack
@@ -37,6 +41,7 @@ from starlette.routing import Route
 
 from fastserve.errors import InputsError, ServiceError
 from fastserve.graph.dtypes import torch_dtype
+from fastserve.service.connections import guarded_protocol
 from fastserve.service.service import Service
 
 MSGPACK = "application/msgpack"
@@ -64,19 +69,33 @@ def refused(e: ServiceError) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=e.status, headers=e.headers)
 
 
-async def _body(request: Request, limit: int, bound: str = "limits.max_body_bytes") -> bytes:
+async def _body(request: Request, limit: int, bound: str = "limits.max_body_bytes", *,
+                timeout_s: float) -> bytes:
     """The request body, refused (413) past ``limit`` bytes without reading the rest;
-    ``bound`` names where the limit comes from."""
+    ``bound`` names where the limit comes from. A body that takes longer than ``timeout_s``
+    to arrive is refused (408): a client sending a byte now and then would hold its
+    connection, and its part of the server, for ever."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BadRequest(f"the body is larger than {limit} bytes ({bound})", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"the body is larger than {limit} bytes ({bound})", 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(f"the body is larger than {limit} bytes ({bound})", 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the body did not arrive within {timeout_s:g} s "
+                         f"(limits.body_timeout_s)", 408) from None
     return b"".join(chunks)
+
+
+async def client_gone(request: Request) -> None:
+    """Return when the client of ``request``, whose body has been read, disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _inputs(kind: str, body: bytes, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
@@ -200,10 +219,43 @@ def make_app(service: Service, token: str | None = None,
     dtypes = {i.name: torch_dtype(i.dtype) for i in service.graph.spec.inputs}
     limit = service.config.limits.max_body_bytes
     wait_s = service.config.limits.deadline_s + 5.0
+    read_body = partial(_body, timeout_s=service.config.limits.body_timeout_s)
 
     # a large body is parsed off the event loop (a 60 MB JSON body takes seconds, which would
     # stall every other route), one at a time (parsing JSON takes many times its bytes)
     parsing = asyncio.Semaphore(1)
+
+    async def parse_apart(kind: str, body: bytes) -> dict[str, torch.Tensor]:
+        await parsing.acquire()
+        work = asyncio.ensure_future(asyncio.to_thread(_inputs, kind, body, dtypes))
+
+        def parsed(f: asyncio.Future) -> None:
+            # the slot is the thread's: a request cancelled meanwhile does not free it early
+            parsing.release()
+            if not f.cancelled():
+                f.exception()  # (retrieved: its request may be gone)
+
+        work.add_done_callback(parsed)
+        return await asyncio.shield(work)
+
+    async def answer(request: Request, future) -> dict[str, torch.Tensor] | Response:
+        """The outputs of ``future``, or the answer to give instead: 504 past the wait, and
+        nothing anyone reads if the client went away (the request is withdrawn)."""
+        waiting = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait((waiting, gone), timeout=wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()  # (a ServiceError is the caller's to answer)
+        if gone.done() and not gone.cancelled():
+            service.withdraw(future, "cancelled")
+            return error_response("the client went away", 499)
+        if not service.withdraw(future, "timeout"):  # its answer came just now
+            return await waiting
+        return error_response("no answer within the deadline", 504)
 
     async def infer(request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -212,12 +264,9 @@ def make_app(service: Service, token: str | None = None,
             if kind not in (MSGPACK, "application/json", ""):
                 raise BadRequest(f"content type {kind[:80]!r}: send application/json or "
                                  f"{MSGPACK}", 415)
-            body = await _body(request, limit)
-            if len(body) <= INLINE_PARSE_BYTES:
-                inputs = _inputs(kind, body, dtypes)
-            else:
-                async with parsing:
-                    inputs = await asyncio.to_thread(_inputs, kind, body, dtypes)
+            body = await read_body(request, limit)
+            inputs = _inputs(kind, body, dtypes) if len(body) <= INLINE_PARSE_BYTES else \
+                await parse_apart(kind, body)
             future = service.submit(inputs)
         except BadRequest as e:
             service.count_outcome("invalid")
@@ -227,11 +276,11 @@ def make_app(service: Service, token: str | None = None,
         except ServiceError as e:
             return refused(e)
         try:
-            outputs = await asyncio.wait_for(asyncio.wrap_future(future), wait_s)
+            outputs = await answer(request, future)
         except ServiceError as e:
             return refused(e)
-        except asyncio.TimeoutError:
-            return error_response("no answer within the deadline", 504)
+        if isinstance(outputs, Response):
+            return outputs
         if kind == MSGPACK or MSGPACK in request.headers.get("accept", ""):
             return Response(_pack(outputs), media_type=MSGPACK)
         try:  # JSON has no NaN or infinity: starlette refuses to write them (allow_nan=False)
@@ -254,7 +303,7 @@ def make_app(service: Service, token: str | None = None,
         if (denied := authorized(request)) is not None:
             return denied
         try:
-            doc = json.loads(await _body(request, 4096, "a scale request's bound"))
+            doc = json.loads(await read_body(request, 4096, "a scale request's bound"))
         except BadRequest as e:
             return error_response(str(e), e.status)
         except (ValueError, RecursionError):
@@ -268,16 +317,25 @@ def make_app(service: Service, token: str | None = None,
             return refused(e)
         return JSONResponse({"replicas": n})
 
+    # the one drain every drain and stop call waits for: a second call answers when the
+    # service has drained, not while the first call's drain still runs
+    draining: list[asyncio.Future] = []
+
+    async def drained() -> None:
+        if not draining:
+            draining.append(asyncio.ensure_future(asyncio.to_thread(service.stop, True)))
+        await asyncio.shield(draining[0])
+
     async def drain(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
             return denied
-        await asyncio.to_thread(service.stop, True)
+        await drained()
         return JSONResponse({"drained": True, "requests": dict(service.outcomes)})
 
     async def stop(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
             return denied
-        await asyncio.to_thread(service.stop, True)
+        await drained()
         on_stop()
         return JSONResponse({"stopped": True, "requests": dict(service.outcomes)})
 
@@ -298,7 +356,7 @@ def make_app(service: Service, token: str | None = None,
     if service.generating:
         from fastserve.service.openai import routes as completion_routes
 
-        extra = completion_routes(service, _body)
+        extra = completion_routes(service, read_body)
     return Starlette(routes=[
         *extra,
         Route("/v1/infer", infer, methods=["POST"]),
@@ -326,6 +384,7 @@ def serve_http(service: Service, host: str, port: int, token: str | None,
     app = make_app(service, token, on_stop=exit_server)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=5,
+                            http=guarded_protocol(service.config.limits.header_timeout_s),
                             # longer than clients keep idle connections in their pools: a
                             # POST on a connection the server just closed is not retried
                             timeout_keep_alive=75)

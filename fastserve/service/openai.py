@@ -31,7 +31,7 @@ from starlette.routing import Route
 from fastserve.errors import ServiceError
 from fastserve.generate.text import TextStream
 from fastserve.graph.decode import Sampling
-from fastserve.service.http import BadRequest, error_response, refused
+from fastserve.service.http import BadRequest, client_gone, error_response, refused
 from fastserve.service.service import Service
 
 MAX_BODY = 4 << 20  # a completion's body (a prompt far past any context), whatever
@@ -125,7 +125,8 @@ def parse(doc: Any, service: Service, chat: bool) -> tuple[list[int], int, Sampl
              "stream", "messages" if chat else "prompt", *NEUTRAL}
     unknown = sorted(str(k)[:40] for k in doc if k not in known)
     if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(known))}")
     for key, neutral in NEUTRAL.items():
         if not _is_neutral(doc.get(key), neutral):
             raise BadRequest(f"'{key}' can only be {json.dumps(neutral)} here")
@@ -259,8 +260,7 @@ def routes(service: Service, body) -> list[Route]:
 async def _until_gone(request: Request, run: _Run) -> None:
     """Cancel ``run`` when its client disconnects before the whole answer is ready (a
     streamed answer notices by its writes failing)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    await client_gone(request)
     run.completion.cancel(gone=True)
 
 

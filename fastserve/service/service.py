@@ -310,9 +310,18 @@ class Service:
         """Submit and wait for the outputs."""
         return self.submit(inputs).result(timeout)
 
+    def withdraw(self, future: Future, outcome: str = "cancelled") -> bool:
+        """Give up a request :meth:`submit` admitted: its caller no longer waits for it
+        (``outcome``: cancelled, the caller went away; timeout, it waited too long). A
+        withdrawn request still queued is never run. False if it already had its answer."""
+        with self._counting:  # (cancel() is True again on a cancelled future: count once)
+            if future.cancelled() or not future.cancel():
+                return False
+        self.count_outcome(outcome)
+        return True
+
     def _finished(self, request: Request, future: Future) -> None:
-        if future.cancelled():  # the front stopped waiting for it: its deadline had passed
-            self.count_outcome("timeout")
+        if future.cancelled():  # withdrawn, and counted then
             return
         error = future.exception()
         if error is None:

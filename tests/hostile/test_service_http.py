@@ -311,19 +311,23 @@ def test_msgpack_bool_data_must_be_zeros_and_ones():
         _inputs(MSGPACK, body(b"\x00\x02\xff"), {"m": torch.bool})
 
 
-def test_a_request_the_front_stopped_waiting_for_counts_as_a_timeout(svc):
-    # the front's wait_for cancels the future of a request held past its deadline; the count
-    # must not fail in the callback (future.exception() raises on a cancelled future)
+def test_a_request_the_front_stopped_waiting_for_counts_once_as_its_outcome(svc):
+    # the front withdraws a request held past its deadline (or whose client left): counted
+    # once, as that; the done callback must not fail (future.exception() raises on a
+    # cancelled future) nor count it again
     from concurrent.futures import Future
 
     from fastserve.service.queue import Request
 
-    before = dict(svc.outcomes)
-    request = Request({"x": x_of(1)}, 1, (), time.monotonic() + 1)
-    request.future.add_done_callback(lambda f: svc._finished(request, f))
-    assert request.future.cancel()
-    assert svc.outcomes.get("timeout", 0) == before.get("timeout", 0) + 1
-    assert isinstance(request.future, Future) and not request.answer({"head": x_of(1)})
+    for outcome in ("timeout", "cancelled"):
+        before = dict(svc.outcomes)
+        request = Request({"x": x_of(1)}, 1, (), time.monotonic() + 1)
+        request.future.add_done_callback(lambda f, r=request: svc._finished(r, f))
+        assert svc.withdraw(request.future, outcome)
+        assert not svc.withdraw(request.future, outcome)
+        after = dict(svc.outcomes)
+        assert after.pop(outcome, 0) == before.pop(outcome, 0) + 1 and after == before
+        assert isinstance(request.future, Future) and not request.answer({"head": x_of(1)})
 
 
 def test_a_body_over_the_limit_with_a_lying_content_length_is_refused_413(client):

@@ -386,6 +386,8 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             # a pattern's "$" matches before a final newline: every field is matched whole
             ("a key and a newline", {**good, "public_key": real.own.public + "\n"}),
             ("control and a newline", {**good, "control": "tcp://127.0.0.1:9\n"}),
+            ("control past port 65535", {**good, "control": "tcp://127.0.0.1:65536"}),
+            ("control on port 0", {**good, "control": "tcp://127.0.0.1:0"}),
         ]
         for name, config in bad_configs:
             with pytest.raises(HostError, match="refused 'start'"):
@@ -394,7 +396,7 @@ def test_malformed_requests_get_errors_and_the_agent_keeps_serving(cluster):
             client.request("resources", extra=1)
         with pytest.raises(HostError, match="no rank"):
             client.request("logs", rank=12345)
-        assert client.request("resources")[0]["malformed"] >= 21
+        assert client.request("resources")[0]["malformed"] >= 23
         assert not agents[1].ranks()
     finally:
         raw.close(linger=0)

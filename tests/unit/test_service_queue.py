@@ -327,6 +327,19 @@ def test_an_expired_request_is_answered_504_and_not_returned():
     assert len(q) == 0
 
 
+def test_a_withdrawn_request_is_dropped_not_returned_and_frees_its_place():
+    q = queue(max_queue=3, max_batch=4)
+    first, gone, last = req(), req(), req()
+    for r in (first, gone, last):
+        q.put(r)
+    assert gone.future.cancel()  # its caller went away (Service.withdraw)
+    q.expire()
+    assert len(q) == 2
+    q.put(req())  # its place is free again
+    assert q.take(0.0, eager=True)[:2] == [first, last]
+    assert gone.future.cancelled()
+
+
 def test_a_queue_of_only_expired_requests_returns_nothing():
     q = queue()
     dead = [req(deadline_s=-1.0) for _ in range(3)]
