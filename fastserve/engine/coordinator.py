@@ -13,6 +13,7 @@ a fixed mask) are sent whole with every piece.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -20,6 +21,10 @@ import numpy as np
 import torch
 
 from fastserve.errors import EngineError
+
+# micro-batches whose times a stage keeps: a run's, and the latest of a flow that runs for
+# ever (a generator sends one per step)
+KEPT_TIMES = 10_000
 
 
 @dataclass(frozen=True)
@@ -117,15 +122,16 @@ class Merger:
 
 @dataclass
 class StageTimes:
-    """Seconds measured for one stage over the micro-batches of a run.
+    """Seconds measured for one stage over the micro-batches of a run (the last
+    :data:`KEPT_TIMES` of them).
 
     A hop (upstream send -> this rank picks the message up) is transfer time plus time queued in
     the socket while the rank was busy; clocks cannot tell the two apart per message, so the
     fastest hop of the run is taken as the transfer time and the rest of each hop as queueing.
     """
 
-    compute: list[float] = field(default_factory=list)
-    hops: list[float] = field(default_factory=list)
+    compute: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_TIMES))
+    hops: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_TIMES))
 
     @property
     def count(self) -> int:

@@ -84,8 +84,10 @@ class RankCore:
         self.stats.compute_s += end - start
         timing = {"rank": self.rank, "stage": self.stage, "recv": received, "start": start,
                   "end": end}
-        return Message("data", msg.request, msg.micro, outputs,
-                       {**msg.meta, "timings": [*timings, timing]})
+        meta = {**msg.meta, "timings": [*timings, timing]}
+        if gen is not None and gen.get("logits") in self.shard.output_names:
+            del meta["gen"]  # sampled: nothing downstream reads the step (the coordinator has it)
+        return Message("data", msg.request, msg.micro, outputs, meta)
 
     def _step(self, msg: Message, gen: dict) -> dict[str, torch.Tensor] | Message:
         """One generation step (:mod:`fastserve.graph.decode`): drop the caches ``free`` names,

@@ -250,8 +250,10 @@ def serve(cfg: RankConfig) -> int:
         def frames_of(out) -> list:
             try:
                 # encoded first: a result the wire refuses takes no room in the ring
+                # a data result's meta is its input's, checked on receipt, and its timing
                 frames = encode(out.kind, request=out.request, micro=out.micro,
-                                tensors=out.tensors, meta=out.meta)
+                                tensors=out.tensors, meta=out.meta,
+                                meta_checked=out.kind == "data")
                 placed = ring.put(out.tensors, ring_min) \
                     if ring is not None and out.kind == "data" else None
                 if placed is not None:  # the header alone: the tensors are in the ring

@@ -284,14 +284,17 @@ _sent: dict[tuple, bytes] = {}
 
 def encode(kind: str, *, request: int = 0, micro: int = 0,
            tensors: Mapping[str, torch.Tensor] | None = None,
-           meta: Mapping[str, Any] | None = None) -> list:
+           meta: Mapping[str, Any] | None = None, meta_checked: bool = False) -> list:
     """Frames for one message: the header (layout, ids, meta), then a zero-copy view of each
     tensor.
 
     Everything is checked by the same rules as :func:`decode`, so a message that could not be
-    received is refused here, at the sender, with the reason."""
+    received is refused here, at the sender, with the reason. ``meta_checked``: ``meta`` is
+    a decoded message's meta (checked then) with what a rank adds to it, which the bounds
+    above keep acceptable: its schema is not checked again here (a rank's step is on the
+    critical path of every generated token). The receiver checks it all the same."""
     meta = dict(meta) if meta else {}
-    if meta or kind != "data":  # (an empty data meta is valid: the common case skips the check)
+    if (meta or kind != "data") and not meta_checked:  # (an empty data meta is valid)
         if kind not in META:
             raise WireError(f"unknown message kind '{kind}'", "kind")
         check_meta(kind, meta)

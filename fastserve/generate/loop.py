@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from fastserve.errors import RankError
@@ -57,6 +58,10 @@ class _Seq:
     replica: int
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     cancelled: bool = False  # ends when its step in flight comes back
+    sample: list = field(init=False)  # its sampling as a step carries it, built once
+
+    def __post_init__(self) -> None:
+        self.sample = self.request.sampling.to_wire()
 
     @property
     def generated(self) -> list[int]:
@@ -104,6 +109,7 @@ class Generator:
         self._keys = itertools.count()
         self._seqs: dict[int, _Seq] = {}
         self._flight: dict[int, tuple[int, list[int], float]] = {}  # key -> replica, seqs, sent
+        self._flying = [0] * pipeline.replicas  # steps in flight per replica
         self._free: list[list[int]] = [[] for _ in range(pipeline.replicas)]
         self._events: list[Event] = []
         # the last steps: (prompt tokens prefilled, sequences, seconds from send to result)
@@ -217,8 +223,10 @@ class Generator:
     def _fill(self) -> None:
         now = self.clock()
         for replica in range(self.pipeline.replicas):
-            while self._in_flight(replica) < self.pipeline.stages:
+            while self._flying[replica] < self.pipeline.stages:
                 seqs = [s.state for s in self._seqs.values() if s.replica == replica]
+                if all(st.in_flight for st in seqs):
+                    break  # (a scheduler picks and evicts only sequences not in flight)
                 pick = self.scheduler.pick(seqs, self.max_seqs, self.kv_tokens, now,
                                            self.costs)
                 for sid in pick.evict:
@@ -228,11 +236,8 @@ class Generator:
                 if not pick.run:
                     break
                 self._send(replica, [self._seqs[i] for i in pick.run], now)
-            if self._free[replica] and not self._in_flight(replica):
+            if self._free[replica] and not self._flying[replica]:
                 self._send(replica, [], now)  # only caches to drop
-
-    def _in_flight(self, replica: int) -> int:
-        return sum(1 for r, _, _ in self._flight.values() if r == replica)
 
     def _send(self, replica: int, seqs: list[_Seq], now: float) -> None:
         ids, segments, sample = [], [], []
@@ -240,17 +245,21 @@ class Generator:
             new = s.tokens[s.state.cached:]
             segments.append([s.state.id, s.state.cached, len(new)])
             ids.extend(new)
-            sample.append(s.request.sampling.to_wire())
+            sample.append(s.sample)
             s.state.in_flight = True
             s.state.last_run = now
         free, self._free[replica] = self._free[replica], []
         meta = {"seqs": segments, "free": free, "sample": sample}
         key = next(self._keys)
         self._flight[key] = (replica, [s.state.id for s in seqs], time.perf_counter())
-        self.pipeline.send(replica, key, torch.tensor([ids], dtype=torch.int64), meta)
+        self._flying[replica] += 1
+        # (from numpy: torch.tensor of a list costs twice as much, on every step)
+        self.pipeline.send(replica, key, torch.from_numpy(np.array([ids], dtype=np.int64)),
+                           meta)
 
     def _result(self, key: int, tokens: torch.Tensor) -> None:
         replica, sids, sent = self._flight.pop(key)
+        self._flying[replica] -= 1
         seconds = time.perf_counter() - sent
         seqs = [self._seqs[i] for i in sids]
         if seqs:
@@ -288,7 +297,8 @@ class Generator:
             self.costs = Costs(0.8 * self.costs.step_s + 0.2 * seconds, self.costs.token_s)
 
     def _failed(self, key: int, text: str) -> None:
-        _, sids, _ = self._flight.pop(key)
+        replica, sids, _ = self._flight.pop(key)
+        self._flying[replica] -= 1
         for sid in sids:
             self._finish(self._seqs[sid], "error", text)
 

@@ -271,8 +271,12 @@ def test_a_valid_step_samples_the_argmax_and_its_answer_goes_on_the_wire(graph):
     assert (core.cache.length(0), core.cache.length(1), len(core.cache)) == (3, 2, 2)
     back = decode([bytes(memoryview(f)) for f in encode(
         out.kind, request=out.request, micro=out.micro, tensors=out.tensors, meta=out.meta)])
-    assert back.meta["gen"]["seqs"] == [[0, 0, 3], [1, 0, 2]]
-    assert back.meta["timings"][0]["rank"] == 0
+    # the sampled answer does not carry the step back (the coordinator has it)
+    assert set(back.meta) == {"timings"} and back.meta["timings"][0]["rank"] == 0
+    # a stage that does not sample passes the step on, for the stages after it
+    mid = step(new_core(graph), [[0, 0, 3]], [1, 2, 3], logits="not_this_shards")
+    assert mid.kind == "data" and mid.meta["gen"]["seqs"] == [[0, 0, 3]]
+    assert "lm_head" in mid.tensors
 
 
 def test_seeded_sampling_at_the_rank_draws_at_the_position_of_the_new_token(graph):
@@ -438,7 +442,7 @@ def test_a_free_only_message_frees_and_passes_on(graph):
     assert step(core, [[7, 0, 2]], [3, 4]).kind == "data"
     both = core.cache.bytes
     out = step(core, [], [], free=[HELD, 99])  # an unknown id is no error
-    assert out.kind == "data" and out.meta["gen"]["free"] == [HELD, 99]
+    assert out.kind == "data" and "gen" not in out.meta  # (the last stage: nothing after it)
     assert list(out.tensors) == ["tokens"] and out.tensors["tokens"].shape == (0,)
     assert out.tensors["tokens"].dtype == torch.int64 and len(out.meta["timings"]) == 1
     assert core.cache.bytes == both // 2 and core.cache.length(HELD) == 0
@@ -446,6 +450,7 @@ def test_a_free_only_message_frees_and_passes_on(graph):
     # a stage that does not sample passes nothing on
     out = step(core, [], [], logits=None, free=[7])
     assert (out.kind, out.tensors) == ("data", {})
+    assert out.meta["gen"]["free"] == [7]  # the stages after it drop theirs
     assert (core.cache.bytes, len(core.cache)) == (0, 0)
     assert core.stats.errors == 0
 

@@ -71,6 +71,18 @@ def test_run_stats_splits_each_hop_into_transfer_and_queue_exactly():
     assert RunStats().to_json()["throughput"] == 0.0 and RunStats().stages == {}
 
 
+def test_run_stats_keep_the_latest_micro_batches_of_a_flow_that_never_ends():
+    # a generator's flow adds one micro-batch per step for as long as it runs
+    from fastserve.engine.coordinator import KEPT_TIMES, RunStats
+    stats = RunStats()
+    for i in range(KEPT_TIMES + 5):
+        stats.add_timings([{"rank": 0, "stage": 0, "recv": 0.0, "start": 1.0,
+                            "end": 1.0 + i}], 0.0)
+    kept = stats.stages[0]
+    assert len(kept.compute) == len(kept.hops) == kept.count == KEPT_TIMES
+    assert kept.compute[0] == 5.0 and kept.compute[-1] == KEPT_TIMES + 4.0
+
+
 def test_plan_work_refuses_an_empty_batch_and_disagreeing_batch_sizes():
     with pytest.raises(EngineError) as info:
         plan_work({"x": torch.randn(0, 2)}, ["x"], replicas=1, micro_batches=1)

@@ -338,6 +338,25 @@ def test_refused_meta_is_refused_alike_by_check_meta_sender_and_receiver(kind, m
     assert refusal(decode, [hand(kind, meta=meta)]) == expected
 
 
+@pytest.mark.parametrize("kind, meta, err", [r for r in REFUSED if r[0] == "data"])
+def test_meta_said_checked_is_not_checked_at_the_sender_but_still_at_the_receiver(kind, meta,
+                                                                                  err):
+    # (what a rank does with the meta of a message it decoded: the receiver stays the guard)
+    try:
+        frames = encode(kind, meta=meta, meta_checked=True)
+    except WireError as e:  # only what msgpack itself cannot pack, never the schema
+        assert e.reason != "meta"
+        return
+    assert refusal(decode, [bytes(memoryview(f)) for f in frames])[0] in ("meta", "header")
+
+
+def test_meta_said_checked_round_trips_a_ranks_answer_exactly():
+    meta = {"gen": {"seqs": [[0, 0, 3]]}, "timings": [T, T]}
+    frames = encode("data", request=3, micro=4, meta=meta, meta_checked=True)
+    assert frames == encode("data", request=3, micro=4, meta=meta)
+    assert decode(frames).meta == meta
+
+
 @pytest.mark.parametrize("kind, meta, err", [
     # values the sender may be handed but msgpack cannot carry as such: refused at the sender
     ("data", {"gen": {"seqs": [(0, 0, 3)]}}, f"'gen': 'seqs': [0]: {SEQ3} a tuple of 3"),
