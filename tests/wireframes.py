@@ -17,6 +17,7 @@ def header_frames(fields: dict) -> list[bytes]:
     return [header(msgpack.packb(layout, use_bin_type=True), msgpack.packb(ids, use_bin_type=True))]
 
 
-def header(layout: bytes, ids: bytes) -> bytes:
-    """A header frame of the given layout and ids bytes."""
-    return len(layout).to_bytes(4, "little") + layout + ids
+def header(layout: bytes, ids: bytes, inline: bytes = b"") -> bytes:
+    """A header frame of the given layout and ids bytes (and tensor bytes after them)."""
+    return len(layout).to_bytes(4, "little") + layout + len(ids).to_bytes(4, "little") + ids + \
+        inline

@@ -3,20 +3,27 @@ frame per tensor, without copies.
 
 A message is a list of ZeroMQ frames::
 
-    frame 0   the header: three parts, back to back
+    frame 0   the header, back to back:
                 u32 (little-endian)  the layout's length in bytes
-                layout  msgpack [2, "data", [["h.3", "float32", [4, 16, 768]], ...]]
+                layout  msgpack [3, "data", [["h.3", "float32", [4, 16, 768]], ...]]
                         (wire version, kind, tensor specs: the same for every message of a shape)
+                u32     the ids' length in bytes
                 ids     msgpack [7, 0, {...}]
                         (request id, micro-batch id, meta: per-kind fields such as timings,
                         errors, commands)
+                and, for a small message, its tensors' bytes (see below)
     frame 1.. the bytes of each tensor, in layout order (C-contiguous, native byte order)
 
 Sending hands ZeroMQ a memoryview of each tensor's storage (``copy=False``); receiving builds
 tensors on the frames' buffers, so a 16 MiB activation is never copied in Python. The layout is
 apart from the ids so that both ends can keep the layouts they have seen: a small message then
-costs one msgpack call per end beyond building its tensors. (It shares a frame with the ids
-because a CURVE link pays for every frame it encrypts.)
+costs one msgpack call per end beyond building its tensors.
+
+A message whose tensors hold at most :data:`INLINE_BYTES` travels as the header frame alone,
+its tensors' bytes after the ids, each from the next multiple of 8 bytes of the frame: every
+frame costs ZeroMQ a few microseconds, and a CURVE link an encryption, more than copying a few
+KiB does. A receiver tells the two apart by the frame count (one frame and a layout with
+tensors: they are inline), so the threshold is the sender's choice.
 
 A result may instead leave its tensors in a shared-memory ring (:mod:`fastserve.engine.ring`):
 its meta ``shm`` then says which ring and where, and only the header frame travels.
@@ -44,12 +51,13 @@ import torch
 from fastserve.errors import WireError
 from fastserve.graph.dtypes import DTYPES
 
-VERSION = 2  # 2: the layout apart from the ids, so that it can be cached
+VERSION = 3  # 2: the layout apart from the ids, so that it can be cached; 3: small tensors inline
 KINDS = ("data", "error", "control", "reply")
 # A valid header is far below this (256 specs with 256-character names: ~80 KiB); the bound
 # also caps what decoding junk costs before it is refused (~128K Python objects, a few ms)
 MAX_HEADER_BYTES = 128 << 10
 MAX_FRAME_BYTES = 1 << 32  # 4 GiB: one tensor
+INLINE_BYTES = 16 << 10  # a message's tensors up to this size travel in its header frame
 MAX_MESSAGE_BYTES = MAX_FRAME_BYTES + MAX_HEADER_BYTES  # ZMQ_MAXMSGSIZE of receiving sockets
 MAX_ELEMENTS = 1 << 40  # product of a shape's dimensions, zero-size ones counted as 1
 MAX_TENSORS = 256
@@ -273,6 +281,7 @@ def _show(v: Any) -> str:
 # every message. The caches are bounded (a peer sending endless new layouts only costs misses).
 
 _LAYOUT_CACHE = 1024  # entries per cache; cleared when full
+_PAD = bytes(8)
 _CACHED_LAYOUT_BYTES = 8 << 10  # longer layouts are checked each time, not kept
 
 # a checked tensor spec: name, torch dtype, numpy dtype (None: bfloat16, carried as int16),
@@ -305,6 +314,7 @@ def encode(kind: str, *, request: int = 0, micro: int = 0,
     ids = msgpack.packb([request, micro, meta])
     frames: list = [b""]
     key: list = [kind]
+    size = 0
     for name, t in (tensors or {}).items():
         if not t.is_cpu:  # (cheaper than t.device.type: this loop runs for every message)
             t = t.cpu()
@@ -322,12 +332,23 @@ def encode(kind: str, *, request: int = 0, micro: int = 0,
             frames.append(t.view(torch.int16).numpy())
         else:
             frames.append(t.numpy())
+        size += t.nbytes
     layout = _sent.get(tuple(key))
     if layout is None:
         layout = _pack_layout(key)
-    frames[0] = layout + ids
-    if len(frames[0]) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(frames[0])} bytes exceeds {MAX_HEADER_BYTES}", "size")
+    head = [layout, len(ids).to_bytes(4, "little"), ids]
+    at = len(layout) + 4 + len(ids)
+    if len(frames) > 1 and size <= INLINE_BYTES and "shm" not in meta and \
+            at + size + 8 * len(frames) <= MAX_HEADER_BYTES:
+        for array in frames[1:]:
+            if not isinstance(array, bytes):  # (b"": an empty tensor, no bytes)
+                pad = -at % 8
+                head += [_PAD[:pad], array]
+                at += pad + array.nbytes
+        return [b"".join(head)]
+    if at > MAX_HEADER_BYTES:
+        raise WireError(f"header of {at} bytes exceeds {MAX_HEADER_BYTES}", "size")
+    frames[0] = b"".join(head)
     return frames
 
 
@@ -376,28 +397,58 @@ def _decode(frames: Sequence[Any], rings: Mapping[int, Any] | None = None) -> Me
         raise WireError(f"a header of {head.nbytes} bytes cannot hold its layout "
                         f"(length {n if head.nbytes >= 4 else 'missing'})", "header")
     kind, specs = _layout(head[4:4 + n])
-    request, micro, meta = _ids(kind, head[4 + n:])
+    at = 4 + n
+    m = int.from_bytes(head[at:at + 4], "little")
+    if head.nbytes < at + 4 or m > head.nbytes - at - 4:
+        raise WireError(f"a header of {head.nbytes} bytes cannot hold its ids after a layout of "
+                        f"{n} (length {m if head.nbytes >= at + 4 else 'missing'})", "header")
+    request, micro, meta = _ids(kind, head[at + 4:at + 4 + m])
+    at += 4 + m
     if "shm" in meta:
+        _all_read(head, at, "a shared-memory message")
         return Message(kind, request, micro, _in_ring(meta["shm"], specs, frames, rings), meta)
+    tensors: dict[str, torch.Tensor] = {}
+    if len(frames) == 1 and specs:  # small: the tensors' bytes follow the ids
+        for spec in specs:
+            if spec[4]:
+                at += -at % 8
+                if spec[4] > head.nbytes - at:
+                    raise WireError(f"tensor '{spec[0]}' declares {spec[4]} bytes, the header "
+                                    f"has {max(0, head.nbytes - at)} left for it", "frames")
+            tensors[spec[0]] = _view(head, spec, at)
+            at += spec[4]
+        _all_read(head, at, "a message's inline tensors")
+        return Message(kind, request, micro, tensors, meta)
+    _all_read(head, at, "the ids")
     if len(frames) != len(specs) + 1:
         raise WireError(f"the layout declares {len(specs)} tensors but {len(frames) - 1} frames "
                         f"follow (truncated or padded message)", "frames")
-    tensors: dict[str, torch.Tensor] = {}
-    for (name, dtype, np_dtype, shape, nbytes), frame in zip(specs, frames[1:]):
+    for spec, frame in zip(specs, frames[1:]):
         buf = memoryview(frame)
-        if buf.nbytes != nbytes:
-            raise WireError(f"tensor '{name}' declares {nbytes} bytes, its frame has "
+        if buf.nbytes != spec[4]:
+            raise WireError(f"tensor '{spec[0]}' declares {spec[4]} bytes, its frame has "
                             f"{buf.nbytes}", "frames")
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif np_dtype is None:  # bfloat16 travels as int16 and is reinterpreted
-            arr = np.frombuffer(buf, np.int16).reshape(shape)
-            tensors[name] = torch.from_numpy(arr).view(torch.bfloat16)
-        else:
-            # numpy builds the view with less per-call overhead than torch.frombuffer + view,
-            # which matters for small messages
-            tensors[name] = torch.from_numpy(np.frombuffer(buf, np_dtype).reshape(shape))
+        tensors[spec[0]] = _view(buf, spec)
     return Message(kind, request, micro, tensors, meta)
+
+
+def _all_read(head: memoryview, at: int, what: str) -> None:
+    if at != head.nbytes:
+        raise WireError(f"{head.nbytes - at} bytes follow {what} in the header", "header")
+
+
+def _view(buf: Any, spec: _Spec, at: int = 0) -> torch.Tensor:
+    """The tensor of ``spec`` on ``buf``'s bytes from offset ``at`` (checked to be there)."""
+    _, dtype, np_dtype, shape, nbytes = spec
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if np_dtype is None:  # bfloat16 travels as int16 and is reinterpreted
+        arr = np.frombuffer(buf, np.int16, nbytes // 2, at).reshape(shape)
+        return torch.from_numpy(arr).view(torch.bfloat16)
+    # numpy builds the view with less per-call overhead than torch.frombuffer + view, which
+    # matters for small messages
+    return torch.from_numpy(np.frombuffer(buf, np_dtype, nbytes // np_dtype.itemsize,
+                                          at).reshape(shape))
 
 
 def _in_ring(shm: list, specs: tuple[_Spec, ...], frames: Sequence[Any],
@@ -412,18 +463,12 @@ def _in_ring(shm: list, specs: tuple[_Spec, ...], frames: Sequence[Any],
                         f"{len(shm) - 2} offsets for {len(specs)} tensors", "shm")
     size = memoryview(ring).nbytes
     tensors: dict[str, torch.Tensor] = {}
-    for (name, dtype, np_dtype, shape, nbytes), at in zip(specs, shm[2:]):
+    for spec, at in zip(specs, shm[2:]):
+        name, nbytes = spec[0], spec[4]
         if at % SHM_ALIGN or not 0 <= at <= size - nbytes:
             raise WireError(f"tensor '{name}' at offset {at} ({nbytes} bytes) is not an "
                             f"aligned place inside the ring of {size} bytes", "shm")
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif np_dtype is None:  # bfloat16
-            arr = np.frombuffer(ring, np.int16, nbytes // 2, at).reshape(shape)
-            tensors[name] = torch.from_numpy(arr).view(torch.bfloat16)
-        else:
-            arr = np.frombuffer(ring, np_dtype, nbytes // np_dtype.itemsize, at)
-            tensors[name] = torch.from_numpy(arr.reshape(shape))
+        tensors[name] = _view(ring, spec, at)
     return tensors
 
 

@@ -127,8 +127,9 @@ def _alive(pid: int) -> bool:
 def garbage_messages(n: int):
     """Malformed messages of many kinds: random bytes, wrong version, truncated, padded,
     lying sizes, bad dtypes, oversized shapes."""
-    good = encode("data", tensors={"x": torch.randn(2, 4)})
+    good = encode("data", tensors={"x": torch.randn(2, 2049)})  # past the inline bound
     head, x = bytes(good[0]), bytes(good[1])
+    small = bytes(encode("data", tensors={"x": torch.randn(2, 4)})[0])  # tensor in the header
     header = {"v": VERSION, "kind": "data", "req": 0, "mb": 0, "meta": {}}
     kinds = [
         lambda i: [os.urandom(1 + i % 50)],
@@ -143,6 +144,8 @@ def garbage_messages(n: int):
         lambda i: [*header_frames({**header, "kind": "sudo", "tensors": []}), x],
         lambda i: [msgpack.packb([1, 2, 3]), x],
         lambda i: [b""],
+        lambda i: [small[:-1 - i % 32]],  # inline bytes cut short
+        lambda i: [small + os.urandom(1 + i % 7)],  # inline bytes padded
     ]
     for i in range(n):
         yield kinds[i % len(kinds)](i)

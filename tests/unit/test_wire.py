@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from fastserve.engine.wire import DTYPES, VERSION, decode, encode
+from fastserve.engine.wire import DTYPES, INLINE_BYTES, VERSION, decode, encode
 from fastserve.errors import WireError
 from wireframes import header, header_frames
 
@@ -32,11 +32,37 @@ def test_every_dtype_round_trips_exactly(dtype):
     assert msg.tensors["empty"].shape == (0, 7)
 
 
+def address(frame) -> int:
+    return np.frombuffer(frame.buffer, np.uint8).ctypes.data
+
+
 def test_decoded_tensors_live_on_the_received_frames():
-    frames = frames_of({"x": torch.arange(12.0).reshape(3, 4)})
+    big = torch.arange(INLINE_BYTES // 4 + 1.0)  # one float past the inline bound
+    frames = frames_of({"x": big})
+    assert len(frames) == 2
     t = decode(frames).tensors["x"]
-    frame_address = np.frombuffer(frames[1].buffer, np.uint8).ctypes.data
-    assert t.data_ptr() == frame_address  # no copy on receive
+    assert t.data_ptr() == address(frames[1])  # no copy on receive
+    torch.testing.assert_close(t, big)
+
+
+def test_small_tensors_travel_in_the_header_frame_and_live_on_it():
+    # a frame costs ZeroMQ (and CURVE) more than copying a few KiB into the header
+    x, ids = torch.arange(12.0).reshape(3, 4), torch.tensor([[7, 8, 9]])
+    frames = frames_of({"x": x, "none": torch.empty(0, 2), "ids": ids},
+                       meta={"timings": [TIMING]})
+    assert len(frames) == 1
+    msg = decode(frames)
+    start, end = address(frames[0]), address(frames[0]) + len(frames[0].bytes)
+    for name, want in (("x", x), ("ids", ids)):
+        got = msg.tensors[name]
+        assert start < got.data_ptr() and got.data_ptr() + got.nbytes <= end  # no copy
+        assert (got.data_ptr() - start) % 8 == 0  # each from a multiple of 8 in the frame
+        assert torch.equal(got, want)
+    assert msg.tensors["none"].shape == (0, 2) and msg.meta == {"timings": [TIMING]}
+    # exactly at the bound: inline; one element more: a frame of its own
+    assert len(encode("data", tensors={"x": torch.zeros(INLINE_BYTES, dtype=torch.uint8)})) == 1
+    assert len(encode("data", tensors={"x": torch.zeros(INLINE_BYTES + 1,
+                                                        dtype=torch.uint8)})) == 2
 
 
 def test_non_contiguous_tensors_are_sent_in_their_logical_order():
@@ -55,7 +81,14 @@ HEAD = {"v": VERSION, "kind": "data", "req": 0, "mb": 0, "meta": {}}
     ([b"\x01"], "cannot hold its layout"),
     (header_frames({**HEAD, "v": 1, "tensors": []}), "unknown wire version 1"),
     (header_frames({**HEAD, "kind": "sudo", "tensors": []}), "unknown message kind"),
-    (header_frames({**HEAD, "tensors": [["x", "float32", [2]]]}), "truncated or padded"),
+    (header_frames({**HEAD, "tensors": [["x", "float32", [2]]]}),
+     "declares 8 bytes, the header has 0 left"),
+    (header_frames({**HEAD, "tensors": [["x", "float32", [2]], ["y", "uint8", [1]]]})
+     + [b"x" * 8], "truncated or padded"),
+    ([bytes(memoryview(encode("data", tensors={"x": torch.zeros(2)})[0])) + b"abc"],
+     "3 bytes follow a message's inline tensors"),
+    ([header(msgpack.packb([VERSION, "data", []]), msgpack.packb([0, 0, {}]), b"x")],
+     "1 bytes follow the ids"),
     (header_frames({**HEAD, "tensors": [["x", "float32", [4]]]}) + [b"x" * 8],
      "declares 16 bytes"),
     (header_frames({**HEAD, "tensors": [["x", "complex64", [1]]]}) + [b"x" * 8],
@@ -75,7 +108,7 @@ def test_malformed_messages_are_rejected_with_a_reason(frames, message):
 
 
 def test_a_known_layout_still_gets_its_ids_meta_and_frames_checked():
-    good = frames_of({"x": torch.zeros(2, 3)})
+    good = frames_of({"x": torch.zeros(2, INLINE_BYTES)})
     decode(good)  # the layout is now known
     layout = bytes(good[0].buffer)[4:4 + int.from_bytes(good[0].buffer[:4], "little")]
     with pytest.raises(WireError) as info:

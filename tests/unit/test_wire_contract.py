@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fastserve.engine import wire
-from fastserve.engine.wire import (MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_ID, MAX_NAME,
-                                   MAX_PEERS, MAX_SEQS, MAX_TENSORS, MAX_TEXT, MAX_TIMINGS,
-                                   VERSION, _show, check_meta, decode, encode)
+from fastserve.engine.wire import (INLINE_BYTES, MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_ID,
+                                   MAX_NAME, MAX_PEERS, MAX_SEQS, MAX_TENSORS, MAX_TEXT,
+                                   MAX_TIMINGS, VERSION, _show, check_meta, decode, encode)
 from fastserve.errors import WireError
 from wireframes import header
 
@@ -443,11 +443,11 @@ def test_what_the_sender_accepts_the_receiver_accepts_nodes():
 
 @pytest.mark.parametrize("frames, expected", [
     ([header(b"\xc1", msgpack.packb([0, 0, {}]))], "layout is not valid msgpack: FormatError"),
-    ([header(msgpack.packb([2, "data", []]), b"\xc1")], "ids is not valid msgpack: FormatError"),
-    ([header(msgpack.packb([2, "data", []]), b"")], "ids is not valid msgpack: ValueError"),
-    ([header(msgpack.packb([2, "data", []]), msgpack.packb([0, 0, {}]) + b"\x00")],
+    ([header(msgpack.packb([VERSION, "data", []]), b"\xc1")], "ids is not valid msgpack: FormatError"),
+    ([header(msgpack.packb([VERSION, "data", []]), b"")], "ids is not valid msgpack: ValueError"),
+    ([header(msgpack.packb([VERSION, "data", []]), msgpack.packb([0, 0, {}]) + b"\x00")],
      "ids is not valid msgpack: ExtraData"),
-    ([header(msgpack.packb([2, "data", []]) + b"\x00", msgpack.packb([0, 0, {}]))],
+    ([header(msgpack.packb([VERSION, "data", []]) + b"\x00", msgpack.packb([0, 0, {}]))],
      "layout is not valid msgpack: ExtraData"),
     ([b"\x00\x00\x00\x00"], "layout is not valid msgpack: ValueError"),
 ])
@@ -489,23 +489,24 @@ def test_a_layout_that_fills_the_header_leaves_the_ids_missing():
 
 @pytest.mark.parametrize("layout, reason, expected", [
     ({"v": 2}, "header", "the layout must be [version, kind, tensors], got a dict of 1"),
-    ([2, "data"], "header", "the layout must be [version, kind, tensors], got a list of 2"),
-    ([2, "data", [], 0], "header", "the layout must be [version, kind, tensors], got a list of 4"),
+    ([VERSION, "data"], "header", "the layout must be [version, kind, tensors], got a list of 2"),
+    ([VERSION, "data", [], 0], "header",
+     "the layout must be [version, kind, tensors], got a list of 4"),
     ("data", "header", "the layout must be [version, kind, tensors], got 'data'"),
-    ([1, "data", []], "version", "unknown wire version 1; this build speaks 2"),
-    ([3, "data", []], "version", "unknown wire version 3; this build speaks 2"),
-    (["2", "data", []], "version", "unknown wire version '2'; this build speaks 2"),
-    ([2.0, "data", []], "version", "unknown wire version 2.0; this build speaks 2"),
-    ([True, "data", []], "version", "unknown wire version True; this build speaks 2"),
-    ([2, "sudo", []], "kind", "unknown message kind 'sudo'"),
-    ([2, "DATA", []], "kind", "unknown message kind 'DATA'"),
-    ([2, 5, []], "kind", "unknown message kind 5"),
-    ([2, ["data"], []], "kind", "unknown message kind a list of 1"),
-    ([2, "data", {}], "tensors", "the layout's tensors must be a list of at most 256 "
-                                 "[name, dtype, shape] entries"),
-    ([2, "data", [["x", "uint8", [1]]] * 257], "tensors",
+    ([2, "data", []], "version", "unknown wire version 2; this build speaks 3"),
+    ([4, "data", []], "version", "unknown wire version 4; this build speaks 3"),
+    (["3", "data", []], "version", "unknown wire version '3'; this build speaks 3"),
+    ([3.0, "data", []], "version", "unknown wire version 3.0; this build speaks 3"),
+    ([True, "data", []], "version", "unknown wire version True; this build speaks 3"),
+    ([VERSION, "sudo", []], "kind", "unknown message kind 'sudo'"),
+    ([VERSION, "DATA", []], "kind", "unknown message kind 'DATA'"),
+    ([VERSION, 5, []], "kind", "unknown message kind 5"),
+    ([VERSION, ["data"], []], "kind", "unknown message kind a list of 1"),
+    ([VERSION, "data", {}], "tensors", "the layout's tensors must be a list of at most 256 "
+                                       "[name, dtype, shape] entries"),
+    ([VERSION, "data", [["x", "uint8", [1]]] * 257], "tensors",
      "the layout's tensors must be a list of at most 256 [name, dtype, shape] entries"),
-    ([2, "data", [["x", "uint8", [1]], ["x", "int8", [2]]]], "tensors",
+    ([VERSION, "data", [["x", "uint8", [1]], ["x", "int8", [2]]]], "tensors",
      "a tensor name appears twice"),
 ])
 def test_layout_refusals(layout, reason, expected):
@@ -582,8 +583,8 @@ def test_zero_size_dimensions_count_as_one_toward_the_element_bound():
 
 
 @pytest.mark.parametrize("specs, frames, expected", [
-    ([["x", "float32", [4]]], [], "the layout declares 1 tensors but 0 frames follow "
-                                  "(truncated or padded message)"),
+    ([["x", "float32", [4]], ["y", "int8", [1]]], [b"\0" * 16],
+     "the layout declares 2 tensors but 1 frames follow (truncated or padded message)"),
     ([["x", "float32", [4]]], [b"\0" * 16] * 3, "the layout declares 1 tensors but 3 frames "
                                                 "follow (truncated or padded message)"),
     ([], [b""], "the layout declares 0 tensors but 1 frames follow (truncated or padded "
@@ -715,38 +716,56 @@ def test_an_encoded_message_round_trips_exactly():
 # --- encode ---------------------------------------------------------------------------------------
 
 def test_encode_defaults_and_the_exact_bytes_of_a_header():
-    assert encode("data") == [b"\x08\x00\x00\x00\x93\x02\xa4data\x90\x93\x00\x00\x80"]
+    assert encode("data") == [b"\x08\x00\x00\x00\x93\x03\xa4data\x90"
+                              b"\x04\x00\x00\x00\x93\x00\x00\x80"]
     msg = decode(encode("data"))
     assert (msg.kind, msg.request, msg.micro, msg.tensors, msg.meta) == ("data", 0, 0, {}, {})
+    # a small tensor follows the ids in the header, from the next multiple of 8 (31 -> 32)
     frames = encode("data", request=7, micro=3,
                     tensors={"x": torch.tensor([1, 2], dtype=torch.int16)})
-    assert len(frames) == 2
-    assert frames[0] == b"\x13\x00\x00\x00\x93\x02\xa4data\x91\x93\xa1x\xa5int16\x91\x02" \
-                        b"\x93\x07\x03\x80"
-    assert bytes(memoryview(frames[1])) == b"\x01\x00\x02\x00"
+    assert frames == [b"\x13\x00\x00\x00\x93\x03\xa4data\x91\x93\xa1x\xa5int16\x91\x02"
+                      b"\x04\x00\x00\x00\x93\x07\x03\x80" + b"\x00" + b"\x01\x00\x02\x00"]
+    # a large one has a frame of its own
+    big = torch.ones(INLINE_BYTES // 2 + 1, dtype=torch.int16)
+    frames = encode("data", request=7, micro=3, tensors={"x": big})
+    assert len(frames) == 2 and bytes(memoryview(frames[1])) == big.numpy().tobytes()
+    assert frames[0] == b"\x15\x00\x00\x00\x93\x03\xa4data\x91\x93\xa1x\xa5int16\x91" \
+                        b"\xcd\x20\x01\x04\x00\x00\x00\x93\x07\x03\x80"
     assert encode("reply", meta={"cmd": "stop", "rank": 1})[0] == (
-        b"\x09\x00\x00\x00\x93\x02\xa5reply\x90\x93\x00\x00\x82\xa3cmd\xa4stop\xa4rank\x01")
+        b"\x09\x00\x00\x00\x93\x03\xa5reply\x90\x13\x00\x00\x00"
+        b"\x93\x00\x00\x82\xa3cmd\xa4stop\xa4rank\x01")
+
+
+# a tensor that takes a message past the inline bound: the others get frames of their own
+PAST_INLINE = {"pad": torch.zeros(INLINE_BYTES, dtype=torch.uint8)}
 
 
 def test_a_non_contiguous_tensor_travels_as_c_contiguous_bytes_in_logical_order():
     x = torch.arange(6, dtype=torch.int8).reshape(2, 3).t()  # [[0, 3], [1, 4], [2, 5]]
-    frames = encode("data", tensors={"x": x})
+    frames = encode("data", tensors={"x": x, **PAST_INLINE})
     view = memoryview(frames[1])
     assert view.c_contiguous and view.nbytes == 6
     assert bytes(view) == b"\x00\x03\x01\x04\x02\x05"
     msg = decode(frames)  # the frames as handed to ZeroMQ, not copied
     assert msg.tensors["x"].tolist() == [[0, 3], [1, 4], [2, 5]]
+    inline = encode("data", tensors={"x": x})
+    assert len(inline) == 1 and bytes(memoryview(inline[0]))[-6:] == b"\x00\x03\x01\x04\x02\x05"
+    assert decode(inline).tensors["x"].tolist() == [[0, 3], [1, 4], [2, 5]]
 
 
 def test_bfloat16_and_empty_tensors_on_the_sender():
     b = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
-    frames = encode("data", tensors={"b": b, "e": torch.empty(0, 5), "f": torch.empty(2, 0)})
+    tensors = {"b": b, "e": torch.empty(0, 5), "f": torch.empty(2, 0)}
+    frames = encode("data", tensors={**tensors, **PAST_INLINE})
     assert bytes(memoryview(frames[1])) == b"\x80\x3f\x00\xc0"  # bfloat16 1.0, -2.0 (LE)
     assert memoryview(frames[1]).c_contiguous
     assert frames[2] == b"" and frames[3] == b""
-    msg = decode(frames)
-    assert msg.tensors["b"].dtype == torch.bfloat16 and msg.tensors["b"].tolist() == [1.0, -2.0]
-    assert msg.tensors["e"].shape == (0, 5) and msg.tensors["f"].shape == (2, 0)
+    inline = encode("data", tensors=tensors)  # the same, its 4 bytes after the ids
+    assert len(inline) == 1 and bytes(memoryview(inline[0]))[-4:] == b"\x80\x3f\x00\xc0"
+    for msg in (decode(frames), decode(inline)):
+        assert msg.tensors["b"].dtype == torch.bfloat16
+        assert msg.tensors["b"].tolist() == [1.0, -2.0]
+        assert msg.tensors["e"].shape == (0, 5) and msg.tensors["f"].shape == (2, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -797,9 +816,13 @@ def _many(n: int) -> dict[str, torch.Tensor]:
 
 def test_256_tensors_travel_and_257_are_refused_at_the_sender():
     frames = encode("data", tensors=_many(MAX_TENSORS))
-    assert len(frames) == MAX_TENSORS + 1
+    assert len(frames) == 1  # 256 bytes: inline, each on its own 8 bytes
     msg = decode(plain(frames))
     assert [int(msg.tensors[f"t{i}"][0]) for i in range(MAX_TENSORS)] == list(range(256))
+    frames = encode("data", tensors={**_many(MAX_TENSORS - 1), **PAST_INLINE})
+    assert len(frames) == MAX_TENSORS + 1
+    msg = decode(plain(frames))
+    assert [int(msg.tensors[f"t{i}"][0]) for i in range(MAX_TENSORS - 1)] == list(range(255))
     assert refusal(encode, "data", tensors=_many(MAX_TENSORS + 1)) == (
         "tensors", "257 tensors in one message; at most 256")
 
@@ -851,13 +874,13 @@ IDS = msgpack.packb([0, 0, {}])  # 4 bytes
 
 
 def test_a_header_of_exactly_128_KiB_is_sent_and_received_one_byte_more_is_refused():
-    names = names_for_layout(MAX_HEADER_BYTES - 4 - len(IDS))
+    names = names_for_layout(MAX_HEADER_BYTES - 8 - len(IDS))  # (8: the two lengths)
     frames = encode("data", tensors=empties(names))
     assert len(frames[0]) == MAX_HEADER_BYTES
     msg = decode(plain(frames))
     assert list(msg.tensors) == names
     assert decode([hand(specs=[[n, "float32", [0]] for n in names])] + [b""] * len(names)).tensors
-    over = names_for_layout(MAX_HEADER_BYTES - 4 - len(IDS) + 1)
+    over = names_for_layout(MAX_HEADER_BYTES - 8 - len(IDS) + 1)
     assert refusal(encode, "data", tensors=empties(over)) == (
         "size", "header of 131073 bytes exceeds 131072")
     assert refusal(decode, [hand(specs=[[n, "float32", [0]] for n in over])] + [b""] * len(over)) \
@@ -870,7 +893,7 @@ def test_a_header_of_exactly_128_KiB_is_sent_and_received_one_byte_more_is_refus
 def test_a_layout_of_exactly_128_KiB_passes_its_own_bound_but_not_the_headers():
     names = names_for_layout(MAX_HEADER_BYTES)
     assert refusal(encode, "data", tensors=empties(names)) == (
-        "size", "header of 131080 bytes exceeds 131072")
+        "size", "header of 131084 bytes exceeds 131072")
     names = names_for_layout(MAX_HEADER_BYTES + 1)
     assert refusal(encode, "data", tensors=empties(names)) == (
         "size", "layout of 131073 bytes exceeds 131072")
@@ -880,7 +903,7 @@ def test_decode_refuses_a_header_over_128_KiB_before_reading_it():
     frame = b"\xff\xff\xff\xff" + b"\xc1" * MAX_HEADER_BYTES
     assert refusal(decode, [frame]) == ("size", "header of 131076 bytes exceeds 131072")
     assert refusal(decode, [hand(meta={"junk": "x" * (1 << 20)})]) == (
-        "size", "header of 1048602 bytes exceeds 131072")
+        "size", "header of 1048606 bytes exceeds 131072")
 
 
 # --- the layout caches ----------------------------------------------------------------------------
@@ -912,8 +935,8 @@ def test_a_cached_layout_still_gets_its_ids_and_meta_checked(fresh_caches):
         "meta", "'meta' must be a map, got a list of 0")
     assert refusal(decode, [header(layout, good), b"abc"]) == (
         "frames", "tensor 'x' declares 2 bytes, its frame has 3")
-    assert refusal(decode, [header(layout, good)]) == (
-        "frames", "the layout declares 1 tensors but 0 frames follow (truncated or padded message)")
+    assert refusal(decode, [header(layout, good)]) == (  # (one frame: its bytes are inline)
+        "frames", "tensor 'x' declares 2 bytes, the header has 0 left for it")
 
 
 @pytest.mark.parametrize("size, kept", [(8191, True), (8192, True), (8193, False), (9000, False)])
@@ -944,13 +967,14 @@ def test_the_received_cache_is_cleared_when_full(fresh_caches):
 def test_a_sent_layout_is_kept_and_served_from_the_cache(fresh_caches):
     key = ("data", ("x", torch.int16, torch.Size([2])))
     frames = encode("data", tensors={"x": torch.tensor([1, 2], dtype=torch.int16)})
-    layout = b"\x13\x00\x00\x00\x93\x02\xa4data\x91\x93\xa1x\xa5int16\x91\x02"
+    layout = b"\x13\x00\x00\x00\x93\x03\xa4data\x91\x93\xa1x\xa5int16\x91\x02"
     assert wire._sent == {key: layout}
-    assert frames[0] == layout + IDS
+    ids = len(IDS).to_bytes(4, "little") + IDS
+    assert frames == [layout + ids + b"\x00" + b"\x01\x00\x02\x00"]  # (inline from byte 32)
     # a hit is not packed again: what the cache holds is what is sent
     wire._sent[key] = b"\x01\x00\x00\x00\x90"
     frames = encode("data", tensors={"x": torch.tensor([1, 2], dtype=torch.int16)})
-    assert frames[0] == b"\x01\x00\x00\x00\x90" + IDS
+    assert frames == [b"\x01\x00\x00\x00\x90" + ids + b"\x00" * 3 + b"\x01\x00\x02\x00"]
 
 
 @pytest.mark.parametrize("size, kept", [(8187, True), (8188, True), (8189, False)])
