@@ -132,10 +132,7 @@ class StageTimes:
 
     compute: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_TIMES))
     hops: deque[float] = field(default_factory=lambda: deque(maxlen=KEPT_TIMES))
-
-    @property
-    def count(self) -> int:
-        return len(self.compute)
+    count: int = 0  # micro-batches measured, all of them
 
     @property
     def transfer(self) -> float:
@@ -180,6 +177,7 @@ class RunStats:
             st = self.stages.setdefault(stage, StageTimes())
             st.compute.append(compute)
             st.hops.append(hop)
+            st.count += 1
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "seconds": self.seconds,
@@ -187,4 +185,5 @@ class RunStats:
                 "stages": {s: {"compute_s": v.mean_compute, "transfer_s": v.transfer,
                                "queue_s": v.queue, "micro_batches": v.count}
                            for s, v in sorted(self.stages.items())},
-                "note": "per micro-batch means; transfer = fastest hop of the run"}
+                "note": "per micro-batch means; transfer = fastest hop of the run (of its "
+                        f"last {KEPT_TIMES} micro-batches)"}

@@ -251,7 +251,8 @@ def make_app(service: Service, token: str | None = None,
         if waiting.done():
             return waiting.result()  # (a ServiceError is the caller's to answer)
         if gone.done() and not gone.cancelled():
-            service.withdraw(future, "cancelled")
+            if not service.withdraw(future, "cancelled"):  # answered just now: nobody reads it
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
             return error_response("the client went away", 499)
         if not service.withdraw(future, "timeout"):  # its answer came just now
             return await waiting
@@ -324,7 +325,12 @@ def make_app(service: Service, token: str | None = None,
     async def drained() -> None:
         if not draining:
             draining.append(asyncio.ensure_future(asyncio.to_thread(service.stop, True)))
-        await asyncio.shield(draining[0])
+        try:
+            await asyncio.shield(draining[0])
+        except Exception:
+            if draining and draining[0].done():  # a failed drain is tried again by the next
+                draining.clear()
+            raise
 
     async def drain(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
@@ -384,7 +390,8 @@ def serve_http(service: Service, host: str, port: int, token: str | None,
     app = make_app(service, token, on_stop=exit_server)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=5,
-                            http=guarded_protocol(service.config.limits.header_timeout_s),
+                            http=guarded_protocol(service.config.limits.header_timeout_s,
+                                                  service.config.limits.body_timeout_s),
                             # longer than clients keep idle connections in their pools: a
                             # POST on a connection the server just closed is not retried
                             timeout_keep_alive=75)

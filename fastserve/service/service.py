@@ -160,6 +160,7 @@ class Service:
         self.events: list[dict] = []  # the last scale and restart events, for status
         self._lock = threading.Lock()
         self._counting = threading.Lock()
+        self._withdrawing = threading.Lock()
         self._stopping = threading.Event()
         self._arrived = 0  # samples admitted, for the policy's demand
         self._next_index = 0
@@ -314,7 +315,9 @@ class Service:
         """Give up a request :meth:`submit` admitted: its caller no longer waits for it
         (``outcome``: cancelled, the caller went away; timeout, it waited too long). A
         withdrawn request still queued is never run. False if it already had its answer."""
-        with self._counting:  # (cancel() is True again on a cancelled future: count once)
+        # not under _counting: cancel() runs the future's callbacks here, and the queue's takes
+        # that lock's reverse order (its lock, then _counting through _finished)
+        with self._withdrawing:  # (cancel() is True again on a cancelled future: count once)
             if future.cancelled() or not future.cancel():
                 return False
         self.count_outcome(outcome)

@@ -330,6 +330,38 @@ def test_a_request_the_front_stopped_waiting_for_counts_once_as_its_outcome(svc)
         assert isinstance(request.future, Future) and not request.answer({"head": x_of(1)})
 
 
+def test_withdrawing_while_the_queue_answers_an_expired_request_does_not_deadlock(svc):
+    # the front withdraws (cancel runs the queue's callback: its lock) while the queue, under
+    # its lock, answers an expired request 504 (the service's callback: counting it)
+    import threading
+
+    from fastserve.service.queue import Request, RequestQueue
+
+    queue = RequestQueue(10, 4, 0.0)
+    expired = Request({"x": x_of(1)}, 1, (), time.monotonic() - 1)
+    waiting = Request({"x": x_of(1)}, 1, (), time.monotonic() + 60)
+    for r in (expired, waiting):
+        queue.put(r)
+    inside = threading.Event()
+
+    def hold(_f) -> None:  # the queue's lock is held while this runs
+        inside.set()
+        time.sleep(0.5)
+
+    expired.future.add_done_callback(hold)
+    for r in (expired, waiting):
+        r.future.add_done_callback(lambda f, r=r: svc._finished(r, f))
+    expiring = threading.Thread(target=queue.expire, daemon=True)
+    expiring.start()
+    assert inside.wait(10)
+    withdrawing = threading.Thread(target=svc.withdraw, args=(waiting.future,), daemon=True)
+    withdrawing.start()
+    expiring.join(10)
+    withdrawing.join(10)
+    assert not expiring.is_alive() and not withdrawing.is_alive(), "deadlocked"
+    assert waiting.future.cancelled() and expired.future.exception().status == 504
+
+
 def test_a_body_over_the_limit_with_a_lying_content_length_is_refused_413(client):
     body = doc(x=[[0.123456789] * 64] * 120)
     for declared in ("10", "0", str(LIMIT)):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastserve.graph as G
-from fastserve.service import Limits, Service, ServiceConfig
+from fastserve.service import Limits, Service, ServiceConfig, connections
 from fastserve.service.http import serve_http
 
 from conftest import outliving_the_test, rank_processes
@@ -149,6 +149,25 @@ def test_a_body_that_trickles_gets_408_and_the_connection_closes(served):
     assert b"connection: close" in head
     assert b"limits.body_timeout_s" in got
     assert BODY_S * 0.8 <= time.monotonic() - t0 <= BODY_S + 3
+    assert_still_serving(service, url)
+
+
+def test_a_body_the_route_never_reads_is_cut_off_too(served, monkeypatch):
+    # a 401 (or a 503 under overload) answers before the body: the body's trickle would
+    # otherwise keep the connection, since every byte stops uvicorn's keep-alive clock
+    service, url = served
+    monkeypatch.setattr(connections, "BODY_GRACE_S", 0.5)
+    with connect(url) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"POST /v1/scale HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        try:
+            for _ in range(100):
+                sock.sendall(b"x")
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        closed_after(sock, 5)
+    assert time.monotonic() - t0 <= BODY_S + 0.5 + 4, "the trickle was not cut off"
     assert_still_serving(service, url)
 
 

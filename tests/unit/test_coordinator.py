@@ -67,7 +67,8 @@ def test_run_stats_splits_each_hop_into_transfer_and_queue_exactly():
                        "micro_batches": 2},
                    1: {"compute_s": 1.375, "transfer_s": 0.0, "queue_s": 0.25,
                        "micro_batches": 2}},
-        "note": "per micro-batch means; transfer = fastest hop of the run"}
+        "note": "per micro-batch means; transfer = fastest hop of the run (of its last 10000 "
+                "micro-batches)"}
     assert RunStats().to_json()["throughput"] == 0.0 and RunStats().stages == {}
 
 
@@ -79,7 +80,8 @@ def test_run_stats_keep_the_latest_micro_batches_of_a_flow_that_never_ends():
         stats.add_timings([{"rank": 0, "stage": 0, "recv": 0.0, "start": 1.0,
                             "end": 1.0 + i}], 0.0)
     kept = stats.stages[0]
-    assert len(kept.compute) == len(kept.hops) == kept.count == KEPT_TIMES
+    assert len(kept.compute) == len(kept.hops) == KEPT_TIMES
+    assert kept.count == KEPT_TIMES + 5 == stats.to_json()["stages"][0]["micro_batches"]
     assert kept.compute[0] == 5.0 and kept.compute[-1] == KEPT_TIMES + 4.0
 
 
