@@ -443,7 +443,8 @@ def test_what_the_sender_accepts_the_receiver_accepts_nodes():
 
 @pytest.mark.parametrize("frames, expected", [
     ([header(b"\xc1", msgpack.packb([0, 0, {}]))], "layout is not valid msgpack: FormatError"),
-    ([header(msgpack.packb([VERSION, "data", []]), b"\xc1")], "ids is not valid msgpack: FormatError"),
+    ([header(msgpack.packb([VERSION, "data", []]), b"\xc1")],
+     "ids is not valid msgpack: FormatError"),
     ([header(msgpack.packb([VERSION, "data", []]), b"")], "ids is not valid msgpack: ValueError"),
     ([header(msgpack.packb([VERSION, "data", []]), msgpack.packb([0, 0, {}]) + b"\x00")],
      "ids is not valid msgpack: ExtraData"),
