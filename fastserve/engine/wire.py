@@ -1,5 +1,5 @@
 """The wire format: a header frame (a layout both ends cache, then ids and meta) and one raw
-frame per tensor, without copies.
+frame per tensor, without copies; a small message's tensors ride in the header frame.
 
 A message is a list of ZeroMQ frames::
 
