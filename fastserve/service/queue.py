@@ -107,10 +107,12 @@ class RequestQueue:
             request.future.add_done_callback(lambda _f: self._ended(request))
 
     def _ended(self, request: Request) -> None:
-        with self._cond:
+        with self._cond:  # (reentrant: _expire and drain end requests under it)
             if request.running:
                 request.running = False
                 self._running -= request.samples
+            elif request in self._items:  # withdrawn by its caller while queued: never run
+                self._items.remove(request)
 
     def admits(self) -> None:
         """Raise the 503 that :meth:`put` would raise now (the HTTP front asks before it
@@ -213,15 +215,13 @@ class RequestQueue:
         return batch, samples >= self.max_batch
 
     def expire(self) -> None:
-        """Answer 504 to the requests whose deadline has passed, and drop those their callers
-        withdrew (also done by every take: this is for when no replica takes anything)."""
+        """Answer 504 to the requests whose deadline has passed (also done by every take:
+        this is for when no replica takes anything)."""
         with self._cond:
             self._expire()
 
     def _expire(self) -> None:
         now = time.monotonic()
-        if any(r.ended for r in self._items):  # withdrawn by their callers: nobody waits
-            self._items = deque(r for r in self._items if not r.ended)
         if self._items and min(r.deadline for r in self._items) <= now:
             for r in [r for r in self._items if r.deadline <= now]:
                 self._items.remove(r)
