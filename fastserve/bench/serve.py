@@ -111,6 +111,7 @@ class _Later:
 def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: float = 20.0,
                 max_batch: int = 32, max_queue: int = 64, trust_code: bool = False,
                 body_format: str = "json", queue_budget_ms: float | None = None,
+                dims: dict[str, int] | None = None,
                 progress: Progress = lambda _m: None) -> dict:
     from fastserve.engine import Deployment, Layout
     from fastserve.graph import build_reference, random_inputs, reference
@@ -123,7 +124,7 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
         try:
             # the engine alone as the service runs it: without polling (engine.spin)
             with Deployment.from_spec(spec, Layout(1, 1, threads=1), batch=1, spin_us=0,
-                                      trust_code=trust_code, progress=None) as dep:
+                                      dims=dims, trust_code=trust_code, progress=None) as dep:
                 pool = random_inputs(dep.graph, 16, seed=1)
                 expected = reference(dep.graph, pool)
                 rows = [{k: v[i:i + 1] for k, v in pool.items()} for i in range(16)]
@@ -196,7 +197,8 @@ def bench_serve(spec: str, clients: int = 32, requests: int = 300, seconds: floa
         finally:
             _stop_service(proc)
     return {
-        "spec": spec, "max_batch": max_batch, "max_queue": max_queue, "format": body_format,
+        "spec": spec, "dims": dims or {}, "max_batch": max_batch, "max_queue": max_queue,
+        "format": body_format,
         "one_at_a_time": {"engine": engine, "http": http,
                           "overhead_p50_ms": http["p50_ms"] - engine["p50_ms"],
                           "overhead_p99_ms": http["p99_ms"] - engine["p99_ms"]},

@@ -10,7 +10,7 @@ from dataclasses import replace
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import trust_option
+from fastserve.cli.graph import dim_option, parse_dims, trust_option
 from fastserve.cli.render import table
 from fastserve.errors import ServiceError
 from fastserve.limits import MAX_THREADS
@@ -52,7 +52,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
               "beyond it, 503 with Retry-After [default: 256].")
 @click.option("--queue-budget-ms", type=click.FloatRange(0), help="Refuse (503) a request "
               "when the requests queued and running are expected to take longer than this "
-              "(from the measured seconds per sample); 0: the deadline [default: 0].")
+              "(from the measured cost of a batch: per batch plus per sample); 0: the deadline "
+              "[default: 0].")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="The management token (scale, drain, stop); created (mode 0600) if it does "
               "not exist. Without it the management routes are off.")
@@ -254,10 +255,11 @@ def stop_cmd(url, token_file, timeout) -> None:
               default="json", show_default=True,
               help="Request and answer bodies: JSON lists, or msgpack with raw tensor bytes "
               "(what large outputs such as a language model's logits need).")
+@dim_option
 @click.option("--json", "as_json", is_flag=True)
 @trust_option
 def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queue_budget_ms,
-                    body_format, as_json, trust_code) -> None:
+                    body_format, dims, as_json, trust_code) -> None:
     """The service against the engine alone: the HTTP front's overhead one request at a time,
     and closed- and open-loop load (batch-1 requests, every answer checked).
 
@@ -265,11 +267,14 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queu
     Examples:
       fastserve bench serve graphs/mlp.yaml                     # the front's overhead
       fastserve bench serve graphs/gpt2.yaml --format msgpack   # what dynamic batching gains
+      fastserve bench serve graphs/gpt2.yaml --format msgpack --dim seq=4   # short requests
+
+    --dim sets the requests' shape (the spec's dims by default); the service serves any.
     """
     from fastserve.bench.serve import bench_serve
 
     out = bench_serve(spec, clients, requests, seconds, max_batch, max_queue, trust_code,
-                      body_format, queue_budget_ms, progress=lambda m: click.echo(m, err=True))
+                      body_format, queue_budget_ms, parse_dims(dims), progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return

@@ -27,7 +27,7 @@ A YAML file (read with the safe loader; every error names the file, the line and
     limits:
       max_queue: 256            # requests admitted and waiting; beyond: 503 + Retry-After
       queue_budget_ms: 0        # 503 too when the requests queued and running would take
-                                # longer (measured seconds per sample); 0: deadline_s
+                                # longer (measured batch cost); 0: deadline_s
       deadline_s: 30            # a request not answered by then gets 504
       hang_s: 3                 # a rank silent to health checks this long is restarted
       restart_budget: 5         # restarts in a row without a success before a replica gives up

@@ -1,10 +1,11 @@
 """Admission and dynamic batching: the queue between the HTTP front and the replicas.
 
 A request is admitted only while fewer than ``max_queue`` wait, and while the work ahead of it
-is expected to take no longer than ``budget_s`` (the samples queued and held by replicas, times
-the seconds per sample the replicas were measured to answer at; generations, whose length is
-not known ahead, are bounded by ``max_queue`` only); beyond either bound the caller gets an
-immediate :class:`ServiceError` 503, so admitted requests keep their latency. Replicas take
+is expected to take no longer than ``budget_s`` (the samples queued and held by replicas, in
+batches of at most ``max_batch``, each batch costing what the replicas were measured to
+answer at: seconds per batch plus seconds per sample; generations, whose length is not known
+ahead, are bounded by ``max_queue`` only); beyond either bound the caller gets an immediate
+:class:`ServiceError` 503, so admitted requests keep their latency. Replicas take
 work from the one shared queue when they have room, so routing is least-loaded by construction.
 :meth:`RequestQueue.take` hands out the oldest request together with younger ones of the same
 shape, up to ``max_batch`` samples, as soon as that batch is full or its oldest request has
@@ -28,9 +29,12 @@ import torch
 
 from fastserve.errors import ServiceError
 
-# weight of the newest answered batch in the measured seconds per sample: a few batches follow
-# a change of load, a single slow one does not swing admission
-RATE_WEIGHT = 0.2
+# weight of the newest answered batch in the measured batch cost: ten or so batches follow a
+# change of load, a single slow one does not swing admission
+RATE_WEIGHT = 0.1
+# answered batch sizes must spread this much (variance, samples squared) to tell a batch's
+# fixed cost from its cost per sample; below it, the cost is taken as proportional
+SPREAD = 0.25
 
 
 @dataclass(eq=False)
@@ -89,7 +93,13 @@ class RequestQueue:
         self._items: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed: str | None = None
-        self.per_sample: float | None = None  # measured seconds per answered sample
+        # a batch of n samples takes per_batch + n * per_sample seconds, as measured: a model
+        # that streams its weights once per batch answers a batch of 8 in much less than 8
+        # times one, and a proportional estimate would refuse the batches that keep up
+        self.per_sample: float | None = None
+        self.per_batch = 0.0
+        self._moments: tuple[float, float, float, float] | None = None  # n, t, n*n, n*t
+        self._slope: float | None = None  # seconds per sample, when batch sizes last spread
         self._last_answer: float | None = None
         self._running = 0  # samples of the requests replicas hold, not yet answered
 
@@ -134,13 +144,15 @@ class RequestQueue:
                                f"shortly", 503, retry_after=wait)
 
     def expected_wait(self) -> float:
-        """Seconds a request admitted now is expected to wait before its own batch runs: the
-        samples queued ahead of it and those the replicas hold, times the measured seconds
-        per sample (0 before anything was answered, and when nothing is queued or running:
-        a request is never refused for its own cost)."""
+        """Seconds the requests queued and those the replicas hold are expected to take, in
+        batches of at most ``max_batch`` samples at the measured cost (0 before anything was
+        answered, and when nothing is queued or running: a request is never refused for its
+        own cost)."""
         if self.per_sample is None:
             return 0.0
-        return self.per_sample * (sum(r.samples for r in self._items) + self._running)
+        queued = sum(r.samples for r in self._items)
+        batches = -(-queued // self.max_batch) + -(-self._running // self.max_batch)
+        return self.per_sample * (queued + self._running) + self.per_batch * batches
 
     def answered(self, samples: int, taken: float) -> None:
         """A replica answered a batch of ``samples`` it took at ``taken`` (time.monotonic).
@@ -151,9 +163,26 @@ class RequestQueue:
         with self._cond:
             start = taken if self._last_answer is None else max(taken, self._last_answer)
             self._last_answer = now
-            seconds = max(0.0, now - start) / max(1, samples)
-            self.per_sample = seconds if self.per_sample is None else \
-                self.per_sample + RATE_WEIGHT * (seconds - self.per_sample)
+            self._fit(max(1, samples), max(0.0, now - start))
+
+    def _fit(self, n: int, seconds: float) -> None:
+        """Move the batch cost towards a batch of ``n`` samples taking ``seconds``: a least
+        squares line through the answered batches, the newest weighing ``RATE_WEIGHT``."""
+        x = (n, seconds, n * n, n * seconds)
+        m = x if self._moments is None else tuple(
+            old + RATE_WEIGHT * (new - old) for old, new in zip(self._moments, x))
+        self._moments = m
+        mean_n, mean_t, nn, nt = m
+        spread = nn - mean_n * mean_n
+        if spread >= SPREAD:
+            self._slope = (nt - mean_n * mean_t) / spread
+        # batches of one size (as a steady load makes them) only say what that size costs:
+        # the line keeps the slope last measured and goes through them
+        per_sample = self._slope if self._slope is not None else -1.0
+        per_batch = mean_t - per_sample * mean_n
+        if per_sample < 0 or per_batch < 0:  # no spread seen yet, or noise: proportional
+            per_sample, per_batch = nt / nn, 0.0
+        self.per_sample, self.per_batch = per_sample, per_batch
 
     def requeue(self, requests: list[Request]) -> None:
         """Put back the requests a failed replica held, first in line, in their order. They

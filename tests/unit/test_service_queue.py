@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastserve.errors import ServiceError
-from fastserve.service.queue import RATE_WEIGHT, Request, RequestQueue, shape_key
+from fastserve.service.queue import Request, RequestQueue, shape_key
 
 BATCHED = {"x"}
 LONG_S = 60.0  # a max_wait or deadline no test waits for: a batch returned came for another reason
@@ -60,15 +60,43 @@ def test_seconds_per_sample_are_measured_from_answered_batches():
     q = queue()
     assert q.per_sample is None and q.expected_wait() == 0.0
     q.answered(4, time.monotonic() - 1.0)  # 4 samples answered 1 s after they were taken
-    assert q.per_sample == pytest.approx(0.25, abs=0.01)
+    assert q.per_sample == pytest.approx(0.25, abs=0.01) and q.per_batch == 0.0
     # taken before the last answer: counted from that answer (replicas side by side drain
-    # faster), here about 0 s, which moves the average by RATE_WEIGHT of the way
+    # faster), here about 0 s, which lowers the estimate (from the 5 s, it would rise)
     q.answered(1, time.monotonic() - 5.0)
-    assert q.per_sample == pytest.approx(0.25 * (1 - RATE_WEIGHT), abs=0.01)
+    assert 0.2 < q.per_sample < 0.25 and q.per_batch == 0.0
     assert q.expected_wait() == 0.0  # nothing queued
     for samples in (2, 3):
         q.put(req(samples))
     assert q.expected_wait() == pytest.approx(5 * q.per_sample)
+
+
+def test_a_batch_has_a_fixed_cost_and_a_cost_per_sample_and_admission_counts_both():
+    q = queue(max_queue=100, max_batch=8, budget_s=2.0)
+    for _ in range(10):  # one sample takes 1 s and eight take 1.7 s: the weights, read once
+        q._fit(1, 1.0)
+        q._fit(8, 1.7)
+    assert q.per_batch == pytest.approx(0.9, abs=0.01)
+    assert q.per_sample == pytest.approx(0.1, abs=0.01)
+    for _ in range(9):  # (at 0.3 s a sample, the 8th would already be refused)
+        q.put(req())
+    # one batch of 8 and one of 1 ahead: 1.7 + 1.0 s
+    with pytest.raises(ServiceError, match="about 2700 ms"):
+        q.put(req())
+    q.take(0.0, eager=True)
+    assert q.expected_wait() == pytest.approx(2.7, abs=0.01)  # held by a replica: still ahead
+    # batches of one size say only what that size costs: the line keeps its slope (here, once
+    # the other sizes have faded from the measure, the one between them) and follows that size
+    for _ in range(80):
+        q._fit(8, 2.4)
+    slope = 1.4 / 7  # last measured: from 1 sample in 1.0 s to 8 in 2.4 s
+    assert q.per_sample == pytest.approx(slope, abs=0.01)
+    assert q.per_batch + 8 * q.per_sample == pytest.approx(2.4, abs=0.01)
+    # noise that makes larger batches cheaper: proportional, never a negative cost
+    fresh = queue()
+    for n, t in ((1, 1.0), (4, 0.5)) * 5:
+        fresh._fit(n, t)
+    assert fresh.per_batch == 0.0 and fresh.per_sample > 0
 
 
 def test_the_request_past_the_time_budget_is_refused_503_and_nothing_admitted_is_lost():
