@@ -10,7 +10,7 @@ from dataclasses import replace
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, parse_dims, trust_option
+from fastserve.cli.graph import dim_option, load_graph, parse_dims, trust_option
 from fastserve.cli.render import table
 from fastserve.errors import ServiceError
 from fastserve.limits import MAX_THREADS
@@ -273,6 +273,7 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queu
     """
     from fastserve.bench.serve import bench_serve
 
+    load_graph(spec, dims, trust_code)  # a bad spec or --dim is told before a service starts
     out = bench_serve(spec, clients, requests, seconds, max_batch, max_queue, trust_code,
                       body_format, queue_budget_ms, parse_dims(dims), progress=lambda m: click.echo(m, err=True))
     if as_json:

@@ -602,10 +602,13 @@ def test_generate_on_a_graph_that_is_not_a_language_model(argv, capsys):
 @pytest.mark.parametrize("argv,names", [
     (["bench", "compare", MLP, "--profile", "/nonexistent/profile.json"], ["--profile"]),
     (["bench", "serve", "/nonexistent/spec.yaml"], ["/nonexistent/spec.yaml"]),
+    (["bench", "serve", MLP, "--dim", "seq=x"], ["--dim", "seq=x"]),
+    (["bench", "serve", MLP, "--dim", "seqq=4"], [MLP, "seqq"]),
     (["bench", "hosts", "--hosts", str(ROOT / "runtime/hosts/loopback3.yaml")], ["--keys"]),
     (["bench", "widen", "/nonexistent/spec.yaml"], ["/nonexistent/spec.yaml"]),
     (["bench", "load", "--hidden", "10"], ["--hidden"]),
-], ids=["compare --profile", "serve", "hosts --hosts", "widen", "load --hidden"])
+], ids=["compare --profile", "serve", "serve --dim format", "serve --dim name", "hosts --hosts",
+        "widen", "load --hidden"])
 def test_bench_bad_input(argv, names, capsys):
     code, _, err = cli(capsys, *argv)
     refused(code, err, *names)
