@@ -275,7 +275,8 @@ def bench_serve_cmd(spec, clients, requests, seconds, max_batch, max_queue, queu
 
     load_graph(spec, dims, trust_code)  # a bad spec or --dim is told before a service starts
     out = bench_serve(spec, clients, requests, seconds, max_batch, max_queue, trust_code,
-                      body_format, queue_budget_ms, parse_dims(dims), progress=lambda m: click.echo(m, err=True))
+                      body_format, queue_budget_ms, parse_dims(dims),
+                      progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
