@@ -148,7 +148,7 @@ def _ms(s: float | None) -> float | None:
 
 
 def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
-                   requests: int = 40, load: float = 1.0, max_seqs: int = 4,
+                   requests: int = 100, load: float = 1.0, max_seqs: int = 4,
                    seconds: float = 120.0, rounds: int = 2, seed: int = 0,
                    kv_tokens: int | None = None, quantum: float = 4.0,
                    known_lengths: bool = False, trust_code: bool = False,

@@ -231,7 +231,7 @@ def _report(results, inputs, as_json, stream, verdict) -> None:
               help="Sequences decoding together in the throughput phase.")
 @click.option("--tokens", type=click.IntRange(2), default=32, show_default=True,
               help="New tokens per sequence in the throughput phase.")
-@click.option("--requests", type=click.IntRange(1), default=40, show_default=True,
+@click.option("--requests", type=click.IntRange(1), default=100, show_default=True,
               help="Jobs of the scheduler workload.")
 @click.option("--load", type=click.FloatRange(0.05, 10), default=1.0, show_default=True,
               help="Arrival rate of output tokens as a multiple of what the pipeline decodes "
