@@ -151,7 +151,9 @@ class RequestQueue:
         if self.per_sample is None:
             return 0.0
         queued = sum(r.samples for r in self._items)
-        batches = -(-queued // self.max_batch) + -(-self._running // self.max_batch)
+        # (requests of other shapes would form batches of their own: not worth counting)
+        batches = (-(-queued // self.max_batch) if self.mergeable else len(self._items)) \
+            + -(-self._running // self.max_batch)
         return self.per_sample * (queued + self._running) + self.per_batch * batches
 
     def answered(self, samples: int, taken: float) -> None:

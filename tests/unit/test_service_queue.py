@@ -92,6 +92,12 @@ def test_a_batch_has_a_fixed_cost_and_a_cost_per_sample_and_admission_counts_bot
     slope = 1.4 / 7  # last measured: from 1 sample in 1.0 s to 8 in 2.4 s
     assert q.per_sample == pytest.approx(slope, abs=0.01)
     assert q.per_batch + 8 * q.per_sample == pytest.approx(2.4, abs=0.01)
+    # requests that may not be merged are a batch each
+    single = queue(max_batch=8, mergeable=False)
+    single.per_sample, single.per_batch = 0.1, 0.9
+    for _ in range(3):
+        single.put(req(2))
+    assert single.expected_wait() == pytest.approx(3 * 0.9 + 6 * 0.1)
     # noise that makes larger batches cheaper: proportional, never a negative cost
     fresh = queue()
     for n, t in ((1, 1.0), (4, 0.5)) * 5:
