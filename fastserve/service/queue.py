@@ -35,6 +35,10 @@ RATE_WEIGHT = 0.1
 # answered batch sizes must spread this much (variance, samples squared) to tell a batch's
 # fixed cost from its cost per sample; below it, the cost is taken as proportional
 SPREAD = 0.25
+# answers of one size after which the slope last measured is no longer trusted: a slope fitted
+# from a few odd batches (one measured short beside another replica's answer) would otherwise
+# be kept for as long as the load stays at one size, and admit far more than the budget
+KEPT_ANSWERS = round(1 / RATE_WEIGHT ** 2)
 
 
 @dataclass(eq=False)
@@ -100,6 +104,7 @@ class RequestQueue:
         self.per_batch = 0.0
         self._moments: tuple[float, float, float, float] | None = None  # n, t, n*n, n*t
         self._slope: float | None = None  # seconds per sample, when batch sizes last spread
+        self._kept = 0  # answers since then
         self._last_answer: float | None = None
         self._running = 0  # samples of the requests replicas hold, not yet answered
 
@@ -177,7 +182,11 @@ class RequestQueue:
         mean_n, mean_t, nn, nt = m
         spread = nn - mean_n * mean_n
         if spread >= SPREAD:
-            self._slope = (nt - mean_n * mean_t) / spread
+            self._slope, self._kept = (nt - mean_n * mean_t) / spread, 0
+        elif self._slope is not None:
+            self._kept += 1
+            if self._kept > KEPT_ANSWERS:
+                self._slope = None
         # batches of one size (as a steady load makes them) only say what that size costs:
         # the line keeps the slope last measured and goes through them
         per_sample = self._slope if self._slope is not None else -1.0

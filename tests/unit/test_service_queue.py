@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastserve.errors import ServiceError
-from fastserve.service.queue import Request, RequestQueue, shape_key
+from fastserve.service.queue import KEPT_ANSWERS, Request, RequestQueue, shape_key
 
 BATCHED = {"x"}
 LONG_S = 60.0  # a max_wait or deadline no test waits for: a batch returned came for another reason
@@ -92,6 +92,11 @@ def test_a_batch_has_a_fixed_cost_and_a_cost_per_sample_and_admission_counts_bot
     slope = 1.4 / 7  # last measured: from 1 sample in 1.0 s to 8 in 2.4 s
     assert q.per_sample == pytest.approx(slope, abs=0.01)
     assert q.per_batch + 8 * q.per_sample == pytest.approx(2.4, abs=0.01)
+    # but not for ever: a slope from a few odd batches would admit past the budget as long as
+    # the load stays at one size
+    for _ in range(KEPT_ANSWERS):
+        q._fit(8, 2.4)
+    assert q.per_batch == 0.0 and q.per_sample == pytest.approx(0.3, abs=0.001)
     # requests that may not be merged are a batch each
     single = queue(max_batch=8, mergeable=False)
     single.per_sample, single.per_batch = 0.1, 0.9
