@@ -25,18 +25,16 @@ Seconds per batch are the median over rounds; ratios are of those medians.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable, Mapping
 
 import torch
 
-from fastserve.bench import reap, seq_dims
+from fastserve.bench import seq_dims
+from fastserve.bench.workers import Workers
 from fastserve.errors import EngineError
 
 Progress = Callable[[str], None]
@@ -60,44 +58,6 @@ def _chunked(module, inputs: Mapping[str, torch.Tensor], batched: list[str], siz
     return run
 
 
-class _Workers:
-    """Benchmark worker processes that take one JSON line per command on stdin and answer one
-    JSON line each on stdout."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def _start(self, module: str, cfg: dict) -> None:
-        # (a terminal's Ctrl-C goes to the driver, which closes their stdin: they exit)
-        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self.procs.append(proc)
-        proc.stdin.write(json.dumps(cfg) + "\n")
-        proc.stdin.flush()
-
-    def _answers(self) -> list[dict]:
-        answers = []
-        for k, p in enumerate(self.procs):
-            line = p.stdout.readline()
-            if not line:
-                raise EngineError(f"{self.what} {k} exited (code {p.poll()})")
-            answers.append(json.loads(line))
-        return answers
-
-    def _ask(self, cmd: dict) -> list[dict]:
-        for p in self.procs:
-            p.stdin.write(json.dumps(cmd) + "\n")
-            p.stdin.flush()
-        return self._answers()
-
-    def close(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(OSError):
-                p.stdin.close()
-        for p in self.procs:
-            reap(p, 10)
-
-
 def _as_lists(tensors: Mapping[str, torch.Tensor]) -> dict[str, list]:
     """Tensors as [nested lists, dtype name] for a worker's JSON config."""
     from fastserve.graph.dtypes import DTYPES
@@ -106,7 +66,7 @@ def _as_lists(tensors: Mapping[str, torch.Tensor]) -> dict[str, list]:
     return {n: [t.tolist(), names[t.dtype]] for n, t in tensors.items()}
 
 
-class TorchPipeline(_Workers):
+class TorchPipeline(Workers):
     """N torch.distributed.pipelining stage processes on a FastServe cut; see
     :mod:`fastserve.bench.torchpipe`."""
 
@@ -149,7 +109,7 @@ class TorchPipeline(_Workers):
         return self._ask({"shape": True})[-1]["shape"]
 
 
-class SideBySide(_Workers):
+class SideBySide(Workers):
     """N plain 1-thread processes, each running the whole model over 1/N of the batch in
     chunks, started together and talking to nobody: the ceiling of N processes on this
     machine; see :mod:`fastserve.bench.plain`."""

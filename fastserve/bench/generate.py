@@ -2,7 +2,11 @@
 
 * **decode throughput**: ``seqs`` sequences decoding together, in one process with one thread
   (the whole graph, one batch per step) against a ``stages``-stage pipeline of 1-thread ranks
-  (``stages`` micro-batches of ``seqs / stages`` sequences in flight); rounds interleaved;
+  (``stages`` micro-batches of ``seqs / stages`` sequences in flight, cut where the stages'
+  measured decode steps take the same time: :mod:`fastserve.generate.profile`), and ``stages`` plain
+  processes side by side, each decoding a micro-batch's sequences with the whole model and
+  talking to nobody (:mod:`fastserve.bench.plaindecode`): the pipeline's ceiling on this
+  machine, contention included; rounds interleaved;
 * **the runtime's cost per decode step**: one sequence on the pipeline, one step in flight: the
   step's round trip less the ranks' compute, per stage;
 * **schedulers**: one synthetic workload (Poisson arrivals, heavy-tailed output lengths, bounded
@@ -31,11 +35,13 @@ from typing import Callable
 
 import torch
 
+from fastserve.bench.workers import Workers
 from fastserve.engine.coordinator import RunStats
 from fastserve.engine.deployment import Deployment
 from fastserve.generate import (FCFS, MLFQ, DeploymentPipeline, Generator, LocalPipeline,
                                 Request, max_positions)
 from fastserve.generate.model import language_model
+from fastserve.generate.profile import decode_profile
 from fastserve.resources.inventory import local_inventory
 from fastserve.resources.planner import Constraints, plan
 
@@ -84,7 +90,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))] if s else None
 
 
-def _decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
+def decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
     """Tokens/s of ``seqs`` sequences decoding together, from their first token to the end."""
     rng = random.Random(1)
     reqs = [Request([rng.randrange(1, vocab) for _ in range(16)], tokens) for _ in range(seqs)]
@@ -99,6 +105,31 @@ def _decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
                 end = time.perf_counter()
     gen.drain()
     return count / (end - first) if first and end and end > first else 0.0
+
+
+class SideBySide(Workers):
+    """``n`` plain 1-thread processes, each decoding ``seqs`` sequences with the whole model,
+    started together and talking to nobody: what ``n`` processes decode on this machine when
+    they share it, the ceiling of an ``n``-stage pipeline whose micro-batches hold ``seqs``
+    sequences; see :mod:`fastserve.bench.plaindecode`."""
+
+    what = "plain decoding process"
+
+    def __init__(self, spec: str, n: int, seqs: int, tokens: int, trust_code: bool) -> None:
+        super().__init__()
+        try:
+            for _ in range(n):
+                self._start("fastserve.bench.plaindecode", {
+                    "spec": spec, "trust_code": trust_code, "seqs": seqs, "tokens": tokens})
+            self._answers()  # each is built
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> float:
+        """Their tokens/s together: each times its own decode, and they start together."""
+        at = time.time() + 0.05
+        return sum(float(a["tokens_per_s"]) for a in self._ask({"at": at}))
 
 
 def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
@@ -165,9 +196,13 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
     out: dict = {"spec": spec, "stages": stages, "seqs": seqs, "tokens": tokens}
     try:
         local = LocalPipeline(graph)
-        progress(f"starting a {stages}-stage pipeline (1 thread per rank)")
+        # the pipeline is cut where its stages' decode steps take the same time (an export's
+        # shards are its cut)
+        measured = decode_profile(graph, rows=per_stage, progress=progress) \
+            if cut is None else None
         chosen = plan(graph, local_inventory(), constraints=Constraints(
-            replicas=1, stages=stages, cut=cut, threads=1, batch=8, transport="ipc"))
+            replicas=1, stages=stages, cut=cut, threads=1, batch=per_stage, transport="ipc"),
+            profile=measured)
         # what `fastserve generate` runs without --stages: the planner's decode layout
         planned = plan(graph, local_inventory(), "decode", Constraints(
             replicas=1, stages=len(cut) if cut else None, cut=cut, batch=seqs,
@@ -175,34 +210,46 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
         layout = f"{planned.stages} stage(s), {planned.ranks[0].threads} thread(s) per rank"
         progress(f"starting a {stages}-stage pipeline (1 thread per rank) and the decode "
                  f"plan ({layout})")
+        progress(f"starting {stages} plain processes to decode side by side")
+        side = SideBySide(spec, stages, per_stage, tokens, trust_code)
+        cleanup.callback(side.close)
         with Deployment(graph, chosen, timeout=60, trust_code=trust_code,
                         export_dir=export_dir) as dep:
-            one, piped, best, micro = [], [], [], []
+            one, piped, best, micro, sides = [], [], [], [], []
             with Deployment(graph, planned, timeout=60, trust_code=trust_code,
                             export_dir=export_dir) as decode_dep:
                 for r in range(rounds):
                     progress(f"round {r + 1}/{rounds}: {seqs} sequences x {tokens} tokens, one "
-                             f"process, the pipeline, the decode plan")
-                    one.append(_decode_rate(Generator(local, max_seqs=seqs), seqs, tokens,
+                             f"process, the pipeline, the decode plan, {stages} plain "
+                             f"processes")
+                    one.append(decode_rate(Generator(local, max_seqs=seqs), seqs, tokens,
                                             vocab))
                     # the pipeline's micro-batch in one process: each stage runs 1/P of the
                     # model over this many rows, P of them in turn per step, so P times this
                     # rate bounds the pipeline (when the stages split the time evenly)
-                    micro.append(_decode_rate(Generator(local, max_seqs=per_stage), per_stage,
+                    micro.append(decode_rate(Generator(local, max_seqs=per_stage), per_stage,
                                               tokens, vocab))
-                    piped.append(_decode_rate(Generator(DeploymentPipeline(dep),
+                    piped.append(decode_rate(Generator(DeploymentPipeline(dep),
                                                         max_seqs=per_stage), seqs, tokens, vocab))
-                    best.append(_decode_rate(
+                    best.append(decode_rate(
                         Generator(DeploymentPipeline(decode_dep),
                                   max_seqs=math.ceil(seqs / planned.stages)),
                         seqs, tokens, vocab))
-            alone, pipe, plan_rate, part = (statistics.median(x)
-                                            for x in (one, piped, best, micro))
+                    sides.append(side.run())
+            alone, pipe, plan_rate, part, plain = (statistics.median(x)
+                                                   for x in (one, piped, best, micro, sides))
             out["decode"] = {"one_process_tokens_per_s": alone, "pipeline_tokens_per_s": pipe,
                              "ratio": pipe / alone,
                              "one_process_micro_batch_tokens_per_s": part,
                              # P micro-batches of per_stage sequences hold seqs of them
                              "pipeline_ceiling": part * seqs / per_stage / alone,
+                             # the same with the contention P processes meet side by side
+                             "plain_side_by_side_tokens_per_s": plain,
+                             "plain_ceiling": plain / alone,
+                             "ratio_of_plain": pipe / plain,
+                             "cut": [[sp.nodes[0], sp.nodes[-1]] for sp in chosen.stage_plans],
+                             "cut_by": "the export's shards" if measured is None else
+                             f"measured decode steps of {per_stage} sequences",
                              "decode_plan": layout,
                              "decode_plan_tokens_per_s": plan_rate,
                              "decode_plan_ratio": plan_rate / alone}
@@ -222,7 +269,7 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
             if max_seqs * stages != seqs:
                 progress(f"the workload's capacity: {max_seqs * stages} sequences, {max_seqs} "
                          f"per micro-batch")
-                capacity = _decode_rate(Generator(DeploymentPipeline(dep), max_seqs=max_seqs),
+                capacity = decode_rate(Generator(DeploymentPipeline(dep), max_seqs=max_seqs),
                                         max_seqs * stages, tokens, vocab)
             mean_out = statistics.fmean(j.length for j in workload(2000, 1.0, vocab, seed,
                                                                     longest))

@@ -31,6 +31,10 @@ from fastserve.limits import MAX_THREADS
               "more stages add a hop per token, not speed).")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True,
               help="Data-parallel replicas; each prompt runs on one.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, exists=True),
+              help="Node times from 'fastserve profile SPEC --decode ROWS': the stages are "
+              "cut where their decode steps take the same time. Default: by FLOPs, which "
+              "undercount an LM head.")
 @click.option("--scheduler", type=click.Choice(["fcfs", "mlfq"]), default="fcfs",
               show_default=True, help="Who runs next: first come first served, or skip-join "
               "MLFQ (preempts long generations for short ones).")
@@ -60,8 +64,8 @@ from fastserve.limits import MAX_THREADS
 @spin_option
 @cluster_options
 @trust_option
-def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas, scheduler,
-                 max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local, check,
+def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas, profile_path,
+                 scheduler, max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local, check,
                  threads, timeout, as_json, spin_us, hosts, keys_dir, coordinator_address,
                  ray_address, trust_code) -> None:
     """Generate text with the language model of SPEC, a KV cache per stage.
@@ -88,6 +92,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     from fastserve.generate.model import language_model
     from fastserve.generate.text import TextStream, load_tokenizer
     from fastserve.graph.decode import max_positions
+    from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
 
     def say(msg: str) -> None:
@@ -110,9 +115,16 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     # by name when it is submitted, so it counts here at the model's length)
     longest = max_positions(graph) or 1 << 62
     lengths = sorted((min(longest, len(ids) + max_tokens) for ids in inputs), reverse=True)
+    measured = Profile.load(profile_path) if profile_path else None
+    if measured is not None and measured.phase != "decode":
+        say(f"note: profile '{profile_path}' timed whole batches, not decode steps; "
+            f"'fastserve profile SPEC --decode ROWS' times what generation runs")
+    if measured is not None and set(measured.node_seconds) != set(graph.order):
+        raise click.UsageError(f"profile '{profile_path}' times other nodes than the graph "
+                               f"'{graph.name}' generates with: profile this spec")
     chosen = plan(graph, inventory, "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
-        batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])))
+        batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])), profile=measured)
     # a rank without room for KV is named before any rank starts
     kv_budget(chosen, inventory if hosts else None)
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
@@ -182,6 +194,12 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
                         ray_address=ray_address, spin_us=spin_us) as dep:
             say(f"generating on {len(chosen.ranks)} rank(s): {chosen.stages} stage(s) x "
                 f"{chosen.replicas} replica(s), scheduler {scheduler}")
+            if chosen.stages > 1:
+                by = "the export's shards" if cut else \
+                    "measured decode steps" if measured is not None else "FLOPs"
+                say(f"stages cut by {by}: " + " | ".join(
+                    f"{sp.nodes[0]}..{sp.nodes[-1]}" if len(sp.nodes) > 1 else sp.nodes[0]
+                    for sp in chosen.stage_plans))
             results = run(DeploymentPipeline(dep))
     verdict = None
     if check:  # the whole graph as one stage in this process: another cut, the same tokens
@@ -273,6 +291,8 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
         click.echo(json.dumps(out, indent=2))
         return
     d, s = out["decode"], out["step"]
+    click.echo(f"pipeline cut ({d['cut_by']}): "
+               + " | ".join(f"{a}..{b}" if a != b else a for a, b in d["cut"]))
     click.echo(f"decode, {seqs} sequences: one 1-thread process {d['one_process_tokens_per_s']:.1f}"
                f" tokens/s, {stages}-stage pipeline {d['pipeline_tokens_per_s']:.1f} tokens/s: "
                f"{d['ratio']:.2f}x")
@@ -280,6 +300,10 @@ def bench_generate_cmd(spec, stages, seqs, tokens, requests, load, max_seqs, sec
                f"1-thread process {d['one_process_micro_batch_tokens_per_s']:.1f} tokens/s, so "
                f"the pipeline's ceiling is {stages} x that = {d['pipeline_ceiling']:.2f}x the "
                f"process decoding all {seqs}")
+    click.echo(f"decode, {stages} plain processes side by side, {math.ceil(seqs / stages)} "
+               f"sequences each: {d['plain_side_by_side_tokens_per_s']:.1f} tokens/s together "
+               f"= {d['plain_ceiling']:.2f}x the process decoding all {seqs} (the ceiling with "
+               f"their contention); the pipeline reaches {d['ratio_of_plain']:.2f} of it")
     click.echo(f"decode, {seqs} sequences: the decode plan ({d['decode_plan']}) "
                f"{d['decode_plan_tokens_per_s']:.1f} tokens/s: {d['decode_plan_ratio']:.2f}x the "
                f"1-thread process")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 import click
 
@@ -173,9 +174,14 @@ def _duration(seconds: float) -> str:
               help="Where to write the profile (JSON).")
 @click.option("--host", default="local", show_default=True,
               help="Name of this host in the inventory.")
+@click.option("--decode", "decode_rows", type=click.IntRange(1), metavar="ROWS",
+              help="Time each node's generation step over ROWS sequences instead (a causal LM; "
+              "use the sequences per micro-batch you will run), for 'fastserve generate "
+              "--profile': a decode step costs what reading the weights costs, which a "
+              "batch's profile does not show.")
 @dim_option
 @trust_option
-def profile_cmd(spec, batch, out, host, dims, trust_code) -> None:
+def profile_cmd(spec, batch, out, host, decode_rows, dims, trust_code) -> None:
     """Measure every node's time on one thread of this machine, and the machine's FLOP/s.
 
     The cost of a message between processes is not measured here (it needs running ranks;
@@ -184,11 +190,26 @@ def profile_cmd(spec, batch, out, host, dims, trust_code) -> None:
     """
     from fastserve.resources.profiling import profile_graph
 
-    graph = load_graph(spec, dims, trust_code)
-    measured = profile_graph(graph, host, batch, progress=lambda m: click.echo(m, err=True))
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if decode_rows is not None:
+        from fastserve.generate.model import language_model
+        from fastserve.generate.profile import decode_profile
+
+        if dims:
+            raise click.UsageError("--dim sets a batch's shape; a decode step has its own "
+                                   "(one new token per sequence): drop --dim with --decode")
+        cleanup = click.get_current_context().with_resource(ExitStack())
+        graph, _cut, _export = language_model(spec, trust_code, cleanup, say)
+        measured = decode_profile(graph, host, decode_rows, progress=say)
+    else:
+        graph = load_graph(spec, dims, trust_code)
+        measured = profile_graph(graph, host, batch, progress=say)
     with open(out, "w") as f:
         json.dump(measured.to_json(), f, indent=1)
-    click.echo(f"wrote {out}: {len(measured.node_seconds)} nodes, "
+    what = f"decode steps of {decode_rows} sequences, " if decode_rows else ""
+    click.echo(f"wrote {out}: {what}{len(measured.node_seconds)} nodes, "
                f"{measured.host_flops[host] / 1e9:.1f} GFLOP/s per thread on '{host}'")
 
 

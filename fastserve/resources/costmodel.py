@@ -56,6 +56,9 @@ RUNTIME_BASELINE = 320 * 2**20  # bytes: an idle rank (Python, torch, zmq, FastS
 ACTIVATION_FACTOR = 2.0  # live activations inside a node: its inputs plus its outputs
 
 
+PHASES = ("forward", "decode")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Measured numbers, written by ``fastserve profile``: FLOP/s per thread of each host and,
@@ -75,12 +78,15 @@ class Profile:
     # one message between two live processes of this host (send, wake the peer, receive),
     # measured on running ranks; replaces the local link's latency
     message_seconds: float | None = None
+    # what the node times are of: "forward" (a batch of whole samples, ``fastserve profile``)
+    # or "decode" (one generation step over rows of sequences, ``fastserve profile --decode``)
+    phase: str = "forward"
 
     def to_json(self) -> dict:
         return {"node_seconds": dict(self.node_seconds), "host_flops": dict(self.host_flops),
                 "dims": dict(self.dims),
                 "node_times": {n: [list(x) for x in t] for n, t in self.node_times.items()},
-                "message_seconds": self.message_seconds}
+                "message_seconds": self.message_seconds, "phase": self.phase}
 
     @staticmethod
     def load(path: str | Path) -> Profile:
@@ -119,7 +125,12 @@ class Profile:
         if message is not None and not (_is_number(message) and message >= 0):
             raise ProfileError(f"expected seconds, got {str(message)[:40]}", file=file,
                                key="message_seconds")
-        return Profile(node_seconds, host_flops, dims, times, message_seconds=message)
+        phase = doc.get("phase", "forward")
+        if phase not in PHASES:
+            raise ProfileError(f"expected one of {', '.join(PHASES)}, got {str(phase)[:40]}",
+                               file=file, key="phase")
+        return Profile(node_seconds, host_flops, dims, times, message_seconds=message,
+                       phase=phase)
 
     @property
     def reference_flops(self) -> float:

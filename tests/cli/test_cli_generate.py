@@ -109,6 +109,12 @@ def test_bench_generate_prints_every_figure(lm, capsys):
     d = doc["decode"]  # the pipeline's ceiling: 2 stages x one process decoding 2 sequences
     assert d["pipeline_ceiling"] == pytest.approx(
         2 * d["one_process_micro_batch_tokens_per_s"] / d["one_process_tokens_per_s"])
+    # two plain processes decoding 2 sequences each, side by side
+    assert d["plain_ceiling"] == pytest.approx(
+        d["plain_side_by_side_tokens_per_s"] / d["one_process_tokens_per_s"])
+    assert d["ratio_of_plain"] == pytest.approx(
+        d["pipeline_tokens_per_s"] / d["plain_side_by_side_tokens_per_s"])
+    assert d["plain_side_by_side_tokens_per_s"] > 0
     assert doc["decode"]["decode_plan_tokens_per_s"] > 0  # the plan generate makes for decode
     assert doc["decode"]["decode_plan"].startswith("1 stage(s)")
     w = doc["workload"]  # the capacity is measured at the workload's 4 sequences per step
@@ -118,3 +124,31 @@ def test_bench_generate_prints_every_figure(lm, capsys):
         r = doc["schedulers"][name]
         assert r["finished"] + r["unfinished"] == 6 and r["finished"] > 0
         assert r["jct_mean_s"] > 0 and r["ttft_p50_ms"] > 0
+
+
+def test_a_decode_profile_cuts_the_stages_and_the_tokens_stay_exact(lm, tmp_path, capsys):
+    spec, expected = lm
+    out = tmp_path / "decode.json"
+    assert run_cli(["profile", spec, "--decode", "2", "--out", str(out)]) == 0
+    assert "decode steps of 2 sequences" in capsys.readouterr().out
+    assert json.loads(out.read_text())["phase"] == "decode"
+    code = run_cli(["generate", spec, "--ids", ids(prompts()[0]), "--ids", ids(prompts()[1]),
+                    "--max-tokens", "6", "--stages", "2", "--profile", str(out), "--json"])
+    got = capsys.readouterr()
+    assert code == 0, got.err
+    assert [r["tokens"] for r in json.loads(got.out)["results"]] == expected
+    assert "stages cut by measured decode steps: wte.." in got.err
+
+
+def test_a_profile_of_other_nodes_or_a_batch_shape_for_decode_is_refused(lm, tmp_path, capsys):
+    spec, _ = lm
+    assert run_cli(["profile", spec, "--decode", "2", "--dim", "seq=8", "--out",
+                    str(tmp_path / "x.json")]) == 2
+    assert "drop --dim with --decode" in capsys.readouterr().err
+    other, _ = small_gpt2(tmp_path, layers=2)
+    out = tmp_path / "other.json"
+    assert run_cli(["profile", other, "--decode", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert run_cli(["generate", spec, "--ids", "1,2", "--max-tokens", "2", "--stages", "2",
+                    "--profile", str(out)]) == 2
+    assert "times other nodes than the graph" in capsys.readouterr().err
