@@ -3,10 +3,10 @@
 * **decode throughput**: ``seqs`` sequences decoding together, in one process with one thread
   (the whole graph, one batch per step) against a ``stages``-stage pipeline of 1-thread ranks
   (``stages`` micro-batches of ``seqs / stages`` sequences in flight, cut where the stages'
-  measured decode steps take the same time: :mod:`fastserve.generate.profile`), and ``stages`` plain
-  processes side by side, each decoding a micro-batch's sequences with the whole model and
-  talking to nobody (:mod:`fastserve.bench.plaindecode`): the pipeline's ceiling on this
-  machine, contention included; rounds interleaved;
+  measured decode steps take the same time: :mod:`fastserve.generate.profile`), and
+  ``stages`` plain processes side by side, each decoding a micro-batch's sequences with the
+  whole model and talking to nobody (:mod:`fastserve.bench.plaindecode`): the pipeline's
+  ceiling on this machine, contention included; rounds interleaved;
 * **the runtime's cost per decode step**: one sequence on the pipeline, one step in flight: the
   step's round trip less the ranks' compute, per stage;
 * **schedulers**: one synthetic workload (Poisson arrivals, heavy-tailed output lengths, bounded
@@ -223,14 +223,14 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                              f"process, the pipeline, the decode plan, {stages} plain "
                              f"processes")
                     one.append(decode_rate(Generator(local, max_seqs=seqs), seqs, tokens,
-                                            vocab))
+                                           vocab))
                     # the pipeline's micro-batch in one process: each stage runs 1/P of the
                     # model over this many rows, P of them in turn per step, so P times this
                     # rate bounds the pipeline (when the stages split the time evenly)
                     micro.append(decode_rate(Generator(local, max_seqs=per_stage), per_stage,
-                                              tokens, vocab))
+                                             tokens, vocab))
                     piped.append(decode_rate(Generator(DeploymentPipeline(dep),
-                                                        max_seqs=per_stage), seqs, tokens, vocab))
+                                                       max_seqs=per_stage), seqs, tokens, vocab))
                     best.append(decode_rate(
                         Generator(DeploymentPipeline(decode_dep),
                                   max_seqs=math.ceil(seqs / planned.stages)),
