@@ -107,7 +107,7 @@ def decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
     return count / (end - first) if first and end and end > first else 0.0
 
 
-class SideBySide(Workers):
+class DecodeSideBySide(Workers):
     """``n`` plain 1-thread processes, each decoding ``seqs`` sequences with the whole model,
     started together and talking to nobody: what ``n`` processes decode on this machine when
     they share it, the ceiling of an ``n``-stage pipeline whose micro-batches hold ``seqs``
@@ -211,7 +211,7 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
         progress(f"starting a {stages}-stage pipeline (1 thread per rank) and the decode "
                  f"plan ({layout})")
         progress(f"starting {stages} plain processes to decode side by side")
-        side = SideBySide(spec, stages, per_stage, tokens, trust_code)
+        side = DecodeSideBySide(spec, stages, per_stage, tokens, trust_code)
         cleanup.callback(side.close)
         with Deployment(graph, chosen, timeout=60, trust_code=trust_code,
                         export_dir=export_dir) as dep:

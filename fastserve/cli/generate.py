@@ -65,8 +65,8 @@ from fastserve.limits import MAX_THREADS
 @cluster_options
 @trust_option
 def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas, profile_path,
-                 scheduler, max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local, check,
-                 threads, timeout, as_json, spin_us, hosts, keys_dir, coordinator_address,
+                 scheduler, max_seqs, temperature, top_k, top_p, seed, stops, tokenizer, local,
+                 check, threads, timeout, as_json, spin_us, hosts, keys_dir, coordinator_address,
                  ray_address, trust_code) -> None:
     """Generate text with the language model of SPEC, a KV cache per stage.
 
@@ -124,7 +124,8 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
                                f"'{graph.name}' generates with: profile this spec")
     chosen = plan(graph, inventory, "decode", constraints=Constraints(
         replicas=replicas, stages=len(cut) if cut else stages, cut=cut, threads=threads,
-        batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])), profile=measured)
+        batch=max_seqs, transport=transport, kv_positions=sum(lengths[:max_seqs])),
+        profile=measured)
     # a rank without room for KV is named before any rank starts
     kv_budget(chosen, inventory if hosts else None)
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()

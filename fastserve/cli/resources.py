@@ -174,7 +174,7 @@ def _duration(seconds: float) -> str:
               help="Where to write the profile (JSON).")
 @click.option("--host", default="local", show_default=True,
               help="Name of this host in the inventory.")
-@click.option("--decode", "decode_rows", type=click.IntRange(1), metavar="ROWS",
+@click.option("--decode", "decode_rows", type=click.IntRange(1, 4096), metavar="ROWS",
               help="Time each node's generation step over ROWS sequences instead (a causal LM; "
               "use the sequences per micro-batch you will run), for 'fastserve generate "
               "--profile': a decode step costs what reading the weights costs, which a "

@@ -21,7 +21,7 @@ import torch
 from fastserve.generate.loop import Generator, Request
 from fastserve.generate.pipeline import LocalPipeline
 from fastserve.graph import Graph
-from fastserve.graph.decode import max_positions
+from fastserve.graph.decode import GenerationError, max_positions
 from fastserve.resources.costmodel import Profile
 from fastserve.resources.profiling import measure_host_flops
 
@@ -35,13 +35,13 @@ def decode_profile(graph: Graph, host: str = "local", rows: int = 8, steps: int 
     ``[[rows, seconds]]``; ``node_seconds`` per row) on one thread of this machine, with
     ``prompt`` tokens cached, measured over ``steps`` steps; and this host's FLOP/s per
     thread. A :class:`~fastserve.graph.decode.GenerationError` if ``graph`` does not
-    generate."""
+    generate or takes too few positions for the measurement."""
     if rows < 1 or steps < 1 or prompt < 1:
         raise ValueError("rows, steps and prompt must be at least 1")
     longest = max_positions(graph)
     if longest is not None and prompt + steps + 2 > longest:
-        raise ValueError(f"the model takes {longest} positions: too few for a prompt of "
-                         f"{prompt} and {steps} steps")
+        raise GenerationError(f"the model takes {longest} positions: too few to time a decode "
+                              f"step after a prompt of {prompt} tokens and {steps} steps")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -11,6 +11,7 @@ import yaml
 import fastserve.graph as G
 from fastserve.errors import ProfileError
 from fastserve.generate.profile import decode_profile
+from fastserve.graph.decode import GenerationError
 from fastserve.resources.costmodel import Profile
 from fastserve.resources.inventory import local_inventory
 from fastserve.resources.planner import Constraints, plan
@@ -64,8 +65,12 @@ def test_a_large_vocabulary_makes_the_head_cost_more_than_the_blocks_and_the_cut
     assert {"h.0", "h.1"} <= set(chosen.stage_plans[0].nodes)
 
 
-@pytest.mark.parametrize("kwargs", [{"rows": 0}, {"steps": 0}, {"prompt": 0},
-                                    {"prompt": 60, "steps": 8}])
+@pytest.mark.parametrize("kwargs", [{"rows": 0}, {"steps": 0}, {"prompt": 0}])
 def test_impossible_measurements_are_refused(kwargs):
     with pytest.raises(ValueError):
         decode_profile(gpt2(vocab=50, layers=1), **kwargs)
+
+
+def test_a_model_too_short_for_the_measurement_is_named():
+    with pytest.raises(GenerationError, match="64 positions"):
+        decode_profile(gpt2(vocab=50, layers=1), prompt=60, steps=8)
