@@ -38,6 +38,7 @@ import torch
 from fastserve.bench.workers import Workers
 from fastserve.engine.coordinator import RunStats
 from fastserve.engine.deployment import Deployment
+from fastserve.engine.wire import MAX_TIMINGS
 from fastserve.generate import (FCFS, MLFQ, DeploymentPipeline, Generator, LocalPipeline,
                                 Request, max_positions)
 from fastserve.generate.model import language_model
@@ -90,21 +91,29 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))] if s else None
 
 
-def decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
-    """Tokens/s of ``seqs`` sequences decoding together, from their first token to the end."""
+def decode_span(gen: Generator, seqs: int, tokens: int, vocab: int
+                ) -> tuple[int, float, float]:
+    """``seqs`` sequences decoding together: the tokens after every prefill, and the wall
+    clock when the last prefill's token came and when the last token came."""
     rng = random.Random(1)
     reqs = [Request([rng.randrange(1, vocab) for _ in range(16)], tokens) for _ in range(seqs)]
     ids = [gen.submit(r) for r in reqs]
-    first, count, end = None, 0, None
+    first, count, end = None, 0, 0.0
     while gen.active:
         for ev in gen.poll():
             if ev.seq in ids and ev.token is not None:
                 count += 1
                 if first is None and count == seqs:  # every prefill done
-                    first, count = time.perf_counter(), 0
-                end = time.perf_counter()
+                    first, count = time.time(), 0
+                end = time.time()
     gen.drain()
-    return count / (end - first) if first and end and end > first else 0.0
+    return count, first or end, end
+
+
+def decode_rate(gen: Generator, seqs: int, tokens: int, vocab: int) -> float:
+    """Tokens/s of ``seqs`` sequences decoding together, from their first token to the end."""
+    count, first, end = decode_span(gen, seqs, tokens, vocab)
+    return count / (end - first) if end > first else 0.0
 
 
 class DecodeSideBySide(Workers):
@@ -127,9 +136,12 @@ class DecodeSideBySide(Workers):
             raise
 
     def run(self) -> float:
-        """Their tokens/s together: each times its own decode, and they start together."""
-        at = time.time() + 0.05
-        return sum(float(a["tokens_per_s"]) for a in self._ask({"at": at}))
+        """Their tokens/s together: every decoded token over the span from the first of them
+        to have prefilled every sequence to the last to end (they start together)."""
+        spans = self._ask({"at": time.time() + 0.05})
+        first = min(float(a["first"]) for a in spans)
+        end = max(float(a["end"]) for a in spans)
+        return sum(int(a["tokens"]) for a in spans) / (end - first) if end > first else 0.0
 
 
 def _drive(gen: Generator, jobs: list[Job], seconds: float) -> dict:
@@ -197,9 +209,9 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
     try:
         local = LocalPipeline(graph)
         # the pipeline is cut where its stages' decode steps take the same time (an export's
-        # shards are its cut)
+        # shards are its cut; a graph of more nodes than a profile times is cut by FLOPs)
         measured = decode_profile(graph, rows=per_stage, progress=progress) \
-            if cut is None else None
+            if cut is None and len(graph) < MAX_TIMINGS else None
         chosen = plan(graph, local_inventory(), constraints=Constraints(
             replicas=1, stages=stages, cut=cut, threads=1, batch=per_stage, transport="ipc"),
             profile=measured)
@@ -248,7 +260,8 @@ def bench_generate(spec: str, stages: int = 2, seqs: int = 8, tokens: int = 32,
                              "plain_ceiling": plain / alone,
                              "ratio_of_plain": pipe / plain,
                              "cut": [[sp.nodes[0], sp.nodes[-1]] for sp in chosen.stage_plans],
-                             "cut_by": "the export's shards" if measured is None else
+                             "cut_by": "the export's shards" if cut else "FLOPs"
+                             if measured is None else
                              f"measured decode steps of {per_stage} sequences",
                              "decode_plan": layout,
                              "decode_plan_tokens_per_s": plan_rate,

@@ -8,9 +8,10 @@ Started as ``python -m fastserve.bench.plaindecode``; its config is one JSON lin
 spec (read as the driver read it), whether its code is trusted, and the sequences and tokens to
 decode. It builds the model as ``bench generate`` builds its one process, decodes once to warm
 up, and answers ``{"ready": true}``. Then each line ``{"at": T}`` waits until the wall clock
-reads T (so that all of them start together), decodes, and answers ``{"tokens_per_s": R}``,
-measured as the one process's rate is. End of file on stdin (the driver gone) ends it. JSON
-only.
+reads T (so that all of them start together), decodes, and answers ``{"tokens": N, "first":
+F, "end": E}``: the tokens after every prefill, and the wall clock when the last prefill's token
+and the last token came (the driver divides all their tokens by the span from the earliest F
+to the latest E). End of file on stdin (the driver gone) ends it. JSON only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 
 def main() -> int:
-    from fastserve.bench.generate import decode_rate
+    from fastserve.bench.generate import decode_span
     from fastserve.generate import Generator, LocalPipeline
     from fastserve.generate.model import language_model
 
@@ -34,13 +35,13 @@ def main() -> int:
     with ExitStack() as cleanup:
         graph, _cut, _export = language_model(cfg["spec"], bool(cfg["trust_code"]), cleanup)
         local, vocab = LocalPipeline(graph), graph.spec.inputs[0].high or 256
-        decode_rate(Generator(local, max_seqs=seqs), seqs, min(tokens, 4), vocab)  # warm up
+        decode_span(Generator(local, max_seqs=seqs), seqs, min(tokens, 4), vocab)  # warm up
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
             cmd = json.loads(line)
             time.sleep(max(0.0, float(cmd["at"]) - time.time()))
-            rate = decode_rate(Generator(local, max_seqs=seqs), seqs, tokens, vocab)
-            print(json.dumps({"tokens_per_s": rate}), flush=True)
+            count, first, end = decode_span(Generator(local, max_seqs=seqs), seqs, tokens, vocab)
+            print(json.dumps({"tokens": count, "first": first, "end": end}), flush=True)
     return 0
 
 

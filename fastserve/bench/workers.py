@@ -13,6 +13,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 
 from fastserve.bench import reap
 from fastserve.errors import EngineError
@@ -26,28 +27,54 @@ class Workers:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self._stderr: list = []  # each worker's stderr, a file: quoted when it fails
 
     def _start(self, module: str, cfg: dict) -> None:
         # (a terminal's Ctrl-C goes to the driver, which closes their stdin: they exit)
+        err = tempfile.TemporaryFile()
+        self._stderr.append(err)
         proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
         self.procs.append(proc)
-        proc.stdin.write(json.dumps(cfg) + "\n")
-        proc.stdin.flush()
+        self._send(len(self.procs) - 1, cfg)
+
+    def _failed(self, k: int, what: str) -> EngineError:
+        """The error for worker ``k``: ``what`` happened, its exit code, its last stderr line."""
+        p = self.procs[k]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(2)
+        err = self._stderr[k]
+        err.seek(0)
+        lines = err.read().decode("utf-8", "replace").strip().splitlines()
+        last = f": {lines[-1][:500]}" if lines else ""
+        return EngineError(f"{self.what} {k} {what} (exit code {p.poll()}){last}")
+
+    def _send(self, k: int, cmd: dict) -> None:
+        try:
+            self.procs[k].stdin.write(json.dumps(cmd) + "\n")
+            self.procs[k].stdin.flush()
+        except OSError:  # its end of the pipe is gone: it exited
+            raise self._failed(k, "exited") from None
 
     def _answers(self) -> list[dict]:
         answers = []
         for k, p in enumerate(self.procs):
             line = p.stdout.readline()
             if not line:
-                raise EngineError(f"{self.what} {k} exited (code {p.poll()})")
-            answers.append(json.loads(line))
+                raise self._failed(k, "exited")
+            try:
+                answer = json.loads(line)
+            except json.JSONDecodeError:
+                raise self._failed(k, f"answered {line[:80]!r}, not JSON") from None
+            if not isinstance(answer, dict):
+                raise self._failed(k, f"answered {line[:80]!r}, not a JSON object")
+            answers.append(answer)
         return answers
 
     def _ask(self, cmd: dict) -> list[dict]:
-        for p in self.procs:
-            p.stdin.write(json.dumps(cmd) + "\n")
-            p.stdin.flush()
+        for k in range(len(self.procs)):
+            self._send(k, cmd)
         return self._answers()
 
     def close(self) -> None:
@@ -56,3 +83,5 @@ class Workers:
                 p.stdin.close()
         for p in self.procs:
             reap(p, 10)
+        for f in self._stderr:
+            f.close()

@@ -8,7 +8,7 @@ import json
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, parse_dims, trust_option
+from fastserve.cli.graph import dim_option, load_profile, parse_dims, trust_option
 from fastserve.cli.render import table
 from fastserve.engine.spin import MAX_SPIN_US
 from fastserve.errors import EngineError
@@ -437,11 +437,10 @@ def bench_compare_cmd(spec, batch, seq, stages, micro_batches, stream, rounds, n
     minutes.
     """
     from fastserve.bench.compare import bench_compare
-    from fastserve.resources.costmodel import Profile
 
     out = bench_compare(spec, batch=batch, seq=seq, stages=stages, micro_batches=micro_batches,
                         stream=stream, rounds=rounds, torch_pipelining=not no_torch,
-                        profile=Profile.load(profile_path) if profile_path else None,
+                        profile=load_profile(profile_path, decode=False),
                         sockets=sockets, trust_code=trust_code,
                         progress=lambda m: click.echo(m, err=True))
     if as_json:

@@ -11,7 +11,7 @@ import click
 
 from fastserve.cli.app import bench, cli
 from fastserve.cli.engine import cluster_options, load_cluster, spin_option
-from fastserve.cli.graph import trust_option
+from fastserve.cli.graph import load_profile, trust_option
 from fastserve.errors import EngineError, FastServeError
 from fastserve.limits import MAX_THREADS
 
@@ -92,7 +92,6 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     from fastserve.generate.model import language_model
     from fastserve.generate.text import TextStream, load_tokenizer
     from fastserve.graph.decode import max_positions
-    from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
 
     def say(msg: str) -> None:
@@ -115,10 +114,7 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
     # by name when it is submitted, so it counts here at the model's length)
     longest = max_positions(graph) or 1 << 62
     lengths = sorted((min(longest, len(ids) + max_tokens) for ids in inputs), reverse=True)
-    measured = Profile.load(profile_path) if profile_path else None
-    if measured is not None and measured.phase != "decode":
-        say(f"note: profile '{profile_path}' timed whole batches, not decode steps; "
-            f"'fastserve profile SPEC --decode ROWS' times what generation runs")
+    measured = load_profile(profile_path, decode=True)
     if measured is not None and set(measured.node_seconds) != set(graph.order):
         raise click.UsageError(f"profile '{profile_path}' times other nodes than the graph "
                                f"'{graph.name}' generates with: profile this spec")
@@ -196,8 +192,9 @@ def generate_cmd(spec, prompts, id_prompts, max_tokens, stream, stages, replicas
             say(f"generating on {len(chosen.ranks)} rank(s): {chosen.stages} stage(s) x "
                 f"{chosen.replicas} replica(s), scheduler {scheduler}")
             if chosen.stages > 1:
-                by = "the export's shards" if cut else \
-                    "measured decode steps" if measured is not None else "FLOPs"
+                by = "the export's shards" if cut else "FLOPs" if measured is None else \
+                    "measured decode steps" if measured.phase == "decode" else \
+                    "measured batch times"
                 say(f"stages cut by {by}: " + " | ".join(
                     f"{sp.nodes[0]}..{sp.nodes[-1]}" if len(sp.nodes) > 1 else sp.nodes[0]
                     for sp in chosen.stage_plans))

@@ -38,6 +38,23 @@ def load_graph(spec: str, dims: tuple[str, ...] = (), trust_code: bool = False):
     return compile_graph(load_spec(spec, trust_code=trust_code), parse_dims(dims))
 
 
+def load_profile(path: str | None, decode: bool):
+    """The profile at ``path`` (None without one), with a note on stderr when it times the
+    other phase than the one planned for (``decode``: generation steps)."""
+    from fastserve.resources.costmodel import Profile
+
+    if not path:
+        return None
+    profile = Profile.load(path)
+    if (profile.phase == "decode") != decode:
+        have, want = ("generation steps", "whole batches") if profile.phase == "decode" else \
+            ("whole batches", "generation steps")
+        hint = "fastserve profile SPEC --decode ROWS" if decode else "fastserve profile SPEC"
+        click.echo(f"note: profile '{path}' timed {have}, and this plans {want}; '{hint}' "
+                   f"times those", err=True)
+    return profile
+
+
 @cli.command("compile")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @dim_option

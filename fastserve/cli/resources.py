@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import click
 
 from fastserve.cli.app import bench, cli
-from fastserve.cli.graph import dim_option, load_graph, trust_option
+from fastserve.cli.graph import dim_option, load_graph, load_profile, trust_option
 from fastserve.cli.render import human_bytes, table
 from fastserve.limits import MAX_THREADS
 
@@ -75,7 +75,6 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
       fastserve run graphs/mlp.yaml --plan plan.json --check
       fastserve plan graphs/gpt2.yaml --stages 2 --widen 1 --json > wide.json
     """
-    from fastserve.resources.costmodel import Profile
     from fastserve.resources.planner import Constraints, plan
     from fastserve.resources.widening import widen, widen_choice
 
@@ -83,7 +82,7 @@ def plan_cmd(spec, hosts, parallel, replicas, stages, strategy, micro_batches, t
     inventory = _inventory(hosts)
     if transport is None:
         transport = "tcp" if any(h.launcher != "local" for h in inventory.hosts) else "ipc"
-    profile = Profile.load(profile_path) if profile_path else None
+    profile = load_profile(profile_path, decode=objective == "decode")
     if kv_positions:
         from fastserve.graph.decode import kv_bytes_per_token
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fastserve.engine.wire import MAX_TIMINGS
 from fastserve.generate.loop import Generator, Request
 from fastserve.generate.pipeline import LocalPipeline
 from fastserve.graph import Graph
@@ -38,6 +39,10 @@ def decode_profile(graph: Graph, host: str = "local", rows: int = 8, steps: int 
     generate or takes too few positions for the measurement."""
     if rows < 1 or steps < 1 or prompt < 1:
         raise ValueError("rows, steps and prompt must be at least 1")
+    if len(graph) >= MAX_TIMINGS:  # each node is a stage, and a step passes them all
+        raise GenerationError(f"a decode profile times each node as a stage of its own, and a "
+                              f"message passes at most {MAX_TIMINGS} stages: graph "
+                              f"'{graph.name}' has {len(graph)} nodes")
     longest = max_positions(graph)
     if longest is not None and prompt + steps + 2 > longest:
         raise GenerationError(f"the model takes {longest} positions: too few to time a decode "

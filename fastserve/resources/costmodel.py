@@ -121,6 +121,11 @@ class Profile:
                                                                 for x in p) for p in pairs):
                 raise ProfileError("expected a list of [batch, seconds] pairs", file=file,
                                    key=f"node_times.{node}")
+            batches = [p[0] for p in pairs]
+            if any(b < 1 for b in batches) or batches != sorted(set(batches)):
+                # the cost model interpolates between them, dividing by their differences
+                raise ProfileError("expected batches of at least 1, ascending, each once",
+                                   file=file, key=f"node_times.{node}")
         message = doc.get("message_seconds")
         if message is not None and not (_is_number(message) and message >= 0):
             raise ProfileError(f"expected seconds, got {str(message)[:40]}", file=file,

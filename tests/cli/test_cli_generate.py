@@ -138,6 +138,28 @@ def test_a_decode_profile_cuts_the_stages_and_the_tokens_stay_exact(lm, tmp_path
     assert code == 0, got.err
     assert [r["tokens"] for r in json.loads(got.out)["results"]] == expected
     assert "stages cut by measured decode steps: wte.." in got.err
+    # a decode profile planning whole batches is used, with a note
+    assert run_cli(["plan", spec, "--stages", "2", "--profile", str(out)]) == 0
+    assert "timed generation steps, and this plans whole batches" in capsys.readouterr().err
+
+
+def test_the_cut_follows_the_profile_it_is_given(lm, tmp_path, capsys):
+    spec, expected = lm
+    out = tmp_path / "decode.json"
+    assert run_cli(["profile", spec, "--decode", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    # a profile where the first block costs as much as all the rest: it is a stage alone
+    rest = sum(doc["node_seconds"].values())
+    doc["node_seconds"]["h.0"] = 10 * rest
+    doc["node_times"]["h.0"] = [[1, 10 * rest]]
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    code = run_cli(["generate", spec, "--ids", ids(prompts()[0]), "--max-tokens", "6",
+                    "--stages", "2", "--profile", str(out), "--json"])
+    got = capsys.readouterr()
+    assert code == 0, got.err
+    assert "stages cut by measured decode steps: wte..h.0 | h.1..lm_head" in got.err
+    assert json.loads(got.out)["results"][0]["tokens"] == expected[0]
 
 
 def test_a_profile_of_other_nodes_or_a_batch_shape_for_decode_is_refused(lm, tmp_path, capsys):

@@ -493,6 +493,11 @@ def test_an_agent_stops_its_ranks_when_the_coordinator_vanishes(cluster):
     try:
         # a rank whose coordinator never answers
         client.request("start", config=config)
+        # the agent answers once Popen returns, when the rank's exec has begun; /proc shows
+        # its command line only once the exec has set it up, a moment later under load
+        deadline = time.monotonic() + 5
+        while not agents[2].ranks() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert agents[2].ranks()
         # the other coordinator neither sees, stops, reads nor replaces it
         assert other.request("status")[0]["ranks"] == {}

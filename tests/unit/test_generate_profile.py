@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import fastserve.graph as G
+from fastserve.engine.wire import MAX_TIMINGS
 from fastserve.errors import ProfileError
 from fastserve.generate.profile import decode_profile
 from fastserve.graph.decode import GenerationError
@@ -74,3 +75,19 @@ def test_impossible_measurements_are_refused(kwargs):
 def test_a_model_too_short_for_the_measurement_is_named():
     with pytest.raises(GenerationError, match="64 positions"):
         decode_profile(gpt2(vocab=50, layers=1), prompt=60, steps=8)
+
+
+def test_a_graph_of_more_nodes_than_a_message_passes_is_named():
+    graph = gpt2(vocab=50, layers=MAX_TIMINGS)
+    with pytest.raises(GenerationError, match=f"at most {MAX_TIMINGS} stages"):
+        decode_profile(graph, rows=1, steps=1, prompt=1)
+
+
+@pytest.mark.parametrize("pairs", [[[0, 0.1]], [[4, 0.1], [1, 0.05]], [[2, 0.1], [2, 0.1]]])
+def test_batches_the_cost_model_cannot_interpolate_are_refused(tmp_path, pairs):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"node_seconds": {"a": 0.1}, "host_flops": {"h": 1.0},
+                                "node_times": {"a": pairs}}))
+    with pytest.raises(ProfileError) as e:
+        Profile.load(path)
+    assert e.value.key == "node_times.a"
